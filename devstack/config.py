@@ -1,0 +1,96 @@
+"""Where the local stack lives and which ports it listens on.
+
+Every value can be overridden through an environment variable so two checkouts can run side by side
+(give the second one its own ``STACK_DIR`` and ``STACK_PORT_OFFSET``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _port(env_name: str, default: int) -> int:
+    offset = int(os.environ.get("STACK_PORT_OFFSET", "0"))
+    return int(os.environ.get(env_name, default + offset))
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """Paths and ports of one local stack instance."""
+
+    stack_dir: Path
+    pg_port: int
+    kafka_port: int
+    kafka_controller_port: int
+    connect_port: int
+    redis_port: int
+    bq_rest_port: int
+    bq_grpc_port: int
+    http_api_port: int
+    http_api_token: str
+    bq_project: str
+    bq_dataset: str
+
+    @property
+    def log_dir(self) -> Path:
+        return self.stack_dir / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        """PID files of the processes this stack started."""
+        return self.stack_dir / "run"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.stack_dir / "data"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Downloaded artefacts (jars, virtualenvs); survives ``down``."""
+        return Path(os.environ.get("STACK_CACHE_DIR", Path.home() / ".cache" / "engagement-pipeline"))
+
+    # Endpoints, as clients use them.
+    @property
+    def pg_dsn(self) -> str:
+        return f"host=127.0.0.1 port={self.pg_port} dbname=engagement user=engagement password=engagement"
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def bq_rest_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.bq_rest_port}"
+
+    @property
+    def bq_grpc_endpoint(self) -> str:
+        return f"127.0.0.1:{self.bq_grpc_port}"
+
+    @property
+    def http_api_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_api_port}"
+
+
+def load_config() -> StackConfig:
+    return StackConfig(
+        stack_dir=Path(os.environ.get("STACK_DIR", REPO_ROOT / ".stack")).resolve(),
+        pg_port=_port("STACK_PG_PORT", 55432),
+        kafka_port=_port("STACK_KAFKA_PORT", 59092),
+        kafka_controller_port=_port("STACK_KAFKA_CONTROLLER_PORT", 59093),
+        connect_port=_port("STACK_CONNECT_PORT", 58083),
+        redis_port=_port("STACK_REDIS_PORT", 56379),
+        bq_rest_port=_port("STACK_BQ_REST_PORT", 59050),
+        bq_grpc_port=_port("STACK_BQ_GRPC_PORT", 59060),
+        http_api_port=_port("STACK_HTTP_API_PORT", 58080),
+        http_api_token=os.environ.get("STACK_HTTP_API_TOKEN", "local-dev-token"),
+        bq_project=os.environ.get("STACK_BQ_PROJECT", "local-project"),
+        bq_dataset=os.environ.get("STACK_BQ_DATASET", "engagement"),
+    )
