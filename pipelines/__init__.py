@@ -1,0 +1,1 @@
+"""Entry points of the engagement pipeline, and the composition they share."""

@@ -1,0 +1,67 @@
+"""The transform graph shared by the streaming job, the backfill and the tests.
+
+raw records -> decode -> de-duplicate -> enrich (content side input) -> fixed-window aggregates
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines.options import CoreOptions
+from transforms.aggregate import AggregateWindows, WindowSettings
+from transforms.content import ContentSnapshot
+from transforms.decode import DEAD_LETTER_TAG, DecodeRecords
+from transforms.dedup import DeduplicateEvents
+from transforms.enrich import ContentLookupFactory, EnrichEvents
+from transforms.model import DeadLetter, EnrichedEvent, RawRecord, WindowAggregate
+
+
+@dataclass(frozen=True)
+class CoreSettings:
+    windows: WindowSettings = field(default_factory=WindowSettings)
+    dedup_horizon_seconds: int = 600
+
+    def __post_init__(self) -> None:
+        # A duplicate arriving after the horizon but while its window is still open would be counted
+        # twice in the aggregate, so the horizon must cover a window's whole open life.
+        if self.dedup_horizon_seconds < self.windows.open_seconds:
+            raise ValueError(
+                f"dedup_horizon_seconds ({self.dedup_horizon_seconds}) must be at least "
+                f"window_seconds + allowed_lateness_seconds ({self.windows.open_seconds})"
+            )
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions, streaming: bool) -> CoreSettings:
+        core = options.view_as(CoreOptions)
+        return cls(
+            windows=WindowSettings(
+                window_seconds=core.window_seconds,
+                allowed_lateness_seconds=core.allowed_lateness_seconds,
+                early_firing_seconds=core.early_firing_seconds if streaming else None,
+            ),
+            dedup_horizon_seconds=core.dedup_horizon_seconds,
+        )
+
+
+class CoreOutputs(NamedTuple):
+    enriched: beam.PCollection[EnrichedEvent]
+    aggregates: beam.PCollection[WindowAggregate]
+    dead_letters: beam.PCollection[DeadLetter]
+
+
+def build_core(
+    raw: beam.PCollection[RawRecord],
+    content: beam.PCollection[ContentSnapshot],
+    settings: CoreSettings,
+    content_lookup: ContentLookupFactory | None = None,
+) -> CoreOutputs:
+    """Applies the shared graph to ``raw``; ``content`` must hold a single (newest) snapshot per pane."""
+    decoded = raw | "Decode" >> DecodeRecords()
+    unique = decoded.events | "Deduplicate" >> DeduplicateEvents(settings.dedup_horizon_seconds)
+    enriched = unique | "Enrich" >> EnrichEvents(content, content_lookup)
+    aggregates = enriched | "Aggregate" >> AggregateWindows(settings.windows)
+    return CoreOutputs(enriched=enriched, aggregates=aggregates, dead_letters=decoded[DEAD_LETTER_TAG])

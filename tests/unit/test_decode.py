@@ -1,0 +1,192 @@
+"""SPEC §2: every input shape, op and malformation, through the pure decoder and through the DoFn."""
+
+from datetime import UTC, datetime
+from uuid import UUID
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from tests.fixtures.debezium import encode, envelope, event_row, flattened, with_schema
+from transforms.decode import DEAD_LETTER_TAG, DecodeError, DecodeRecords, Shape, SkipReason, decode_record
+from transforms.model import EngagementEvent, RawRecord, SourceCoordinates, Stage
+
+EXPECTED = EngagementEvent(
+    id=1042,
+    content_id=UUID("6f1c2a3e-1d2b-4c5d-8e9f-0a1b2c3d4e5f"),
+    user_id=UUID("0b7e4c1a-9f2d-4e3b-a1c5-d6e7f8091a2b"),
+    event_type="play",
+    event_ts=datetime(2026, 11, 22, 10, 15, 30, 123456, tzinfo=UTC),
+    duration_ms=45000,
+    device="ios",
+    raw_payload='{"app_version":"5.2.1","position_ms":120000}',
+)
+
+
+@pytest.mark.parametrize(
+    ("value", "shape"),
+    [
+        (encode(envelope(event_row())), Shape.DEBEZIUM_ENVELOPE),
+        (encode(envelope(event_row(), op="r")), Shape.DEBEZIUM_ENVELOPE),
+        (encode(with_schema(envelope(event_row()))), Shape.DEBEZIUM_WITH_SCHEMA),
+        (encode(with_schema(envelope(event_row(), op="r"))), Shape.DEBEZIUM_WITH_SCHEMA),
+        (encode(flattened(event_row())), Shape.DEBEZIUM_FLATTENED),
+        (encode(flattened(event_row(), op="r")), Shape.DEBEZIUM_FLATTENED),
+        (encode(with_schema(flattened(event_row()))), Shape.DEBEZIUM_WITH_SCHEMA),
+    ],
+    ids=["envelope-c", "envelope-r", "schema-c", "schema-r", "flat-c", "flat-r", "schema-flat-c"],
+)
+def test_every_debezium_shape_decodes_to_the_same_event(value, shape):
+    decoded = decode_record(value)
+    assert decoded.shape == shape
+    assert decoded.skip is None
+    assert decoded.event == EXPECTED
+
+
+def test_flattened_record_without_metadata_fields_is_a_plain_row():
+    # ExtractNewRecordState with no add.fields leaves only the columns: indistinguishable from, and
+    # decoded as, a plain JSON event.
+    decoded = decode_record(encode(event_row()))
+    assert decoded.shape == Shape.PLAIN_JSON
+    assert decoded.event == EXPECTED
+
+
+def test_every_nullable_column_may_be_null():
+    row = event_row(content_id=None, user_id=None, event_type=None, duration_ms=None, device=None, raw_payload=None)
+    for value in (encode(envelope(row)), encode(flattened(row)), encode(row)):
+        event = decode_record(value).event
+        assert event is not None
+        assert (event.content_id, event.user_id, event.event_type, event.duration_ms, event.device) == (
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+        assert event.raw_payload is None
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (None, SkipReason.TOMBSTONE),
+        (b"", SkipReason.TOMBSTONE),
+        (encode(with_schema(None)), SkipReason.TOMBSTONE),
+        (encode(envelope(event_row(duration_ms=9), op="u", before=event_row())), SkipReason.UPDATE),
+        (encode(envelope(None, op="d", before=event_row())), SkipReason.DELETE),
+        (encode(with_schema(envelope(None, op="d", before=event_row()))), SkipReason.DELETE),
+        (encode(envelope(None, op="t")), SkipReason.TRUNCATE),
+        (encode(flattened(event_row(), op="u")), SkipReason.UPDATE),
+        (encode(flattened(event_row(), op="d", deleted=True)), SkipReason.DELETE),
+        (encode(envelope({"id": "x"}, table="content")), SkipReason.OTHER_TABLE),
+        (encode(flattened({"id": "x"}, table="content")), SkipReason.OTHER_TABLE),
+    ],
+    ids=[
+        "null-value",
+        "empty-value",
+        "schema-null-payload",
+        "op-u",
+        "op-d",
+        "schema-op-d",
+        "op-t",
+        "flat-op-u",
+        "flat-deleted",
+        "content-table",
+        "flat-content-table",
+    ],
+)
+def test_updates_deletes_and_tombstones_are_skipped_not_dead_lettered(value, reason):
+    decoded = decode_record(value)
+    assert decoded.event is None
+    assert decoded.skip == reason
+
+
+@pytest.mark.parametrize(
+    ("row", "expected_ts"),
+    [
+        ({"event_ts": "2026-11-22T10:15:30Z"}, datetime(2026, 11, 22, 10, 15, 30, tzinfo=UTC)),
+        ({"event_ts": "2026-11-22T11:15:30+01:00"}, datetime(2026, 11, 22, 10, 15, 30, tzinfo=UTC)),
+        ({"event_ts": 1795342530123}, datetime(2026, 11, 22, 10, 15, 30, 123000, tzinfo=UTC)),
+    ],
+    ids=["iso-z", "iso-offset", "epoch-millis"],
+)
+def test_plain_json_event_ts_forms(row, expected_ts):
+    event = decode_record(encode({"id": 7, **row})).event
+    assert event is not None
+    assert event.event_ts == expected_ts
+
+
+def test_plain_json_raw_payload_object_and_string_are_canonicalised_alike():
+    as_object = decode_record(encode({"id": 1, "event_ts": 0, "raw_payload": {"b": [1, 2], "a": "é"}})).event
+    as_string = decode_record(encode({"id": 1, "event_ts": 0, "raw_payload": '{ "a": "é", "b": [1,2] }'})).event
+    assert as_object.raw_payload == as_string.raw_payload == '{"a":"é","b":[1,2]}'
+
+
+@pytest.mark.parametrize(
+    ("value", "reason_fragment"),
+    [
+        (b"\x00\x01not json", "not JSON"),
+        (b"\xff\xfe\xfd", "not UTF-8"),
+        (b"{truncated", "not JSON"),
+        (b"[1, 2, 3]", "unknown shape"),
+        (b'"a string"', "unknown shape"),
+        (b"42", "unknown shape"),
+        (encode({"event_ts": "2026-11-22T10:15:30Z", "content_id": None}), "without 'id'"),
+        (encode({"id": None, "event_ts": "2026-11-22T10:15:30Z"}), "missing id"),
+        (encode({"id": 1}), "missing event_ts"),
+        (encode({"id": "1042", "event_ts": "2026-11-22T10:15:30Z"}), "id"),
+        (encode({"id": 1.5, "event_ts": "2026-11-22T10:15:30Z"}), "id"),
+        (encode({"id": True, "event_ts": "2026-11-22T10:15:30Z"}), "id"),
+        (encode({"id": 1, "event_ts": "yesterday"}), "not ISO-8601"),
+        (encode({"id": 1, "event_ts": "2026-11-22T10:15:30"}), "no UTC offset"),
+        (encode({"id": 1, "event_ts": True}), "boolean"),
+        (encode({"id": 1, "event_ts": 10**20}), "out of range"),
+        (encode({"id": 1, "event_ts": [2026]}), "neither ISO-8601"),
+        (encode({"id": 1, "event_ts": 0, "content_id": "not-a-uuid"}), "content_id"),
+        (encode({"id": 1, "event_ts": 0, "user_id": "6f1c2a3e-1d2b"}), "user_id"),
+        (encode({"id": 1, "event_ts": 0, "duration_ms": "1500"}), "duration_ms"),
+        (encode({"id": 1, "event_ts": 0, "device": 5}), "device"),
+        (encode({"id": 1, "event_ts": 0, "event_type": "skip"}), "event_type 'skip' is not one of"),
+        (encode({"id": 1, "event_ts": 0, "event_type": 3}), "event_type 3 is not one of"),
+        (encode({"id": 1, "event_ts": 0, "raw_payload": "{not json"}), "raw_payload is not valid JSON"),
+        (encode(envelope(event_row(raw_payload="{oops"))), "raw_payload is not valid JSON"),
+        (encode(envelope(event_row(event_ts=None))), "missing event_ts"),
+        (encode(envelope(event_row(event_id=None))), "missing id"),
+        (encode(envelope(event_row(), op="x")), "unknown Debezium op 'x'"),
+        (encode(envelope(None, op="c")), "without an 'after' row"),
+        (encode(flattened(event_row(), op="x")), "unknown Debezium op 'x'"),
+        (encode({"schema": {}, "payload": [1]}), "'payload' is not an object"),
+    ],
+)
+def test_bad_input_is_a_decode_error_with_a_reason(value, reason_fragment):
+    with pytest.raises(DecodeError, match=None) as raised:
+        decode_record(value)
+    assert reason_fragment in str(raised.value)
+
+
+def test_decode_transform_routes_events_and_dead_letters_with_coordinates():
+    source = SourceCoordinates(kind="kafka", topic="cdc.public.engagement_events", partition=2, offset=41)
+    records = [
+        RawRecord(value=encode(envelope(event_row())), source=source),
+        RawRecord(value=None, source=source.model_copy(update={"offset": 42})),
+        RawRecord(value=b"\x00garbage", source=source.model_copy(update={"offset": 43})),
+    ]
+    with test_pipeline.TestPipeline() as pipeline:
+        outputs = pipeline | beam.Create(records) | DecodeRecords()
+        assert_that(
+            outputs.events | "WithTimestamp" >> beam.ParDo(_EmitWithTimestamp()),
+            equal_to([(1042, EXPECTED.event_ts.timestamp())]),
+            label="Events",
+        )
+        assert_that(
+            outputs[DEAD_LETTER_TAG]
+            | beam.Map(lambda d: (d.stage, d.payload_bytes, d.payload_text, d.source.offset, d.reason[:8])),
+            equal_to([(Stage.DECODE, b"\x00garbage", "\x00garbage", 43, "not JSON")]),
+            label="DeadLetters",
+        )
+
+
+class _EmitWithTimestamp(beam.DoFn):
+    def process(self, event, timestamp=beam.DoFn.TimestampParam):
+        yield (event.id, float(timestamp))

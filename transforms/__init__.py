@@ -1,0 +1,1 @@
+"""Reusable PTransforms, DoFns and pure business rules of the engagement pipeline."""

@@ -1,0 +1,203 @@
+"""Content metadata for enrichment: a snapshot of the ``content`` table, as a side input.
+
+Batch reads it once. Streaming re-reads it on an interval (PeriodicImpulse) and keeps only the newest
+snapshot, so the singleton view never sees more than one value. A point lookup covers content created
+after the last refresh (SPEC §3: content created just before its events must still be enriched).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+from uuid import UUID
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.transforms import trigger
+from apache_beam.transforms.combiners import Latest
+from apache_beam.transforms.periodicsequence import PeriodicImpulse
+from apache_beam.transforms.window import GlobalWindows
+
+from transforms.model import Content
+
+_LOG = logging.getLogger(__name__)
+
+ContentSnapshot = dict[str, Content]
+"""Content rows keyed by their id as a lower-case UUID string."""
+
+ContentLoader = Callable[[], ContentSnapshot]
+"""Returns the whole current content table; must be picklable (it runs on workers)."""
+
+_CONTENT_COLUMNS = "id, slug, title, content_type, length_seconds, publish_ts"
+
+
+def _content_from_row(row: tuple) -> Content:
+    content_id, slug, title, content_type, length_seconds, publish_ts = row
+    return Content(
+        id=content_id,
+        slug=slug,
+        title=title,
+        content_type=content_type,
+        length_seconds=length_seconds,
+        publish_ts=publish_ts,
+    )
+
+
+class PostgresContentLoader:
+    """Reads the whole ``content`` table. A new connection per load: loads are minutes apart."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+
+    def __call__(self) -> ContentSnapshot:
+        import psycopg2  # imported on the worker, where the loader runs
+
+        started = time.monotonic()
+        with psycopg2.connect(self._dsn) as connection, connection.cursor() as cursor:
+            cursor.execute(f"SELECT {_CONTENT_COLUMNS} FROM content")  # noqa: S608 - constant column list
+            snapshot = {str(row[0]): _content_from_row(row) for row in cursor}
+        connection.close()
+        _LOG.info("Loaded %d content rows in %.2fs", len(snapshot), time.monotonic() - started)
+        return snapshot
+
+
+class ContentLookup(Protocol):
+    """A point lookup for content the side input does not know yet. Opened on the worker."""
+
+    def setup(self) -> None: ...
+
+    def get(self, content_id: UUID) -> Content | None: ...
+
+    def teardown(self) -> None: ...
+
+
+class PostgresContentLookup:
+    """Looks content up by id in PostgreSQL, caching hits for the run and misses for a short while.
+
+    Misses are cached briefly so an unknown id in a burst of events costs one query, not one per event,
+    yet content inserted a moment later is still found.
+    """
+
+    def __init__(self, dsn: str, miss_ttl_seconds: float = 5.0, attempts: int = 3) -> None:
+        self._dsn = dsn
+        self._miss_ttl = miss_ttl_seconds
+        self._attempts = attempts
+        self._connection = None
+        self._hits: dict[UUID, Content] = {}
+        self._misses: dict[UUID, float] = {}
+
+    def setup(self) -> None:
+        self._connect()
+
+    def _connect(self) -> None:
+        import psycopg2
+
+        self._connection = psycopg2.connect(self._dsn)
+        self._connection.autocommit = True
+
+    def get(self, content_id: UUID) -> Content | None:
+        if content_id in self._hits:
+            return self._hits[content_id]
+        missed_at = self._misses.get(content_id)
+        if missed_at is not None and time.monotonic() - missed_at < self._miss_ttl:
+            return None
+        row = self._query(content_id)
+        if row is None:
+            self._misses[content_id] = time.monotonic()
+            return None
+        content = _content_from_row(row)
+        self._hits[content_id] = content
+        self._misses.pop(content_id, None)
+        return content
+
+    def _query(self, content_id: UUID) -> tuple | None:
+        import psycopg2
+
+        for attempt in range(1, self._attempts + 1):
+            try:
+                if self._connection is None or self._connection.closed:
+                    self._connect()
+                with self._connection.cursor() as cursor:
+                    cursor.execute(
+                        f"SELECT {_CONTENT_COLUMNS} FROM content WHERE id = %s",  # noqa: S608
+                        (str(content_id),),
+                    )
+                    return cursor.fetchone()
+            except psycopg2.OperationalError:
+                # A database outage is not bad input: after a few tries let the runner retry the bundle
+                # rather than mark events as missing content they really have.
+                if attempt == self._attempts:
+                    raise
+                self._connection = None
+                time.sleep(0.2 * 2**attempt)
+        return None
+
+    def teardown(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
+class ReadContentOnce(beam.PTransform):
+    """One snapshot of the content table, for batch pipelines."""
+
+    def __init__(self, loader: ContentLoader) -> None:
+        super().__init__()
+        self._loader = loader
+
+    def expand(self, begin: beam.pvalue.PBegin) -> beam.PCollection[ContentSnapshot]:
+        loader = self._loader
+        return begin | "Once" >> beam.Create([None]) | "LoadContent" >> beam.Map(lambda _: loader())
+
+
+class RefreshingContent(beam.PTransform):
+    """A snapshot of the content table re-read every ``interval_seconds`` while a streaming job runs."""
+
+    def __init__(self, loader: ContentLoader, interval_seconds: float) -> None:
+        super().__init__()
+        if interval_seconds <= 0:
+            raise ValueError("the content refresh interval must be positive")
+        self._loader = loader
+        self._interval_seconds = interval_seconds
+
+    def expand(self, begin: beam.pvalue.PBegin) -> beam.PCollection[ContentSnapshot]:
+        loader = self._loader
+        return (
+            begin
+            | "EveryInterval" >> PeriodicImpulse(fire_interval=self._interval_seconds, apply_windowing=False)
+            | "LoadContent" >> beam.Map(lambda _: loader())
+            | "KeepNewest" >> KeepNewestSnapshot()
+        )
+
+
+class KeepNewestSnapshot(beam.PTransform):
+    """Reduces a stream of snapshots to the newest one, pane by pane, for a singleton side input.
+
+    Without the combine, a triggered global window hands the side input every fired pane and the
+    singleton view fails (or picks an arbitrary one).
+    """
+
+    def expand(self, snapshots: beam.PCollection[ContentSnapshot]) -> beam.PCollection[ContentSnapshot]:
+        return (
+            snapshots
+            | "FireOnEachSnapshot"
+            >> beam.WindowInto(
+                GlobalWindows(),
+                trigger=trigger.Repeatedly(trigger.AfterCount(1)),
+                accumulation_mode=trigger.AccumulationMode.DISCARDING,
+            )
+            | "Newest" >> Latest.Globally().without_defaults()
+        )
+
+
+class SnapshotSize(beam.DoFn):
+    """Reports the size of each loaded snapshot as a gauge, so a stale or empty side input is visible."""
+
+    def __init__(self) -> None:
+        self._rows = Metrics.gauge("content", "snapshot_rows")
+
+    def process(self, snapshot: ContentSnapshot):  # noqa: ANN201 - Beam generator
+        self._rows.set(len(snapshot))
+        yield snapshot

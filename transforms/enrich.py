@@ -1,0 +1,97 @@
+"""Enrichment of events with content metadata and engagement metrics (SPEC §3)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from transforms.content import ContentLookup, ContentSnapshot
+from transforms.engagement import engagement_pct, engagement_seconds
+from transforms.model import Content, EngagementEvent, EnrichedEvent
+
+ContentLookupFactory = Callable[[], ContentLookup]
+"""Builds a point lookup on the worker; a factory so the DoFn pickles without an open connection."""
+
+
+def enrich(event: EngagementEvent, content: Content | None) -> EnrichedEvent:
+    """Join one event with its content row (or the lack of one) and compute its metrics."""
+    seconds = engagement_seconds(event.duration_ms)
+    if content is None:
+        return EnrichedEvent(
+            event=event,
+            engagement_seconds=seconds,
+            engagement_pct=None,
+            content_type=None,
+            length_seconds=None,
+            title=None,
+            slug=None,
+            content_missing=True,
+        )
+    return EnrichedEvent(
+        event=event,
+        engagement_seconds=seconds,
+        engagement_pct=engagement_pct(seconds, content.length_seconds),
+        content_type=content.content_type,
+        length_seconds=content.length_seconds,
+        title=content.title,
+        slug=content.slug,
+        content_missing=False,
+    )
+
+
+class EnrichEventsFn(beam.DoFn):
+    """Looks each event's content up in the side-input snapshot, then in the fallback lookup if any."""
+
+    def __init__(self, lookup_factory: ContentLookupFactory | None) -> None:
+        self._lookup_factory = lookup_factory
+        self._lookup: ContentLookup | None = None
+        self._enriched = Metrics.counter("enrich", "enriched")
+        self._missing = Metrics.counter("enrich", "content_missing")
+        self._null_content_id = Metrics.counter("enrich", "content_id_null")
+        self._fallback_hits = Metrics.counter("enrich", "fallback_lookup_hits")
+
+    def setup(self) -> None:
+        if self._lookup_factory is not None:
+            self._lookup = self._lookup_factory()
+            self._lookup.setup()
+
+    def process(self, event: EngagementEvent, snapshot: ContentSnapshot) -> Iterator[EnrichedEvent]:
+        content = None
+        if event.content_id is None:
+            self._null_content_id.inc()
+        else:
+            content = snapshot.get(str(event.content_id))
+            if content is None and self._lookup is not None:
+                content = self._lookup.get(event.content_id)
+                if content is not None:
+                    self._fallback_hits.inc()
+        if content is None:
+            self._missing.inc()
+        else:
+            self._enriched.inc()
+        yield enrich(event, content)
+
+    def teardown(self) -> None:
+        if self._lookup is not None:
+            self._lookup.teardown()
+            self._lookup = None
+
+
+class EnrichEvents(beam.PTransform):
+    """EngagementEvent -> EnrichedEvent, joined with a singleton content snapshot side input."""
+
+    def __init__(
+        self,
+        content: beam.PCollection[ContentSnapshot],
+        lookup_factory: ContentLookupFactory | None = None,
+    ) -> None:
+        super().__init__()
+        self._content = content
+        self._lookup_factory = lookup_factory
+
+    def expand(self, events: beam.PCollection[EngagementEvent]) -> beam.PCollection[EnrichedEvent]:
+        return events | "JoinContent" >> beam.ParDo(
+            EnrichEventsFn(self._lookup_factory), snapshot=beam.pvalue.AsSingleton(self._content)
+        )

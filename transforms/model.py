@@ -1,0 +1,182 @@
+"""The data contract (shared/SPEC.md) as typed records.
+
+Pydantic validates what arrives from outside (Kafka, PostgreSQL); once validated, records travel through
+the pipeline as frozen models so every stage sees the same, already-checked shape.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, StrictInt, field_validator
+
+EventType = Literal["play", "pause", "finish", "click"]
+EVENT_TYPES: tuple[str, ...] = ("play", "pause", "finish", "click")
+ContentType = Literal["podcast", "newsletter", "video"]
+
+
+def canonical_json(value: Any) -> str:
+    """One textual form for a JSON value, whichever source it came from.
+
+    Debezium sends JSONB as a string, PostgreSQL drivers return a dict and applications send an object;
+    sorting keys and dropping whitespace makes streaming and backfill write byte-identical rows.
+    """
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+class EngagementEvent(BaseModel):
+    """One row of ``engagement_events``, validated."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    id: StrictInt
+    content_id: UUID | None = None
+    user_id: UUID | None = None
+    event_type: EventType | None = None
+    event_ts: datetime
+    duration_ms: StrictInt | None = None
+    device: str | None = None
+    raw_payload: str | None = None
+
+    @field_validator("event_ts")
+    @classmethod
+    def _event_ts_is_utc(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("event_ts has no UTC offset; refusing to guess its time zone")
+        return value.astimezone(UTC)
+
+
+class Content(BaseModel):
+    """One row of ``content``: what enrichment adds to an event."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    id: UUID
+    slug: str
+    title: str
+    content_type: ContentType | None = None
+    length_seconds: StrictInt | None = None
+    publish_ts: datetime | None = None
+
+
+class EnrichedEvent(BaseModel):
+    """An event with its content metadata and engagement metrics (SPEC §3)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event: EngagementEvent
+    engagement_seconds: Decimal | None
+    engagement_pct: Decimal | None
+    content_type: str | None
+    length_seconds: int | None
+    title: str | None
+    slug: str | None
+    content_missing: bool
+
+    @property
+    def ranked(self) -> bool:
+        """Whether the event may count towards per-content rankings (SPEC §3: missing content does not)."""
+        return not self.content_missing
+
+
+class Stage(StrEnum):
+    """Where a record was dead-lettered."""
+
+    DECODE = "decode"
+    ENRICH = "enrich"
+    BIGQUERY = "bigquery"
+    REDIS = "redis"
+    HTTP = "http"
+
+
+class SourceCoordinates(BaseModel):
+    """Where a record came from: a Kafka position, or a PostgreSQL table row."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["kafka", "postgres", "test"]
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    table: str | None = None
+    row_id: int | None = None
+
+    def describe(self) -> str:
+        if self.kind == "kafka":
+            return f"kafka:{self.topic}/{self.partition}@{self.offset}"
+        if self.kind == "postgres":
+            return f"postgres:{self.table}/{self.row_id}"
+        return "test"
+
+
+class RawRecord(BaseModel):
+    """What the pipeline reads before any decoding: the bytes and where they came from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    value: bytes | None
+    key: bytes | None = None
+    source: SourceCoordinates
+
+
+class DeadLetter(BaseModel):
+    """One schema for every stage's rejects, so a single table and query cover all of them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stage: Stage
+    reason: str
+    payload_text: str | None
+    payload_bytes: bytes | None
+    source: SourceCoordinates
+    event_id: int | None = None
+    failed_at: datetime
+
+    @classmethod
+    def of(
+        cls,
+        stage: Stage,
+        reason: str,
+        payload: bytes | None,
+        source: SourceCoordinates,
+        event_id: int | None = None,
+    ) -> DeadLetter:
+        text = payload.decode("utf-8", errors="replace") if payload is not None else None
+        return cls(
+            stage=stage,
+            reason=reason,
+            payload_text=text,
+            payload_bytes=payload,
+            source=source,
+            event_id=event_id,
+            failed_at=datetime.now(UTC),
+        )
+
+
+class WindowAggregate(BaseModel):
+    """Per-content totals of one fixed event-time window, as of one fired pane (SPEC §5)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    window_start: datetime
+    window_end: datetime
+    content_id: UUID | None
+    content_missing: bool
+    title: str | None
+    slug: str | None
+    content_type: str | None
+    event_count: int
+    play_count: int
+    pause_count: int
+    finish_count: int
+    click_count: int
+    engagement_seconds_sum: Decimal
+    distinct_users: int
+    pane_timing: str
+    pane_index: int
+    emitted_at: datetime
