@@ -32,9 +32,9 @@ class CoreOptions(PipelineOptions):
         )
         parser.add_argument(
             "--early_firing_seconds",
-            type=float,
-            default=1.0,
-            help="Processing-time delay after which a window emits an early (partial) result, in seconds.",
+            type=int,
+            default=1,
+            help="Processing-time delay after which a window emits an early (partial) result, in whole seconds.",
         )
         parser.add_argument(
             "--dedup_horizon_seconds",

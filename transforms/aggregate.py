@@ -138,8 +138,9 @@ class WindowSettings:
 
     window_seconds: int = 60
     allowed_lateness_seconds: int = 300
-    early_firing_seconds: float | None = 1.0
-    """None in batch: there is no processing time to fire early on, and every pane is final anyway."""
+    early_firing_seconds: int | None = 1
+    """Whole seconds, as Beam's portable trigger protocol round-trips only those. None in batch: there is
+    no processing time to fire early on, and every pane is final anyway."""
 
     def __post_init__(self) -> None:
         if self.window_seconds <= 0:

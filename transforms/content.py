@@ -1,15 +1,20 @@
 """Content metadata for enrichment: a snapshot of the ``content`` table, as a side input.
 
-Batch reads it once. Streaming re-reads it on an interval (PeriodicImpulse) and keeps only the newest
-snapshot, so the singleton view never sees more than one value. A point lookup covers content created
-after the last refresh (SPEC §3: content created just before its events must still be enriched).
+Batch reads it once. Streaming re-reads it on an interval (PeriodicImpulse); each snapshot carries the
+time it was loaded and readers use the newest one they can see. Runners differ in what a triggered
+global-window side input shows: Dataflow replaces the view with each fired pane, while the Python
+DirectRunner appends every pane to it, so a singleton view fails there after the first refresh.
+Reducing panes with ``Latest`` and picking the newest snapshot in the reader is correct on both.
+A point lookup covers content created after the last refresh (SPEC §3: content created just before
+its events must still be enriched).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 from uuid import UUID
 
@@ -19,13 +24,34 @@ from apache_beam.transforms import trigger
 from apache_beam.transforms.combiners import Latest
 from apache_beam.transforms.periodicsequence import PeriodicImpulse
 from apache_beam.transforms.window import GlobalWindows
+from apache_beam.utils.timestamp import MAX_TIMESTAMP
 
 from transforms.model import Content
 
 _LOG = logging.getLogger(__name__)
 
-ContentSnapshot = dict[str, Content]
-"""Content rows keyed by their id as a lower-case UUID string."""
+
+@dataclass(frozen=True)
+class ContentSnapshot:
+    """The content table as of ``loaded_at`` (epoch seconds), keyed by id."""
+
+    loaded_at: float
+    rows: Mapping[UUID, Content]
+
+    @classmethod
+    def of(cls, contents: Iterable[Content], loaded_at: float | None = None) -> ContentSnapshot:
+        return cls(loaded_at=time.time() if loaded_at is None else loaded_at, rows={c.id: c for c in contents})
+
+    def get(self, content_id: UUID) -> Content | None:
+        return self.rows.get(content_id)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def newest_snapshot(snapshots: Iterable[ContentSnapshot]) -> ContentSnapshot | None:
+    return max(snapshots, key=lambda snapshot: snapshot.loaded_at, default=None)
+
 
 ContentLoader = Callable[[], ContentSnapshot]
 """Returns the whole current content table; must be picklable (it runs on workers)."""
@@ -55,10 +81,14 @@ class PostgresContentLoader:
         import psycopg2  # imported on the worker, where the loader runs
 
         started = time.monotonic()
-        with psycopg2.connect(self._dsn) as connection, connection.cursor() as cursor:
-            cursor.execute(f"SELECT {_CONTENT_COLUMNS} FROM content")  # noqa: S608 - constant column list
-            snapshot = {str(row[0]): _content_from_row(row) for row in cursor}
-        connection.close()
+        loaded_at = time.time()
+        connection = psycopg2.connect(self._dsn)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(f"SELECT {_CONTENT_COLUMNS} FROM content")  # noqa: S608 - constant column list
+                snapshot = ContentSnapshot.of((_content_from_row(row) for row in cursor), loaded_at=loaded_at)
+        finally:
+            connection.close()
         _LOG.info("Loaded %d content rows in %.2fs", len(snapshot), time.monotonic() - started)
         return snapshot
 
@@ -155,28 +185,37 @@ class ReadContentOnce(beam.PTransform):
 class RefreshingContent(beam.PTransform):
     """A snapshot of the content table re-read every ``interval_seconds`` while a streaming job runs."""
 
-    def __init__(self, loader: ContentLoader, interval_seconds: float) -> None:
+    def __init__(self, loader: ContentLoader, interval_seconds: float, stop_timestamp: float | None = None) -> None:
+        """``stop_timestamp`` (epoch seconds) ends the refreshes, for tests; by default they never end."""
         super().__init__()
         if interval_seconds <= 0:
             raise ValueError("the content refresh interval must be positive")
         self._loader = loader
         self._interval_seconds = interval_seconds
+        self._stop_timestamp = stop_timestamp
 
     def expand(self, begin: beam.pvalue.PBegin) -> beam.PCollection[ContentSnapshot]:
         loader = self._loader
         return (
             begin
-            | "EveryInterval" >> PeriodicImpulse(fire_interval=self._interval_seconds, apply_windowing=False)
+            | "EveryInterval"
+            >> PeriodicImpulse(
+                start_timestamp=time.time(),
+                stop_timestamp=self._stop_timestamp if self._stop_timestamp is not None else MAX_TIMESTAMP,
+                fire_interval=self._interval_seconds,
+                apply_windowing=False,
+            )
             | "LoadContent" >> beam.Map(lambda _: loader())
+            | "ReportSize" >> beam.ParDo(ReportSnapshotSizeFn())
             | "KeepNewest" >> KeepNewestSnapshot()
         )
 
 
 class KeepNewestSnapshot(beam.PTransform):
-    """Reduces a stream of snapshots to the newest one, pane by pane, for a singleton side input.
+    """Fires each loaded snapshot as its own pane of the global window, reduced to the newest one.
 
-    Without the combine, a triggered global window hands the side input every fired pane and the
-    singleton view fails (or picks an arbitrary one).
+    On runners that replace a side input's view with each pane, readers see one snapshot; on those that
+    accumulate panes, readers still pick the newest by ``loaded_at`` (see ``newest_snapshot``).
     """
 
     def expand(self, snapshots: beam.PCollection[ContentSnapshot]) -> beam.PCollection[ContentSnapshot]:
@@ -192,12 +231,14 @@ class KeepNewestSnapshot(beam.PTransform):
         )
 
 
-class SnapshotSize(beam.DoFn):
-    """Reports the size of each loaded snapshot as a gauge, so a stale or empty side input is visible."""
+class ReportSnapshotSizeFn(beam.DoFn):
+    """Reports each loaded snapshot's row count as a gauge, so a stale or empty side input is visible."""
 
     def __init__(self) -> None:
         self._rows = Metrics.gauge("content", "snapshot_rows")
+        self._loads = Metrics.counter("content", "snapshots_loaded")
 
-    def process(self, snapshot: ContentSnapshot):  # noqa: ANN201 - Beam generator
+    def process(self, snapshot: ContentSnapshot) -> Iterator[ContentSnapshot]:
         self._rows.set(len(snapshot))
+        self._loads.inc()
         yield snapshot

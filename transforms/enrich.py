@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms.content import ContentLookup, ContentSnapshot
+from transforms.content import ContentLookup, ContentSnapshot, newest_snapshot
 from transforms.engagement import engagement_pct, engagement_seconds
 from transforms.model import Content, EngagementEvent, EnrichedEvent
 
@@ -57,12 +57,21 @@ class EnrichEventsFn(beam.DoFn):
             self._lookup = self._lookup_factory()
             self._lookup.setup()
 
-    def process(self, event: EngagementEvent, snapshot: ContentSnapshot) -> Iterator[EnrichedEvent]:
+    def start_bundle(self) -> None:
+        self._snapshot: ContentSnapshot | None = None
+        self._snapshot_chosen = False
+
+    def process(self, event: EngagementEvent, snapshots: Iterable[ContentSnapshot]) -> Iterator[EnrichedEvent]:
+        if not self._snapshot_chosen:
+            # The view is fixed for the bundle, so pick the newest snapshot once, not per event.
+            self._snapshot = newest_snapshot(snapshots)
+            self._snapshot_chosen = True
         content = None
         if event.content_id is None:
             self._null_content_id.inc()
         else:
-            content = snapshot.get(str(event.content_id))
+            if self._snapshot is not None:
+                content = self._snapshot.get(event.content_id)
             if content is None and self._lookup is not None:
                 content = self._lookup.get(event.content_id)
                 if content is not None:
@@ -80,7 +89,7 @@ class EnrichEventsFn(beam.DoFn):
 
 
 class EnrichEvents(beam.PTransform):
-    """EngagementEvent -> EnrichedEvent, joined with a singleton content snapshot side input."""
+    """EngagementEvent -> EnrichedEvent, joined with the newest content snapshot of a side input."""
 
     def __init__(
         self,
@@ -93,5 +102,5 @@ class EnrichEvents(beam.PTransform):
 
     def expand(self, events: beam.PCollection[EngagementEvent]) -> beam.PCollection[EnrichedEvent]:
         return events | "JoinContent" >> beam.ParDo(
-            EnrichEventsFn(self._lookup_factory), snapshot=beam.pvalue.AsSingleton(self._content)
+            EnrichEventsFn(self._lookup_factory), snapshots=beam.pvalue.AsList(self._content)
         )

@@ -1,0 +1,182 @@
+"""SPEC §5 windows on the DirectRunner with TestStream: early, on-time and late panes, lateness, duplicates."""
+
+from decimal import Decimal
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipelines.core import CoreSettings, build_core
+from tests.unit.helpers import PODCAST, VIDEO, at, plain_event, snapshot
+from transforms.aggregate import WindowSettings
+
+SETTINGS = CoreSettings(
+    windows=WindowSettings(window_seconds=60, allowed_lateness_seconds=120, early_firing_seconds=1),
+    dedup_horizon_seconds=600,
+)
+
+
+def streaming_pipeline() -> test_pipeline.TestPipeline:
+    options = PipelineOptions([])
+    options.view_as(StandardOptions).streaming = True
+    return test_pipeline.TestPipeline(options=options)
+
+
+def run_panes(stream: TestStream, settings: CoreSettings = SETTINGS) -> beam.PCollection:
+    """Runs the core graph on ``stream`` and returns its panes as comparable tuples."""
+    pipeline = streaming_pipeline()
+    content = pipeline | "Content" >> beam.Create([snapshot(PODCAST, VIDEO)])
+    outputs = build_core(pipeline | stream, content, settings)
+    panes = outputs.aggregates | "AsTuples" >> beam.Map(
+        lambda a: (
+            int(a.window_start.timestamp() - at(0)),
+            a.slug,
+            a.pane_timing,
+            a.event_count,
+            a.engagement_seconds_sum,
+            a.distinct_users,
+        )
+    )
+    return pipeline, panes
+
+
+def test_on_time_pane_holds_the_window_totals():
+    stream = (
+        TestStream()
+        .advance_watermark_to(at(0))
+        .add_elements([plain_event(1, 5), plain_event(2, 30, user=2), plain_event(3, 59, content=VIDEO)])
+        .advance_watermark_to(at(60))
+        .advance_watermark_to_infinity()
+    )
+    pipeline, panes = run_panes(stream)
+    assert_that(
+        panes,
+        equal_to(
+            [
+                (0, "deep-dive-42", "ON_TIME", 2, Decimal("2.000"), 2),
+                (0, "launch-video", "ON_TIME", 1, Decimal("1.000"), 1),
+            ]
+        ),
+    )
+    pipeline.run()
+
+
+def test_early_pane_fires_in_processing_time_then_on_time_pane_accumulates():
+    stream = (
+        TestStream()
+        .advance_watermark_to(at(0))
+        .add_elements([plain_event(1, 5)])
+        .advance_processing_time(1.5)
+        .add_elements([plain_event(2, 10, duration_ms=2500)])
+        .advance_watermark_to(at(60))
+        .advance_watermark_to_infinity()
+    )
+    pipeline, panes = run_panes(stream)
+    assert_that(
+        panes,
+        equal_to(
+            [
+                (0, "deep-dive-42", "EARLY", 1, Decimal("1.000"), 1),
+                (0, "deep-dive-42", "ON_TIME", 2, Decimal("3.500"), 1),
+            ]
+        ),
+    )
+    pipeline.run()
+
+
+def test_late_event_within_allowed_lateness_corrects_the_window():
+    stream = (
+        TestStream()
+        .advance_watermark_to(at(0))
+        .add_elements([plain_event(1, 5)])
+        .advance_watermark_to(at(90))  # on-time pane for [0, 60)
+        .add_elements([plain_event(2, 20, duration_ms=4000)])  # 30 s behind the window end: late, allowed
+        .advance_watermark_to_infinity()
+    )
+    pipeline, panes = run_panes(stream)
+    assert_that(
+        panes,
+        equal_to(
+            [
+                (0, "deep-dive-42", "ON_TIME", 1, Decimal("1.000"), 1),
+                (0, "deep-dive-42", "LATE", 2, Decimal("5.000"), 1),
+            ]
+        ),
+    )
+    pipeline.run()
+
+
+def test_event_beyond_allowed_lateness_leaves_the_window_unchanged():
+    stream = (
+        TestStream()
+        .advance_watermark_to(at(0))
+        .add_elements([plain_event(1, 5)])
+        .advance_watermark_to(at(60 + 120 + 1))  # past end + allowed lateness: the window is closed
+        .add_elements([plain_event(2, 20)])
+        .add_elements([plain_event(3, 200)])  # an on-time event elsewhere proves the stream kept flowing
+        .advance_watermark_to_infinity()
+    )
+    pipeline, panes = run_panes(stream)
+    assert_that(
+        panes,
+        equal_to(
+            [
+                (0, "deep-dive-42", "ON_TIME", 1, Decimal("1.000"), 1),
+                (180, "deep-dive-42", "ON_TIME", 1, Decimal("1.000"), 1),
+            ]
+        ),
+    )
+    pipeline.run()
+
+
+def test_duplicates_across_panes_count_once():
+    stream = (
+        TestStream()
+        .advance_watermark_to(at(0))
+        .add_elements([plain_event(1, 5), plain_event(1, 5)])  # redelivered within a bundle
+        .advance_processing_time(1.5)
+        .add_elements([plain_event(1, 5), plain_event(2, 6)])  # and again after the early pane
+        .advance_watermark_to(at(90))
+        .add_elements([plain_event(2, 6)])  # and a late redelivery after the on-time pane
+        .advance_watermark_to_infinity()
+    )
+    pipeline, panes = run_panes(stream)
+    assert_that(
+        panes,
+        equal_to(
+            [
+                (0, "deep-dive-42", "EARLY", 1, Decimal("1.000"), 1),
+                (0, "deep-dive-42", "ON_TIME", 2, Decimal("2.000"), 1),
+            ]
+        ),
+    )
+    pipeline.run()
+
+
+def test_out_of_order_events_land_in_their_own_windows():
+    stream = (
+        TestStream()
+        .advance_watermark_to(at(0))
+        .add_elements([plain_event(3, 125), plain_event(1, 5), plain_event(2, 65), plain_event(4, 50)])
+        .advance_watermark_to_infinity()
+    )
+    pipeline, panes = run_panes(stream)
+    assert_that(
+        panes,
+        equal_to(
+            [
+                (0, "deep-dive-42", "ON_TIME", 2, Decimal("2.000"), 1),
+                (60, "deep-dive-42", "ON_TIME", 1, Decimal("1.000"), 1),
+                (120, "deep-dive-42", "ON_TIME", 1, Decimal("1.000"), 1),
+            ]
+        ),
+    )
+    pipeline.run()
+
+
+def test_settings_reject_a_dedup_horizon_shorter_than_a_window_is_open():
+    with pytest.raises(ValueError, match="dedup_horizon_seconds"):
+        CoreSettings(windows=WindowSettings(window_seconds=60, allowed_lateness_seconds=600), dedup_horizon_seconds=300)
