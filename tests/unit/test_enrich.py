@@ -6,8 +6,7 @@ from uuid import UUID
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-from apache_beam.testing import test_pipeline
-from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing import test_pipeline, test_stream
 from apache_beam.testing.util import assert_that, equal_to
 
 from tests.unit.helpers import PODCAST, VIDEO, at, plain_event, snapshot
@@ -120,7 +119,7 @@ def test_readers_use_the_newest_of_several_fired_snapshots():
     options.view_as(StandardOptions).streaming = True
     retitled = PODCAST.model_copy(update={"title": "Deep Dive #42 (remastered)"})
     stream = (
-        TestStream(output_tags={"content", "events"})
+        test_stream.TestStream(output_tags={"content", "events"})
         .advance_watermark_to(at(0), tag="content")
         .advance_watermark_to(at(0), tag="events")
         .add_elements([snapshot(PODCAST)], tag="content")

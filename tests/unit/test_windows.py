@@ -5,8 +5,7 @@ from decimal import Decimal
 import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-from apache_beam.testing import test_pipeline
-from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing import test_pipeline, test_stream
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines.core import CoreSettings, build_core
@@ -25,7 +24,7 @@ def streaming_pipeline() -> test_pipeline.TestPipeline:
     return test_pipeline.TestPipeline(options=options)
 
 
-def run_panes(stream: TestStream, settings: CoreSettings = SETTINGS) -> beam.PCollection:
+def run_panes(stream: test_stream.TestStream, settings: CoreSettings = SETTINGS) -> beam.PCollection:
     """Runs the core graph on ``stream`` and returns its panes as comparable tuples."""
     pipeline = streaming_pipeline()
     content = pipeline | "Content" >> beam.Create([snapshot(PODCAST, VIDEO)])
@@ -45,7 +44,7 @@ def run_panes(stream: TestStream, settings: CoreSettings = SETTINGS) -> beam.PCo
 
 def test_on_time_pane_holds_the_window_totals():
     stream = (
-        TestStream()
+        test_stream.TestStream()
         .advance_watermark_to(at(0))
         .add_elements([plain_event(1, 5), plain_event(2, 30, user=2), plain_event(3, 59, content=VIDEO)])
         .advance_watermark_to(at(60))
@@ -66,7 +65,7 @@ def test_on_time_pane_holds_the_window_totals():
 
 def test_early_pane_fires_in_processing_time_then_on_time_pane_accumulates():
     stream = (
-        TestStream()
+        test_stream.TestStream()
         .advance_watermark_to(at(0))
         .add_elements([plain_event(1, 5)])
         .advance_processing_time(1.5)
@@ -89,7 +88,7 @@ def test_early_pane_fires_in_processing_time_then_on_time_pane_accumulates():
 
 def test_late_event_within_allowed_lateness_corrects_the_window():
     stream = (
-        TestStream()
+        test_stream.TestStream()
         .advance_watermark_to(at(0))
         .add_elements([plain_event(1, 5)])
         .advance_watermark_to(at(90))  # on-time pane for [0, 60)
@@ -111,7 +110,7 @@ def test_late_event_within_allowed_lateness_corrects_the_window():
 
 def test_event_beyond_allowed_lateness_leaves_the_window_unchanged():
     stream = (
-        TestStream()
+        test_stream.TestStream()
         .advance_watermark_to(at(0))
         .add_elements([plain_event(1, 5)])
         .advance_watermark_to(at(60 + 120 + 1))  # past end + allowed lateness: the window is closed
@@ -134,7 +133,7 @@ def test_event_beyond_allowed_lateness_leaves_the_window_unchanged():
 
 def test_duplicates_across_panes_count_once():
     stream = (
-        TestStream()
+        test_stream.TestStream()
         .advance_watermark_to(at(0))
         .add_elements([plain_event(1, 5), plain_event(1, 5)])  # redelivered within a bundle
         .advance_processing_time(1.5)
@@ -158,7 +157,7 @@ def test_duplicates_across_panes_count_once():
 
 def test_out_of_order_events_land_in_their_own_windows():
     stream = (
-        TestStream()
+        test_stream.TestStream()
         .advance_watermark_to(at(0))
         .add_elements([plain_event(3, 125), plain_event(1, 5), plain_event(2, 65), plain_event(4, 50)])
         .advance_watermark_to_infinity()
