@@ -160,8 +160,10 @@ class AggregateWindows(beam.PTransform):
     """EnrichedEvent -> WindowAggregate: one row per (window, content) per fired pane, accumulating.
 
     Early panes fire about ``early_firing_seconds`` after data arrives, the on-time pane when the
-    watermark passes the window's end, and a late pane for each late element within allowed lateness.
-    Each pane carries the window's full value so far, so sinks overwrite and never add.
+    watermark passes the window's end, and late panes, within allowed lateness, about
+    ``early_firing_seconds`` after late data arrives: CDC records routinely trail the watermark by their
+    capture delay, and a pane per late element would multiply the writes at high rates. Each pane carries
+    the window's full value so far, so sinks overwrite and never add.
     """
 
     def __init__(self, settings: WindowSettings) -> None:

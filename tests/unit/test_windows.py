@@ -92,7 +92,10 @@ def test_late_event_within_allowed_lateness_corrects_the_window():
         .advance_watermark_to(at(0))
         .add_elements([plain_event(1, 5)])
         .advance_watermark_to(at(90))  # on-time pane for [0, 60)
-        .add_elements([plain_event(2, 20, duration_ms=4000)])  # 30 s behind the window end: late, allowed
+        # 30 s behind the window end: late, but within allowed lateness. Late panes fire a second after
+        # late data arrives, so both land in one pane.
+        .add_elements([plain_event(2, 20, duration_ms=4000), plain_event(3, 21, duration_ms=1000)])
+        .advance_processing_time(1.5)
         .advance_watermark_to_infinity()
     )
     pipeline, panes = run_panes(stream)
@@ -101,7 +104,7 @@ def test_late_event_within_allowed_lateness_corrects_the_window():
         equal_to(
             [
                 (0, "deep-dive-42", "ON_TIME", 1, Decimal("1.000"), 1),
-                (0, "deep-dive-42", "LATE", 2, Decimal("5.000"), 1),
+                (0, "deep-dive-42", "LATE", 3, Decimal("6.000"), 1),
             ]
         ),
     )
@@ -140,6 +143,7 @@ def test_duplicates_across_panes_count_once():
         .add_elements([plain_event(1, 5), plain_event(2, 6)])  # and again after the early pane
         .advance_watermark_to(at(90))
         .add_elements([plain_event(2, 6)])  # and a late redelivery after the on-time pane
+        .advance_processing_time(1.5)
         .advance_watermark_to_infinity()
     )
     pipeline, panes = run_panes(stream)
