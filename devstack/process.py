@@ -1,15 +1,20 @@
-"""Start, stop and wait on the background processes of the local stack.
+"""Run, start, stop and wait on the processes of the local stack, and report progress.
 
 Each service is one detached process group whose PID is recorded in ``run/<name>.pid`` and whose output
 goes to ``logs/<name>.log``; ``stop`` only ever signals processes recorded there.
+
+Everything here prints to stderr so that commands whose stdout is meant for machines (``scripts/stack env``)
+stay clean, and so that pytest shows install progress of a cold session fixture with ``-s``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -21,6 +26,10 @@ class StackError(RuntimeError):
     """A service could not be installed, started or reached."""
 
 
+def say(message: str) -> None:
+    print(f"[stack] {message}", file=sys.stderr, flush=True)
+
+
 def pid_file(cfg: StackConfig, name: str) -> Path:
     return cfg.run_dir / f"{name}.pid"
 
@@ -29,8 +38,70 @@ def log_file(cfg: StackConfig, name: str) -> Path:
     return cfg.log_dir / f"{name}.log"
 
 
+def tail_text(path: Path, lines: int = 15) -> str:
+    """The last lines of a log, for error messages (the full log is named next to it)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 16384))
+            text = handle.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# --- foreground commands -------------------------------------------------------------------------------------
+
+
+def run_logged(
+    argv: Sequence[str | Path],
+    log: Path,
+    what: str,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    heartbeat: float = 20.0,
+) -> None:
+    """Run a slow install command with its output in ``log``, printing a progress line now and then."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with open(log, "ab") as out:
+        out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(map(str, argv))}\n".encode())
+        out.flush()
+        try:
+            proc = subprocess.Popen(
+                [str(a) for a in argv],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+                cwd=cwd,
+            )
+        except FileNotFoundError as exc:
+            raise StackError(f"{what}: {argv[0]} is not installed") from exc
+        while True:
+            try:
+                code = proc.wait(timeout=heartbeat)
+                break
+            except subprocess.TimeoutExpired:
+                say(f"... still {what} ({time.monotonic() - started:.0f}s so far, output in {log})")
+    if code != 0:
+        raise StackError(f"{what} failed (exit {code}); see {log}:\n{tail_text(log)}")
+
+
+# --- background services -------------------------------------------------------------------------------------
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state letter follows the parenthesised command name, which may itself contain ") ".
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+
+
 def running_pid(cfg: StackConfig, name: str) -> int | None:
-    """PID of the recorded process if it is still alive."""
+    """PID of the recorded process if it is still alive; forgets the record of one that has exited."""
     path = pid_file(cfg, name)
     try:
         pid = int(path.read_text().strip())
@@ -42,7 +113,17 @@ def running_pid(cfg: StackConfig, name: str) -> int | None:
         path.unlink(missing_ok=True)
         return None
     except PermissionError:
+        # Someone else's process, e.g. a stack started by root looked at by another user: alive unless a zombie.
         pass
+    # `kill -0` succeeds on zombies. A service that died while this very process started it stays one until
+    # reaped, so reap it; an orphaned one stays one until PID 1 gets round to it. Either way it is gone.
+    try:
+        reaped, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        reaped = 0
+    if reaped == pid or _is_zombie(pid):
+        path.unlink(missing_ok=True)
+        return None
     return pid
 
 
@@ -60,47 +141,54 @@ def spawn(
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_file(cfg, name), "ab") as log:
-        proc = subprocess.Popen(  # noqa: S603 - argv is built by the stack, never from user input
+        proc = subprocess.Popen(
             list(argv),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
             cwd=cwd,
+            # Its own session, so that it outlives `scripts/stack up` and a terminal's Ctrl-C does not reach it.
             start_new_session=True,
         )
     pid_file(cfg, name).write_text(str(proc.pid))
     return proc.pid
 
 
-def stop(cfg: StackConfig, name: str, timeout: float = 30.0) -> bool:
-    """SIGTERM the recorded process group, SIGKILL after ``timeout``; True if something was stopped."""
+def stop(
+    cfg: StackConfig,
+    name: str,
+    sig: signal.Signals = signal.SIGTERM,
+    timeout: float = 30.0,
+    group: bool = True,
+) -> bool:
+    """Send ``sig`` to the recorded process group (or with ``group=False`` only to its leader, for servers
+    that stop their own children in order) and wait for it to exit, SIGKILLing the group after ``timeout``.
+
+    A zombie counts as stopped, so ``down`` need not wait for a slow PID 1 to reap services whose parent (an
+    earlier ``scripts/stack up``) has exited. True if something was running.
+    """
     pid = running_pid(cfg, name)
     if pid is None:
         return False
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
+    with contextlib.suppress(ProcessLookupError):
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+    while running_pid(cfg, name) is not None:
+        if time.monotonic() >= deadline:
+            say(f"{name} did not stop within {timeout:.0f}s; killing it")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
             break
-        # Reap it if it is our child (when started from this same process).
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.2)
-    else:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        time.sleep(0.1)
     pid_file(cfg, name).unlink(missing_ok=True)
     return True
+
+
+# --- ports and readiness -------------------------------------------------------------------------------------
 
 
 def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
@@ -111,21 +199,41 @@ def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
         return False
 
 
-def wait_until(
+def refuse_foreign_port(name: str, port: int) -> None:
+    """Fail early and clearly when something we did not start already listens on one of our ports."""
+    if port_open(port):
+        raise StackError(
+            f"cannot start {name}: 127.0.0.1:{port} is already in use by a process this stack did not start "
+            f"(another checkout? give it its own STACK_DIR and STACK_PORT_OFFSET, see docs/local-stack.md)"
+        )
+
+
+def wait_for_service(
+    cfg: StackConfig,
+    name: str,
     check: Callable[[], bool],
     what: str,
-    timeout: float = 120.0,
+    timeout: float,
     interval: float = 0.25,
-    log: Path | None = None,
 ) -> None:
-    """Poll ``check`` until it returns True; raise StackError naming ``what`` (and the log) on timeout."""
+    """Poll ``check`` until True; fail fast (with the log's tail) if the process dies meanwhile.
+
+    ``check`` may raise StackError to report a definite failure (e.g. a connector task FAILED); any other
+    exception just means "not yet".
+    """
+    log = log_file(cfg, name)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
+        if running_pid(cfg, name) is None:
+            raise StackError(f"{name} is not running (it exited or was never started); see {log}:\n{tail_text(log)}")
         try:
-            if check():
-                return
-        except Exception:  # noqa: BLE001 - a readiness probe may fail in any way until the service is up
-            pass
+            ready = check()
+        except StackError:
+            raise
+        except Exception:  # noqa: BLE001 - a probe may fail in any way until the service is up
+            ready = False
+        if ready:
+            return
+        if time.monotonic() >= deadline:
+            raise StackError(f"{what} was not ready after {timeout:.0f}s; see {log}:\n{tail_text(log)}")
         time.sleep(interval)
-    hint = f"; see {log}" if log else ""
-    raise StackError(f"{what} was not ready after {timeout:.0f}s{hint}")
