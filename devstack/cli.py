@@ -174,6 +174,10 @@ def _cmd_down(cfg: StackConfig, args: argparse.Namespace) -> int:
                 service.module.stop(cfg)
         if args.purge:
             say(f"deleting {cfg.data_dir} and {cfg.log_dir}")
+            # A service whose account cannot enter STACK_DIR keeps its data elsewhere behind a symlink.
+            for entry in cfg.data_dir.glob("*"):
+                if entry.is_symlink():
+                    shutil.rmtree(entry.resolve(), ignore_errors=True)
             shutil.rmtree(cfg.data_dir, ignore_errors=True)
             shutil.rmtree(cfg.log_dir, ignore_errors=True)
     print("stack down")

@@ -41,6 +41,7 @@ SUPERUSER = "postgres"
 MIGRATIONS_DIR = REPO_ROOT / "sql" / "postgres"
 # Unix socket paths are limited to 107 bytes on Linux.
 _MAX_SOCKET_PATH = 107
+OUTSIDE_DATA_ROOT = Path("/var/lib/engagement-pipeline")
 
 
 def _installed_bin_dirs() -> list[tuple[int, Path]]:
@@ -70,17 +71,45 @@ def install(cfg: StackConfig) -> None:
     bin_dir()
 
 
+def _stack_digest(cfg: StackConfig) -> str:
+    return hashlib.sha1(str(cfg.stack_dir).encode()).hexdigest()[:12]  # noqa: S324 - a name, not security
+
+
+def _server_user_can_enter(directory: Path) -> bool:
+    """Whether the server's account can traverse to ``directory`` (we may be root, it is not)."""
+    if _server_user() is None:
+        return True
+    directory.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(_as_server_user(["test", "-x", str(directory)]), check=False).returncode == 0
+
+
 def _data_dir(cfg: StackConfig) -> Path:
-    return cfg.data_dir / "postgres"
+    """The cluster's directory: ``$STACK_DIR/data/postgres``, or a symlink there to ``OUTSIDE_DATA_ROOT``.
+
+    A checkout below a directory the postgres account cannot enter (a 0700 home or ``mktemp -d``, as CI
+    clones may be) cannot hold the cluster itself; the symlink keeps ``$STACK_DIR`` the one place to look
+    and lets ``down --purge`` find it.
+    """
+    link = cfg.data_dir / "postgres"
+    if link.is_symlink():
+        return link.resolve()
+    if link.exists() or _server_user_can_enter(cfg.data_dir):
+        return link
+    outside = OUTSIDE_DATA_ROOT / f"postgres-{_stack_digest(cfg)}"
+    OUTSIDE_DATA_ROOT.mkdir(parents=True, exist_ok=True)
+    OUTSIDE_DATA_ROOT.chmod(0o755)
+    link.symlink_to(outside, target_is_directory=True)
+    say(f"postgres: {cfg.data_dir} is closed to the postgres account; the cluster lives in {outside}")
+    return outside
 
 
 def socket_dir(cfg: StackConfig) -> Path:
     preferred = cfg.run_dir / "pgsock"
-    if len(f"{preferred}/.s.PGSQL.{cfg.pg_port}") <= _MAX_SOCKET_PATH:
+    if len(f"{preferred}/.s.PGSQL.{cfg.pg_port}") <= _MAX_SOCKET_PATH and _server_user_can_enter(cfg.run_dir):
         return preferred
-    # A deep STACK_DIR would overflow the socket path; fall back to a short per-stack directory.
-    digest = hashlib.sha1(str(cfg.stack_dir).encode()).hexdigest()[:12]  # noqa: S324 - a name, not security
-    return Path(tempfile.gettempdir()) / f"engagement-stack-{digest}"
+    # A deep STACK_DIR would overflow the socket path, and one the server cannot enter cannot hold its
+    # socket: fall back to a short per-stack directory in the system's temporary directory.
+    return Path(tempfile.gettempdir()) / f"engagement-stack-{_stack_digest(cfg)}"
 
 
 def _server_user() -> pwd.struct_passwd | None:
