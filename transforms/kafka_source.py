@@ -1,0 +1,217 @@
+"""Reading raw records from Kafka with Beam's KafkaIO (a Java cross-language transform).
+
+KafkaIO hands over bytes and coordinates only; event time comes from the payload (``DecodeRecords``
+re-timestamps each event with its ``event_ts``), never from Kafka's CreateTime.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.kafka import ReadFromKafka
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from transforms.model import RawRecord, SourceCoordinates
+
+_START_KEYWORDS = ("earliest", "latest")
+
+
+class KafkaReadOptions(PipelineOptions):
+    """Where and how the streaming job reads Kafka."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:  # noqa: ANN001 - Beam's argparse wrapper
+        parser.add_argument(
+            "--bootstrap_servers",
+            default="127.0.0.1:59092",
+            help="Kafka bootstrap servers, comma-separated host:port pairs.",
+        )
+        parser.add_argument(
+            "--cdc_topic",
+            default="cdc.public.engagement_events",
+            help="Topic of Debezium change events for engagement_events (any of the three JSON shapes).",
+        )
+        parser.add_argument(
+            "--json_topic",
+            default="",
+            help="Optional topic of plain JSON events published by applications; empty to read none.",
+        )
+        parser.add_argument(
+            "--consumer_group",
+            default="engagement-pipeline",
+            help="Kafka consumer group id; offsets are committed under it when --commit_offsets is on.",
+        )
+        parser.add_argument(
+            "--start_offset",
+            default="earliest",
+            help=(
+                "Where to start when the group has no committed offset: 'earliest', 'latest', or an "
+                "ISO-8601 time with offset (e.g. 2026-11-22T10:00:00Z) to start every partition there."
+            ),
+        )
+        parser.add_argument(
+            "--commit_offsets",
+            default=True,
+            type=_parse_bool,
+            help="Commit consumed offsets to Kafka when bundles are finalized (true/false).",
+        )
+        parser.add_argument(
+            "--kafka_consumer_config",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help=(
+                "Extra Kafka consumer property, repeatable, passed through unchanged: e.g. "
+                "security.protocol=SASL_SSL, sasl.mechanism=PLAIN, sasl.jaas.config=..."
+            ),
+        )
+        parser.add_argument(
+            "--kafka_max_records",
+            type=int,
+            default=None,
+            help="Stop after this many records (a bounded read, for tests and demos). Unset: read forever.",
+        )
+        parser.add_argument(
+            "--kafka_max_read_seconds",
+            type=int,
+            default=None,
+            help="Stop reading after this many seconds (a bounded read, for tests and demos). Unset: forever.",
+        )
+        parser.add_argument(
+            "--kafka_expansion_service",
+            default="",
+            help=(
+                "host:port of a running Java expansion service for KafkaIO, or empty to let Beam start the "
+                "io expansion service jar of its own version from its jar cache."
+            ),
+        )
+
+
+def _parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+_PROPERTY = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*=(.*)$")
+
+
+@dataclass(frozen=True)
+class KafkaReadSettings:
+    """Validated KafkaIO settings, built from ``KafkaReadOptions``."""
+
+    bootstrap_servers: str
+    topics: tuple[str, ...]
+    consumer_group: str
+    start_offset: str = "earliest"
+    commit_offsets: bool = True
+    extra_config: Mapping[str, str] = field(default_factory=dict)
+    max_records: int | None = None
+    max_read_seconds: int | None = None
+    expansion_service: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.bootstrap_servers.strip():
+            raise ValueError("--bootstrap_servers is required")
+        if not self.topics:
+            raise ValueError("at least one Kafka topic is required")
+        self.start_read_time_ms()  # validates the start position early, with a clear message
+
+    def start_read_time_ms(self) -> int | None:
+        if self.start_offset in _START_KEYWORDS:
+            return None
+        try:
+            start = datetime.fromisoformat(self.start_offset)
+        except ValueError as exc:
+            raise ValueError(
+                f"--start_offset must be earliest, latest or an ISO-8601 time, not {self.start_offset!r}"
+            ) from exc
+        if start.tzinfo is None:
+            raise ValueError(f"--start_offset {self.start_offset!r} needs a UTC offset, e.g. 'Z'")
+        return int(start.timestamp() * 1000)
+
+    def consumer_config(self) -> dict[str, str]:
+        config = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "group.id": self.consumer_group,
+            "auto.offset.reset": "latest" if self.start_offset == "latest" else "earliest",
+            # Commits happen on bundle finalization (commit_offset_in_finalize), after Beam has
+            # checkpointed the records, never on the consumer's own timer.
+            "enable.auto.commit": "false",
+        }
+        config.update(self.extra_config)
+        return config
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions) -> KafkaReadSettings:
+        kafka = options.view_as(KafkaReadOptions)
+        topics = tuple(topic for topic in (kafka.cdc_topic, kafka.json_topic) if topic)
+        return cls(
+            bootstrap_servers=kafka.bootstrap_servers,
+            topics=topics,
+            consumer_group=kafka.consumer_group,
+            start_offset=kafka.start_offset,
+            commit_offsets=kafka.commit_offsets,
+            extra_config=parse_consumer_properties(kafka.kafka_consumer_config),
+            max_records=kafka.kafka_max_records,
+            max_read_seconds=kafka.kafka_max_read_seconds,
+            expansion_service=kafka.kafka_expansion_service or None,
+        )
+
+
+def parse_consumer_properties(entries: Sequence[str]) -> dict[str, str]:
+    """``["security.protocol=SASL_SSL", ...]`` -> a dict; a value may itself contain '='."""
+    properties = {}
+    for entry in entries:
+        match = _PROPERTY.match(entry)
+        if match is None:
+            raise ValueError(f"--kafka_consumer_config expects KEY=VALUE, got {entry!r}")
+        properties[match.group(1)] = match.group(2)
+    return properties
+
+
+def to_raw_record(record: Any) -> RawRecord:
+    """A KafkaIO record with metadata (a Beam Row) as the pipeline's ``RawRecord``."""
+    return RawRecord(
+        value=record.value,
+        key=record.key,
+        source=SourceCoordinates(
+            kind="kafka", topic=record.topic, partition=int(record.partition), offset=int(record.offset)
+        ),
+    )
+
+
+class ReadRawRecordsFromKafka(beam.PTransform):
+    """KafkaIO (cross-language) -> ``RawRecord`` with topic/partition/offset coordinates."""
+
+    def __init__(self, settings: KafkaReadSettings) -> None:
+        super().__init__()
+        self._settings = settings
+
+    def expand(self, begin: beam.pvalue.PBegin) -> beam.PCollection[RawRecord]:
+        settings = self._settings
+        return (
+            begin
+            | "KafkaIO"
+            >> ReadFromKafka(
+                consumer_config=settings.consumer_config(),
+                topics=list(settings.topics),
+                with_metadata=True,
+                start_read_time=settings.start_read_time_ms(),
+                max_num_records=settings.max_records,
+                max_read_time=settings.max_read_seconds,
+                commit_offset_in_finalize=settings.commit_offsets,
+                expansion_service=settings.expansion_service,
+            )
+            | "ToRawRecord" >> beam.Map(to_raw_record)
+        )

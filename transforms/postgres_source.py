@@ -1,0 +1,219 @@
+"""Reading ``engagement_events`` for a time range from PostgreSQL, in parallel id-range splits.
+
+Rows become the same ``RawRecord`` the streaming job reads from Kafka (a plain JSON event), so the
+backfill validates and transforms them with exactly the code streaming uses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from transforms.model import RawRecord, SourceCoordinates
+
+_LOG = logging.getLogger(__name__)
+
+EVENT_COLUMNS = ("id", "content_id", "user_id", "event_type", "event_ts", "duration_ms", "device", "raw_payload")
+_SELECT_RANGE = (
+    f"SELECT {', '.join(EVENT_COLUMNS)} FROM engagement_events"  # noqa: S608 - constant column list
+    " WHERE id >= %s AND id < %s AND event_ts >= %s AND event_ts < %s ORDER BY id"
+)
+
+
+@dataclass(frozen=True)
+class TimeRange:
+    """The half-open range ``[start, end)`` on ``event_ts``."""
+
+    start: datetime
+    end: datetime
+
+    def __post_init__(self) -> None:
+        if self.start.tzinfo is None or self.end.tzinfo is None:
+            raise ValueError("--start and --end need a UTC offset (e.g. 2026-11-22T00:00:00Z)")
+        if self.end <= self.start:
+            raise ValueError(f"--end ({self.end.isoformat()}) must be after --start ({self.start.isoformat()})")
+
+    @classmethod
+    def parse(cls, start: str, end: str) -> TimeRange:
+        return cls(start=_parse_instant("--start", start), end=_parse_instant("--end", end))
+
+
+def _parse_instant(flag: str, text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{flag} {text!r} is not an ISO-8601 date or time") from exc
+
+
+@dataclass(frozen=True)
+class IdRange:
+    """Event ids ``[low, high)`` read by one split."""
+
+    low: int
+    high: int
+    index: int
+    count: int
+
+
+@dataclass(frozen=True)
+class RangeSummary:
+    """What the range holds, measured before the pipeline starts (for the splits and for progress)."""
+
+    rows: int
+    min_id: int | None
+    max_id: int | None
+
+
+def summarize_range(dsn: str, time_range: TimeRange) -> RangeSummary:
+    """Counts the rows of the range; also the preflight check that the database and table are there."""
+    import psycopg2
+
+    connection = psycopg2.connect(dsn, connect_timeout=10)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*), min(id), max(id) FROM engagement_events WHERE event_ts >= %s AND event_ts < %s",
+                (time_range.start, time_range.end),
+            )
+            rows, min_id, max_id = cursor.fetchone()
+    finally:
+        connection.close()
+    return RangeSummary(rows=rows, min_id=min_id, max_id=max_id)
+
+
+def split_id_range(summary: RangeSummary, splits: int) -> list[IdRange]:
+    """Equal-width id ranges covering ``[min_id, max_id]``; ids are dense enough in a BIGSERIAL table."""
+    if splits < 1:
+        raise ValueError("the number of read splits must be at least 1")
+    if summary.rows == 0 or summary.min_id is None or summary.max_id is None:
+        return []
+    span = summary.max_id - summary.min_id + 1
+    count = min(splits, span)
+    width = -(-span // count)  # ceiling division: the last split may be shorter, none is empty
+    ranges = []
+    for index in range(count):
+        low = summary.min_id + index * width
+        high = min(low + width, summary.max_id + 1)
+        if low < high:
+            ranges.append(IdRange(low=low, high=high, index=index, count=count))
+    return ranges
+
+
+def row_to_raw_record(row: tuple[Any, ...]) -> RawRecord:
+    """A row as the plain JSON event an application would send, with its table coordinates."""
+    document = dict(zip(EVENT_COLUMNS, row, strict=True))
+    document["content_id"] = str(document["content_id"]) if document["content_id"] is not None else None
+    document["user_id"] = str(document["user_id"]) if document["user_id"] is not None else None
+    document["event_ts"] = document["event_ts"].isoformat()
+    return RawRecord(
+        value=json.dumps(document, separators=(",", ":")).encode(),
+        source=SourceCoordinates(kind="postgres", table="engagement_events", row_id=document["id"]),
+    )
+
+
+class _Progress:
+    """Rows read by this worker process, of the range's total, logged at most every few seconds.
+
+    On the local runners every split runs in one process, so this is the whole job's progress; on
+    Dataflow each worker logs its share and the ``backfill/rows_read`` counter has the sum.
+    """
+
+    _lock = threading.Lock()
+    _rows = 0
+    _started: float | None = None
+    _last_log = 0.0
+
+    @classmethod
+    def add(cls, rows: int, total: int, interval: float = 5.0, final: bool = False) -> None:
+        with cls._lock:
+            now = time.monotonic()
+            if cls._started is None:
+                cls._started = now
+            cls._rows += rows
+            if not final and now - cls._last_log < interval:
+                return
+            cls._last_log = now
+            elapsed = max(now - cls._started, 1e-6)
+            rate = cls._rows / elapsed
+            left = max(total - cls._rows, 0)
+            eta = left / rate if rate > 0 else float("inf")
+            _LOG.info(
+                "backfill: read %d of %d rows (%.1f%%), %.0f rows/s, about %.0fs left",
+                cls._rows,
+                total,
+                100.0 * cls._rows / total if total else 100.0,
+                rate,
+                eta,
+            )
+
+
+class ReadIdRangeFn(beam.DoFn):
+    """Streams one id range through a server-side cursor, so memory stays flat whatever its size."""
+
+    def __init__(self, dsn: str, time_range: TimeRange, total_rows: int, fetch_size: int = 10_000) -> None:
+        self._dsn = dsn
+        self._time_range = time_range
+        self._total_rows = total_rows
+        self._fetch_size = fetch_size
+        self._rows_read = Metrics.counter("backfill", "rows_read")
+        self._splits_done = Metrics.counter("backfill", "splits_done")
+        self._connection = None
+
+    def setup(self) -> None:
+        import psycopg2
+
+        self._connection = psycopg2.connect(self._dsn)
+        # A repeatable snapshot per split; read-only so a backfill can never write the source.
+        self._connection.set_session(readonly=True)
+
+    def process(self, id_range: IdRange) -> Iterator[RawRecord]:
+        pending = 0
+        with self._connection, self._connection.cursor(name=f"backfill_split_{id_range.index}") as cursor:
+            cursor.itersize = self._fetch_size
+            cursor.execute(_SELECT_RANGE, (id_range.low, id_range.high, self._time_range.start, self._time_range.end))
+            for row in cursor:
+                pending += 1
+                if pending == self._fetch_size:
+                    self._report(pending)
+                    pending = 0
+                yield row_to_raw_record(row)
+        self._report(pending, final=True)
+        self._splits_done.inc()
+
+    def _report(self, rows: int, final: bool = False) -> None:
+        self._rows_read.inc(rows)
+        _Progress.add(rows, self._total_rows, final=final)
+
+    def teardown(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
+class ReadEventsFromPostgres(beam.PTransform):
+    """``engagement_events`` rows with ``event_ts`` in ``[start, end)`` as ``RawRecord``, read in parallel."""
+
+    def __init__(self, dsn: str, time_range: TimeRange, summary: RangeSummary, splits: int) -> None:
+        super().__init__()
+        self._dsn = dsn
+        self._time_range = time_range
+        self._summary = summary
+        self._ranges = split_id_range(summary, splits)
+
+    def expand(self, begin: beam.pvalue.PBegin) -> beam.PCollection[RawRecord]:
+        return (
+            begin
+            | "IdRanges" >> beam.Create(self._ranges)
+            # Without the reshuffle a runner may fuse the splits into one bundle and read them one by one.
+            | "SpreadSplits" >> beam.Reshuffle()
+            | "ReadRange" >> beam.ParDo(ReadIdRangeFn(self._dsn, self._time_range, self._summary.rows))
+        )
