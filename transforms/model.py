@@ -95,11 +95,12 @@ class Stage(StrEnum):
 
 
 class SourceCoordinates(BaseModel):
-    """Where a record came from: a Kafka position, or a PostgreSQL table row."""
+    """Where a record came from: a Kafka position, a PostgreSQL table row, or (``aggregate``) a record the
+    pipeline derived itself, such as a window aggregate, which has no single source position."""
 
     model_config = ConfigDict(frozen=True)
 
-    kind: Literal["kafka", "postgres", "test"]
+    kind: Literal["kafka", "postgres", "aggregate", "test"]
     topic: str | None = None
     partition: int | None = None
     offset: int | None = None
@@ -111,7 +112,7 @@ class SourceCoordinates(BaseModel):
             return f"kafka:{self.topic}/{self.partition}@{self.offset}"
         if self.kind == "postgres":
             return f"postgres:{self.table}/{self.row_id}"
-        return "test"
+        return self.kind
 
 
 class RawRecord(BaseModel):

@@ -55,7 +55,7 @@ CREATE TABLE IF NOT EXISTS `${PROJECT}.${DATASET}.dead_letters` (
     reason          STRING    NOT NULL,
     payload_text    STRING             OPTIONS (description = 'the payload as UTF-8 text, undecodable bytes replaced'),
     payload_bytes   BYTES              OPTIONS (description = 'the payload exactly as received'),
-    source_kind     STRING    NOT NULL OPTIONS (description = 'kafka or postgres'),
+    source_kind     STRING    NOT NULL OPTIONS (description = 'kafka, postgres, or aggregate for records the pipeline derived'),
     source_topic    STRING,
     source_partition INT64,
     source_offset   INT64,

@@ -1,0 +1,237 @@
+"""The Redis sink on the DirectRunner against the stack's real Redis.
+
+Rankings are relative to the wall clock, so windows are placed around the current minute, and far enough
+from the horizon's edges that the minute turning during a test does not change what is ranked. Every test
+writes under its own key prefix and deletes its keys afterwards.
+"""
+
+import io
+import json
+import socket
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import apache_beam as beam
+import pytest
+import redis
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from transforms.model import WindowAggregate
+from transforms.sinks import redis_top_cli
+from transforms.sinks.redis_top import (
+    RedisKeys,
+    RedisSinkConfig,
+    TopEntry,
+    WriteTopContentToRedis,
+    read_top_content,
+)
+
+BUCKET_TTL = 900
+
+
+@pytest.fixture
+def prefix(stack):
+    prefix = f"it-redis-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def client(stack):
+    client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def current_minute() -> datetime:
+    now = int(time.time())
+    return datetime.fromtimestamp(now - now % 60, UTC)
+
+
+def pane(content, start, seconds, events, pane_index=0, content_missing=False) -> WindowAggregate:
+    content_id, title = content
+    return WindowAggregate(
+        window_start=start,
+        window_end=start + timedelta(seconds=60),
+        content_id=content_id,
+        content_missing=content_missing,
+        title=title,
+        slug=title.lower().replace(" ", "-") if title else None,
+        content_type="podcast" if title else None,
+        event_count=events,
+        play_count=events,
+        pause_count=0,
+        finish_count=0,
+        click_count=0,
+        engagement_seconds_sum=Decimal(seconds),
+        distinct_users=events,
+        pane_timing="EARLY" if pane_index == 0 else "ON_TIME",
+        pane_index=pane_index,
+        emitted_at=datetime.now(UTC),
+    )
+
+
+def run_sink(rows, config, check_dead_letters=None) -> dict[str, int]:
+    """Runs the sink over ``rows``; returns its counters. ``check_dead_letters`` asserts on the dead letters."""
+    pipeline = test_pipeline.TestPipeline()
+    dead = pipeline | beam.Create(rows) | WriteTopContentToRedis(config)
+    assert_that(dead, check_dead_letters or equal_to([]))
+    result = pipeline.run()
+    result.wait_until_finish()
+    return {
+        metric.key.metric.name: metric.committed
+        for metric in result.metrics().query(MetricsFilter().with_namespace("sink.redis"))["counters"]
+    }
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_refired_and_replayed_panes_leave_exact_final_rankings(stack, prefix, client):
+    # Small batches, so batches are flushed from process() as well as at the end of bundles.
+    config = RedisSinkConfig(url=stack.redis_url, keys=RedisKeys(prefix), top_refresh_seconds=0, batch_size=2)
+    keys = config.keys
+    minute = current_minute()
+    current, previous = minute, minute - timedelta(minutes=1)
+    eight_ago = minute - timedelta(minutes=8)  # ranked even if the minute turns during the test
+    eleven_ago = minute - timedelta(minutes=11)  # not ranked, but not expired either
+    a, b, c = ((str(uuid.uuid4()), f"Redis IT {name} {prefix}") for name in "ABC")
+    missing = (str(uuid.uuid4()), None)
+    no_content = (None, None)
+
+    early = [
+        pane(a, current, "10.500", 2),
+        pane(a, previous, "5.250", 1),
+        pane(b, current, "12.000", 3),
+        pane(c, eight_ago, "3.333", 1),
+        pane(c, eleven_ago, "1000.000", 9),  # would make C first if the horizon were wrong
+        pane(missing, current, "100000.000", 50, content_missing=True),
+        pane(no_content, current, "99999.000", 40, content_missing=True),
+    ]
+    refired = [
+        pane(a, current, "20.125", 4, pane_index=1),
+        pane(a, current, "20.125", 4, pane_index=1),  # the same pane delivered twice
+        pane(b, current, "15.500", 5, pane_index=1),
+        pane(missing, current, "200000.000", 60, pane_index=1, content_missing=True),
+    ]
+    expected = [
+        TopEntry(1, a[0], a[1], a[1].lower().replace(" ", "-"), "podcast", Decimal("25.375"), 5),
+        TopEntry(2, b[0], b[1], b[1].lower().replace(" ", "-"), "podcast", Decimal("15.500"), 5),
+        TopEntry(3, c[0], c[1], c[1].lower().replace(" ", "-"), "podcast", Decimal("3.333"), 1),
+    ]
+
+    counters = run_sink(early, config)
+    assert counters["written"] == 5
+    assert counters["skipped_unranked"] == 2
+    assert [(e.content_id, e.engagement_seconds, e.event_count) for e in read_top_content(client, prefix)] == [
+        (a[0], Decimal("15.750"), 3),
+        (b[0], Decimal("12.000"), 3),
+        (c[0], Decimal("3.333"), 1),
+    ]
+
+    # The re-fired panes overwrite, then a replay of every pane in order lands on the same values.
+    # (An early pane replayed alone would briefly lower the value, as the pipeline's own panes would.)
+    for replay in ([refired], [early, refired], [refired]):
+        for rows in replay:
+            run_sink(rows, config)
+        assert read_top_content(client, prefix) == expected
+        materialized = client.zrevrange(keys.top(10), 0, 9, withscores=True)
+        assert [member for member, _ in materialized] == [a[0], b[0], c[0]]
+        assert [score for _, score in materialized] == pytest.approx([25.375, 15.5, 3.333])
+        assert dict(client.zrange(keys.top_events(10), 0, -1, withscores=True)) == {a[0]: 5, b[0]: 5, c[0]: 1}
+    # The command as redis-cli users would type it reads the same buckets.
+    assert client.zrange(keys.bucket(int(current.timestamp())), 0, -1, withscores=True) == [
+        (b[0], 15.5),
+        (a[0], 20.125),
+    ]
+    assert client.zscore(keys.bucket_events(int(current.timestamp())), a[0]) == 4
+    assert client.hgetall(keys.content(a[0])) == {
+        "title": a[1],
+        "slug": a[1].lower().replace(" ", "-"),
+        "content_type": "podcast",
+    }
+    assert client.hgetall(keys.meta()) == {"window_seconds": "60", "horizon_minutes": "10"}
+
+    # Missing content is in no key at all.
+    written = set(client.scan_iter(match=f"{prefix}:*", count=1000))
+    assert not any(missing[0] in key for key in written)
+    for key in written:
+        if client.type(key) == "zset":
+            assert missing[0] not in client.zrange(key, 0, -1)
+
+    # Buckets expire at a fixed time after their window starts; the ranking shortly after its refresh.
+    for start in (current, previous, eight_ago, eleven_ago):
+        epoch = int(start.timestamp())
+        assert client.expiretime(keys.bucket(epoch)) == epoch + BUCKET_TTL
+        assert client.expiretime(keys.bucket_events(epoch)) == epoch + BUCKET_TTL
+    assert 0 < client.ttl(keys.content(a[0])) <= BUCKET_TTL
+    assert client.expiretime(keys.content(a[0])) >= int(current.timestamp()) + BUCKET_TTL
+    assert 0 < client.ttl(keys.top(10)) <= config.top_ttl_seconds
+    assert 0 < client.ttl(keys.top_events(10)) <= config.top_ttl_seconds
+
+    out = io.StringIO()
+    assert redis_top_cli.main(["--redis-url", stack.redis_url, "--prefix", prefix], out=out) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[2].split()[:3] == ["1", "25.375", "5"]
+    assert a[1][:30] in lines[2]
+    assert lines[4].split()[:3] == ["3", "3.333", "1"]
+    assert len(lines) == 5
+
+
+def test_unreachable_redis_sends_every_ranked_aggregate_to_the_dead_letters(prefix):
+    config = RedisSinkConfig(
+        url=f"redis://127.0.0.1:{closed_port()}/0", keys=RedisKeys(prefix), write_attempts=3, batch_size=2
+    )
+    minute = current_minute()
+    rows = [pane((str(uuid.uuid4()), f"Unreachable {index}"), minute, f"{index}.500", index) for index in range(1, 4)]
+    rows.append(pane((None, None), minute, "1.000", 1, content_missing=True))
+    expected_payloads = sorted(row.model_dump_json() for row in rows[:3])
+
+    def check(letters):
+        assert sorted(letter.payload_text for letter in letters) == expected_payloads
+        for letter in letters:
+            assert letter.stage.value == "redis"
+            assert letter.source.kind == "aggregate"
+            assert WindowAggregate.model_validate(json.loads(letter.payload_text)) in rows
+        # The first batch retries; the next ones, right after, try once (Redis is known to be down).
+        attempts = sorted(letter.reason.split(":")[0] for letter in letters)
+        assert set(attempts) == {"redis unreachable after 1 attempt(s)", "redis unreachable after 3 attempt(s)"}
+        assert all("ConnectionError" in letter.reason for letter in letters)
+
+    started = time.monotonic()
+    counters = run_sink(rows, config, check)
+    assert counters["dead_lettered"] == 3
+    assert counters["skipped_unranked"] == 1
+    assert counters.get("written", 0) == 0
+    # Two retries for the first batch only, with short backoffs: an outage does not stall the pipeline.
+    assert counters["retried"] == 2
+    assert time.monotonic() - started < 60
+
+
+def test_a_rejected_write_is_dead_lettered_without_retrying(stack, prefix, client):
+    config = RedisSinkConfig(url=stack.redis_url, keys=RedisKeys(prefix))
+    minute = current_minute()
+    client.set(config.keys.bucket(int(minute.timestamp())), "not a sorted set")
+    row = pane((str(uuid.uuid4()), "Wrong type"), minute, "2.000", 1)
+
+    def check(letters):
+        assert [letter.payload_text for letter in letters] == [row.model_dump_json()]
+        assert letters[0].reason.startswith("redis rejected the write: ResponseError:")
+        assert "WRONGTYPE" in letters[0].reason
+
+    counters = run_sink([row], config, check)
+    assert counters["dead_lettered"] == 1
+    assert counters.get("retried", 0) == 0

@@ -1,0 +1,640 @@
+"""Redis sink: "top content in the last 10 minutes" (SPEC §5), written from accumulating window aggregates.
+
+Each fired pane carries its window's whole value so far, so the sink *overwrites* one entry per
+(window, content) in a per-window bucket and never increments: a re-fired pane, a retried write or a
+replay leaves the same value. Rankings are unions of the most recent buckets, computed by the reader
+(``read_top_content``, exact, in decimal) and materialized for ``redis-cli`` (``<prefix>:top:10m``).
+The keys, their types and TTLs are documented in docs/redis.md.
+
+Rows of unknown content (``content_missing``) are excluded from rankings (SPEC §3) and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import apache_beam as beam
+import redis
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms.window import BoundedWindow, GlobalWindows
+from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from transforms.model import DeadLetter, SourceCoordinates, Stage, WindowAggregate
+
+DEAD_LETTER_TAG = "dead_letter"
+METRICS_NAMESPACE = "sink.redis"
+DEFAULT_PREFIX = "engagement"
+
+_MILLIS = Decimal("0.001")
+_RETRY_BASE_SECONDS = 0.1
+_RETRY_CAP_SECONDS = 2.0
+_DEGRADED_SECONDS = 5.0
+# Redis errors worth another attempt: the server is unreachable, restarting or loading its dataset
+# (BusyLoadingError is a ConnectionError). Anything else (WRONGTYPE, OOM, ...) will fail again.
+_TRANSIENT_ERRORS: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
+
+# A window aggregate has no Kafka or PostgreSQL position of its own.
+AGGREGATE_SOURCE = SourceCoordinates(kind="aggregate")
+
+_log = logging.getLogger(__name__)
+
+
+# --- Keys, buckets and ranking: pure rules, tested without Redis ------------------------------------
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    """Every key the sink writes, under one configurable prefix (so deployments and tests can share a Redis).
+
+    For Redis Cluster, use a hash tag as the prefix (``{engagement}``): the ranking unions several bucket
+    keys in one command, which requires them to live in one slot.
+    """
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not self.prefix or any(character.isspace() for character in self.prefix):
+            raise ValueError(f"Redis key prefix must be non-empty and without whitespace, got {self.prefix!r}")
+
+    def bucket(self, window_start: int) -> str:
+        """ZSET content_id -> engagement_seconds_sum of the window starting at ``window_start`` (epoch s)."""
+        return f"{self.prefix}:bucket:{window_start}"
+
+    def bucket_events(self, window_start: int) -> str:
+        """ZSET content_id -> event_count of the same window."""
+        return f"{self.prefix}:bucket:{window_start}:events"
+
+    def content(self, content_id: str) -> str:
+        """HASH title, slug, content_type of one content item."""
+        return f"{self.prefix}:content:{content_id}"
+
+    def top(self, horizon_minutes: int) -> str:
+        """ZSET content_id -> engagement seconds over the horizon, materialized for redis-cli."""
+        return f"{self.prefix}:top:{horizon_minutes}m"
+
+    def top_events(self, horizon_minutes: int) -> str:
+        """ZSET content_id -> event count over the horizon, materialized with ``top``."""
+        return f"{self.prefix}:top:{horizon_minutes}m:events"
+
+    def meta(self) -> str:
+        """HASH window_seconds, horizon_minutes: how a reader should cut buckets without being told."""
+        return f"{self.prefix}:meta"
+
+
+@dataclass(frozen=True)
+class RankingSettings:
+    """Which buckets make up "the last ``horizon_minutes`` minutes".
+
+    Buckets are the pipeline's fixed windows (aligned to the epoch, as Beam's ``FixedWindows`` are). The
+    ranking covers the ``horizon_minutes * 60 / window_seconds`` most recent windows up to now, the
+    current, still-filling one included: with the default 60-second windows, the ten most recent
+    one-minute buckets. The window length must divide the horizon, so the ranking never counts part
+    of a window.
+    """
+
+    window_seconds: int = 60
+    horizon_minutes: int = 10
+
+    def __post_init__(self) -> None:
+        if self.window_seconds <= 0:
+            raise ValueError("window_seconds must be positive")
+        if self.horizon_minutes <= 0:
+            raise ValueError("the ranking horizon must be positive")
+        if self.horizon_seconds % self.window_seconds != 0:
+            raise ValueError(
+                f"window_seconds ({self.window_seconds}) must divide the ranking horizon "
+                f"({self.horizon_minutes} min = {self.horizon_seconds} s) so it is made of whole windows"
+            )
+
+    @property
+    def horizon_seconds(self) -> int:
+        return self.horizon_minutes * 60
+
+    @property
+    def bucket_count(self) -> int:
+        return self.horizon_seconds // self.window_seconds
+
+    def current_bucket(self, now: float) -> int:
+        return int(now // self.window_seconds) * self.window_seconds
+
+    def bucket_starts(self, now: float) -> list[int]:
+        """Window starts (epoch seconds) of the ranked buckets, newest first."""
+        current = self.current_bucket(now)
+        return [current - index * self.window_seconds for index in range(self.bucket_count)]
+
+
+def bucket_start(aggregate: WindowAggregate) -> int:
+    """The epoch second a bucket is named by: its window's start."""
+    return int(aggregate.window_start.timestamp())
+
+
+def window_length(aggregate: WindowAggregate) -> float:
+    return (aggregate.window_end - aggregate.window_start).total_seconds()
+
+
+def is_ranked(aggregate: WindowAggregate) -> bool:
+    """SPEC §3: rows of missing or unknown content never count towards per-content rankings."""
+    return not aggregate.content_missing and aggregate.content_id is not None
+
+
+def bucket_expires_at(window_start: int, bucket_ttl_seconds: int) -> int:
+    """Buckets expire relative to their window, not to the write.
+
+    A replay or a backfill therefore sets the same expiry as the first write, and a pane for a window long
+    gone cannot resurrect its bucket.
+    """
+    return window_start + bucket_ttl_seconds
+
+
+def content_expires_at(window_starts: Iterable[int], now: float, bucket_ttl_seconds: int) -> int:
+    """Content metadata outlives every bucket that names it (a window may start after now, on a skewed clock)."""
+    return max(int(now), *window_starts) + bucket_ttl_seconds
+
+
+def to_score(engagement_seconds: Decimal) -> float:
+    """A bucket score: seconds as a double, exact for 3 decimals well beyond any realistic total."""
+    return float(engagement_seconds)
+
+
+def from_score(score: float | str | bytes) -> Decimal:
+    """The exact 3-decimal seconds a bucket score was written from."""
+    if isinstance(score, bytes):
+        score = score.decode()
+    return Decimal(repr(score) if isinstance(score, float) else score).quantize(_MILLIS)
+
+
+def latest_panes(aggregates: Iterable[WindowAggregate]) -> dict[tuple[int, str], WindowAggregate]:
+    """The newest pane per (bucket, content): the one whose value a sequence of overwrites would leave.
+
+    Panes of one window fire in order with increasing ``pane_index``; keeping the highest does not depend
+    on the order elements happen to have inside a bundle.
+    """
+    latest: dict[tuple[int, str], WindowAggregate] = {}
+    for aggregate in aggregates:
+        key = (bucket_start(aggregate), str(aggregate.content_id))
+        current = latest.get(key)
+        if current is None or (aggregate.pane_index, aggregate.emitted_at) >= (
+            current.pane_index,
+            current.emitted_at,
+        ):
+            latest[key] = aggregate
+    return latest
+
+
+def rank(totals: Mapping[str, Decimal], n: int) -> list[tuple[str, Decimal]]:
+    """The ``n`` highest totals, ties broken like ``ZREVRANGE`` (member, descending) so both views agree."""
+    return sorted(totals.items(), key=lambda item: (item[1], item[0]), reverse=True)[:n]
+
+
+def retry_delay(attempt: int, jitter: float) -> float:
+    """Exponential backoff before attempt ``attempt + 1``; ``jitter`` in [0, 1) spreads workers apart."""
+    ceiling = min(_RETRY_CAP_SECONDS, _RETRY_BASE_SECONDS * 2 ** (attempt - 1))
+    return ceiling * (0.5 + jitter / 2)
+
+
+# --- Configuration -----------------------------------------------------------------------------------
+
+
+class RedisSinkOptions(PipelineOptions):
+    """Options of the Redis "top content" sink."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:  # noqa: ANN001 - Beam's argparse wrapper
+        parser.add_argument(
+            "--redis_url",
+            default="redis://127.0.0.1:56379/0",
+            help=(
+                "Redis to write the top-content buckets to, as a redis:// or rediss:// URL (a password in the "
+                "URL is never logged). The default is the local stack's Redis."
+            ),
+        )
+        parser.add_argument(
+            "--redis_key_prefix",
+            default=DEFAULT_PREFIX,
+            help=(
+                "Prefix of every key the sink writes (<prefix>:bucket:..., <prefix>:top:10m, ...), so several "
+                "deployments or test runs can share one Redis. Use a hash tag such as {engagement} on Redis "
+                "Cluster."
+            ),
+        )
+        parser.add_argument(
+            "--redis_ranking_horizon_minutes",
+            type=int,
+            default=10,
+            help=(
+                "Length of the ranking, in minutes: the top is computed over this many minutes of the most "
+                "recent windows up to now. Must be a whole number of windows."
+            ),
+        )
+        parser.add_argument(
+            "--redis_bucket_ttl_seconds",
+            type=int,
+            default=900,
+            help=(
+                "How long after its window starts a bucket (and the content metadata it names) is kept, in "
+                "seconds. At least the ranking horizon; the default leaves 5 minutes beyond it for readers "
+                "and clock skew. Panes for windows older than this are not written (and are counted)."
+            ),
+        )
+        parser.add_argument(
+            "--redis_top_ttl_seconds",
+            type=int,
+            default=60,
+            help=(
+                "TTL of the materialized ranking keys (<prefix>:top:<N>m and :events), in seconds: a stopped "
+                "pipeline's ranking disappears instead of going silently stale."
+            ),
+        )
+        parser.add_argument(
+            "--redis_top_refresh_seconds",
+            type=float,
+            default=1.0,
+            help=(
+                "Least time between two recomputations of the materialized ranking by one worker, in seconds "
+                "(0 recomputes after every write). Buckets are written at once either way."
+            ),
+        )
+        parser.add_argument(
+            "--redis_batch_size",
+            type=int,
+            default=500,
+            help="Most window aggregates sent in one Redis pipeline; a bundle's remainder is sent when it ends.",
+        )
+        parser.add_argument(
+            "--redis_write_attempts",
+            type=int,
+            default=4,
+            help=(
+                "Attempts per batch when Redis is unreachable or times out, with exponential backoff and "
+                "jitter between them; after the last, the batch's aggregates go to the dead letters."
+            ),
+        )
+
+
+@dataclass(frozen=True, repr=False)
+class RedisSinkConfig:
+    """The sink's validated settings; built from ``RedisSinkOptions`` and the pipeline's window length."""
+
+    url: str
+    keys: RedisKeys = field(default_factory=RedisKeys)
+    ranking: RankingSettings = field(default_factory=RankingSettings)
+    bucket_ttl_seconds: int = 900
+    top_ttl_seconds: int = 60
+    top_refresh_seconds: float = 1.0
+    batch_size: int = 500
+    write_attempts: int = 4
+    connect_timeout_seconds: float = 2.0
+    socket_timeout_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.bucket_ttl_seconds < self.ranking.horizon_seconds:
+            raise ValueError(
+                f"redis_bucket_ttl_seconds ({self.bucket_ttl_seconds}) must be at least the ranking horizon "
+                f"({self.ranking.horizon_seconds} s), or buckets would expire while still ranked"
+            )
+        if self.top_ttl_seconds <= 0:
+            raise ValueError("redis_top_ttl_seconds must be positive")
+        if self.top_refresh_seconds < 0:
+            raise ValueError("redis_top_refresh_seconds must not be negative")
+        if self.batch_size <= 0:
+            raise ValueError("redis_batch_size must be positive")
+        if self.write_attempts <= 0:
+            raise ValueError("redis_write_attempts must be positive")
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions, window_seconds: int) -> RedisSinkConfig:
+        sink = options.view_as(RedisSinkOptions)
+        return cls(
+            url=sink.redis_url,
+            keys=RedisKeys(sink.redis_key_prefix),
+            ranking=RankingSettings(window_seconds=window_seconds, horizon_minutes=sink.redis_ranking_horizon_minutes),
+            bucket_ttl_seconds=sink.redis_bucket_ttl_seconds,
+            top_ttl_seconds=sink.redis_top_ttl_seconds,
+            top_refresh_seconds=sink.redis_top_refresh_seconds,
+            batch_size=sink.redis_batch_size,
+            write_attempts=sink.redis_write_attempts,
+        )
+
+    def __repr__(self) -> str:
+        # The URL may carry a password; keep it out of logs and pipeline graphs.
+        return f"RedisSinkConfig(keys={self.keys}, ranking={self.ranking}, url=<redacted>)"
+
+
+def connect(url: str, connect_timeout_seconds: float = 2.0, socket_timeout_seconds: float = 5.0) -> redis.Redis:
+    """A pooled client without redis-py's own retries: the sink retries whole batches itself, visibly."""
+    pool = redis.ConnectionPool.from_url(
+        url,
+        socket_connect_timeout=connect_timeout_seconds,
+        socket_timeout=socket_timeout_seconds,
+        health_check_interval=30,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return redis.Redis(connection_pool=pool)
+
+
+# --- Writing -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """An aggregate waiting in the batch, with what is needed to re-emit it as a dead letter."""
+
+    aggregate: WindowAggregate
+    timestamp: Timestamp
+    window: BoundedWindow
+
+
+def dead_letter(aggregate: WindowAggregate, reason: str) -> DeadLetter:
+    """The payload is the aggregate as JSON, so a replay can re-validate it with ``WindowAggregate``."""
+    return DeadLetter.of(Stage.REDIS, reason, aggregate.model_dump_json().encode(), AGGREGATE_SOURCE)
+
+
+def queue_writes(
+    pipe: redis.client.Pipeline,
+    config: RedisSinkConfig,
+    panes: Mapping[tuple[int, str], WindowAggregate],
+    now: float,
+    refresh_top: bool,
+) -> None:
+    """Queues one batch's overwrites (and, if due, the ranking's recomputation) on a pipeline."""
+    keys = config.keys
+    by_bucket: dict[int, list[WindowAggregate]] = {}
+    content_rows: dict[str, list[WindowAggregate]] = {}
+    for (start, content_id), aggregate in panes.items():
+        by_bucket.setdefault(start, []).append(aggregate)
+        content_rows.setdefault(content_id, []).append(aggregate)
+
+    for start, aggregates in sorted(by_bucket.items()):
+        expires_at = bucket_expires_at(start, config.bucket_ttl_seconds)
+        # Plain ZADD replaces a member's score: a pane overwrites the previous one. (ZADD GT would also be
+        # idempotent, but would stop a backfill from lowering a bucket it rewrites, SPEC §7.)
+        pipe.zadd(keys.bucket(start), {str(a.content_id): to_score(a.engagement_seconds_sum) for a in aggregates})
+        pipe.zadd(keys.bucket_events(start), {str(a.content_id): a.event_count for a in aggregates})
+        pipe.expireat(keys.bucket(start), expires_at)
+        pipe.expireat(keys.bucket_events(start), expires_at)
+
+    for content_id, aggregates in content_rows.items():
+        newest = max(aggregates, key=lambda a: (a.emitted_at, a.window_start))
+        key = keys.content(content_id)
+        pipe.hset(
+            key,
+            mapping={
+                "title": newest.title or "",
+                "slug": newest.slug or "",
+                "content_type": newest.content_type or "",
+            },
+        )
+        pipe.expireat(key, content_expires_at((bucket_start(a) for a in aggregates), now, config.bucket_ttl_seconds))
+
+    ranking = config.ranking
+    pipe.hset(
+        keys.meta(),
+        mapping={"window_seconds": ranking.window_seconds, "horizon_minutes": ranking.horizon_minutes},
+    )
+    if refresh_top:
+        starts = ranking.bucket_starts(now)
+        top, top_events = keys.top(ranking.horizon_minutes), keys.top_events(ranking.horizon_minutes)
+        # ZUNIONSTORE replaces the destination (and deletes it when every bucket is empty): no stale members.
+        pipe.zunionstore(top, [keys.bucket(start) for start in starts])
+        pipe.zunionstore(top_events, [keys.bucket_events(start) for start in starts])
+        pipe.expire(top, config.top_ttl_seconds)
+        pipe.expire(top_events, config.top_ttl_seconds)
+
+
+class WriteTopContentFn(beam.DoFn):
+    """Writes ranked window aggregates to Redis buckets in pipelined batches; failures become dead letters.
+
+    One pipeline per ``batch_size`` aggregates and one at the end of each bundle: no per-element round
+    trip. Writes are overwrites, so a batch that failed half-way is simply sent again.
+    """
+
+    def __init__(self, config: RedisSinkConfig, clock: Callable[[], float] = time.time) -> None:
+        self._config = config
+        self._clock = clock
+        self._client: redis.Redis | None = None
+        self._batch: list[_Pending] = []
+        self._next_top_refresh = 0.0
+        self._degraded_until = 0.0
+        self._written = Metrics.counter(METRICS_NAMESPACE, "written")
+        self._retried = Metrics.counter(METRICS_NAMESPACE, "retried")
+        self._dead_lettered = Metrics.counter(METRICS_NAMESPACE, "dead_lettered")
+        self._skipped_unranked = Metrics.counter(METRICS_NAMESPACE, "skipped_unranked")
+        self._skipped_expired = Metrics.counter(METRICS_NAMESPACE, "skipped_expired")
+        self._batches = Metrics.counter(METRICS_NAMESPACE, "batches")
+        self._top_refreshes = Metrics.counter(METRICS_NAMESPACE, "top_refreshes")
+
+    def setup(self) -> None:
+        config = self._config
+        self._client = connect(config.url, config.connect_timeout_seconds, config.socket_timeout_seconds)
+
+    def start_bundle(self) -> None:
+        self._batch = []
+
+    def process(
+        self,
+        aggregate: WindowAggregate,
+        timestamp: Timestamp = beam.DoFn.TimestampParam,
+        window: BoundedWindow = beam.DoFn.WindowParam,
+    ) -> Iterator[Any]:
+        if not is_ranked(aggregate):
+            self._skipped_unranked.inc()
+            return
+        config = self._config
+        if window_length(aggregate) != config.ranking.window_seconds:
+            # The ranking would mix windows of different lengths: a configuration error, not data to drop.
+            self._dead_lettered.inc()
+            yield beam.pvalue.TaggedOutput(
+                DEAD_LETTER_TAG,
+                dead_letter(
+                    aggregate,
+                    f"window of {window_length(aggregate):g} s, but the Redis sink ranks "
+                    f"{config.ranking.window_seconds}-second windows",
+                ),
+            )
+            return
+        if bucket_expires_at(bucket_start(aggregate), config.bucket_ttl_seconds) <= self._clock():
+            # Its bucket has already expired (and left the ranking): writing would only recreate it.
+            self._skipped_expired.inc()
+            return
+        self._batch.append(_Pending(aggregate, timestamp, window))
+        if len(self._batch) >= config.batch_size:
+            yield from self._flush()
+
+    def finish_bundle(self) -> Iterator[Any]:
+        yield from self._flush()
+
+    def teardown(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client.connection_pool.disconnect()
+            self._client = None
+
+    def _flush(self) -> Iterator[beam.pvalue.TaggedOutput]:
+        if not self._batch:
+            return
+        batch, self._batch = self._batch, []
+        now = self._clock()
+        refresh_top = now >= self._next_top_refresh
+        panes = latest_panes(pending.aggregate for pending in batch)
+        # Right after a batch exhausted its retries, Redis is most likely still down: one attempt per batch
+        # until it answers again, so an outage costs a bundle one connection attempt, not a whole backoff.
+        attempts = 1 if now < self._degraded_until else self._config.write_attempts
+        try:
+            self._execute(lambda pipe: queue_writes(pipe, self._config, panes, now, refresh_top), attempts)
+        except redis.RedisError as exc:
+            reason = self._failure_reason(exc, attempts)
+            _log.warning("Redis sink: %d aggregates dead-lettered: %s", len(batch), reason)
+            self._dead_lettered.inc(len(batch))
+            for pending in batch:
+                yield beam.pvalue.TaggedOutput(
+                    DEAD_LETTER_TAG,
+                    WindowedValue(dead_letter(pending.aggregate, reason), pending.timestamp, (pending.window,)),
+                )
+            return
+        self._batches.inc()
+        self._written.inc(len(batch))
+        if refresh_top:
+            self._top_refreshes.inc()
+            self._next_top_refresh = now + self._config.top_refresh_seconds
+
+    def _execute(self, queue: Callable[[redis.client.Pipeline], None], attempts: int) -> None:
+        assert self._client is not None, "setup() opens the client"
+        for attempt in range(1, attempts + 1):
+            # A pipeline is reset after execute(), even a failed one, so each attempt queues anew.
+            pipe = self._client.pipeline(transaction=False)
+            queue(pipe)
+            try:
+                pipe.execute()
+                self._degraded_until = 0.0
+                return
+            except _TRANSIENT_ERRORS:
+                if attempt == attempts:
+                    self._degraded_until = self._clock() + _DEGRADED_SECONDS
+                    raise
+                self._retried.inc()
+                time.sleep(retry_delay(attempt, random.random()))
+
+    def _failure_reason(self, exc: redis.RedisError, attempts: int) -> str:
+        if isinstance(exc, _TRANSIENT_ERRORS):
+            return f"redis unreachable after {attempts} attempt(s): {type(exc).__name__}: {exc}"
+        return f"redis rejected the write: {type(exc).__name__}: {exc}"
+
+
+class WriteTopContentToRedis(beam.PTransform):
+    """WindowAggregate -> Redis top-content buckets; returns the dead letters of what could not be written.
+
+    The dead letters are re-windowed into the global window with the default trigger, like the other
+    stages' dead letters, so the pipelines can flatten them into one dead-letter sink.
+    """
+
+    def __init__(self, config: RedisSinkConfig) -> None:
+        super().__init__()
+        self._config = config
+
+    def expand(self, aggregates: beam.PCollection[WindowAggregate]) -> beam.PCollection[DeadLetter]:
+        outputs = aggregates | "OverwriteBuckets" >> beam.ParDo(WriteTopContentFn(self._config)).with_outputs(
+            DEAD_LETTER_TAG, main="written"
+        )
+        return outputs[DEAD_LETTER_TAG] | "DeadLettersToGlobalWindow" >> beam.WindowInto(GlobalWindows())
+
+
+# --- Reading -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TopEntry:
+    """One line of the ranking."""
+
+    rank: int
+    content_id: str
+    title: str | None
+    slug: str | None
+    content_type: str | None
+    engagement_seconds: Decimal
+    event_count: int
+
+
+def _text(value: str | bytes | None) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _metadata(fields: Mapping[Any, Any], name: str) -> str | None:
+    value = _text(fields.get(name, fields.get(name.encode())))
+    return value or None
+
+
+def read_top_content(
+    client: redis.Redis,
+    prefix: str = DEFAULT_PREFIX,
+    now: float | None = None,
+    n: int = 10,
+    ranking: RankingSettings | None = None,
+) -> list[TopEntry]:
+    """The current top ``n``, computed live from the buckets (not from the materialized key).
+
+    Totals are summed in decimal, so they are exact to the millisecond; two round trips whatever ``n``.
+    Works with clients with or without ``decode_responses``.
+    """
+    keys = RedisKeys(prefix)
+    ranking = ranking or RankingSettings()
+    starts = ranking.bucket_starts(time.time() if now is None else now)
+
+    pipe = client.pipeline(transaction=False)
+    for start in starts:
+        pipe.zrange(keys.bucket(start), 0, -1, withscores=True)
+    totals: dict[str, Decimal] = {}
+    for members in pipe.execute():
+        for member, score in members:
+            content_id = _text(member)
+            assert content_id is not None
+            totals[content_id] = totals.get(content_id, Decimal("0.000")) + from_score(score)
+    top = rank(totals, n)
+    if not top:
+        return []
+
+    ids = [content_id for content_id, _ in top]
+    pipe = client.pipeline(transaction=False)
+    for start in starts:
+        pipe.zmscore(keys.bucket_events(start), ids)
+    for content_id in ids:
+        pipe.hgetall(keys.content(content_id))
+    replies = pipe.execute()
+    counts = dict.fromkeys(ids, 0)
+    for scores in replies[: len(starts)]:
+        for content_id, count in zip(ids, scores, strict=True):
+            counts[content_id] += int(count or 0)
+    metadata = replies[len(starts) :]
+
+    return [
+        TopEntry(
+            rank=position,
+            content_id=content_id,
+            title=_metadata(fields, "title"),
+            slug=_metadata(fields, "slug"),
+            content_type=_metadata(fields, "content_type"),
+            engagement_seconds=seconds,
+            event_count=counts[content_id],
+        )
+        for position, ((content_id, seconds), fields) in enumerate(zip(top, metadata, strict=True), start=1)
+    ]
+
+
+def read_ranking_settings(client: redis.Redis, prefix: str = DEFAULT_PREFIX) -> RankingSettings | None:
+    """The window length and horizon the sink last wrote with, or None if it has not written yet."""
+    fields = client.hgetall(RedisKeys(prefix).meta())
+    window_seconds, horizon_minutes = _metadata(fields, "window_seconds"), _metadata(fields, "horizon_minutes")
+    if window_seconds is None or horizon_minutes is None:
+        return None
+    return RankingSettings(window_seconds=int(window_seconds), horizon_minutes=int(horizon_minutes))
