@@ -1,0 +1,480 @@
+"""The HTTP API sink's rules, without a network: wire format, batch keys, retry classification and timing."""
+
+import hashlib
+import json
+import pickle
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from email.utils import format_datetime
+from uuid import UUID
+
+import apache_beam as beam
+import pytest
+import requests
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from transforms.model import EngagementEvent, EnrichedEvent
+from transforms.sinks.http_api import (
+    KEY_PREFIX,
+    Attempt,
+    Batch,
+    DeliveryInterruptedError,
+    HttpSinkSettings,
+    RetryPolicy,
+    Secret,
+    Verdict,
+    WriteToHttpApi,
+    classify_exception,
+    classify_status,
+    deliver,
+    display_url,
+    encode_event,
+    event_document,
+    idempotency_key,
+    parse_retry_after,
+    redact,
+    resolve_token,
+    shard_of,
+)
+
+CONTENT_ID = UUID("11111111-1111-4111-8111-111111111111")
+USER_ID = UUID("00000000-0000-4000-8000-000000000001")
+TOKEN = "s3cr3t-token-value"
+
+
+def enriched(event_id: int = 7, **overrides) -> EnrichedEvent:
+    fields = {
+        "event": EngagementEvent(
+            id=event_id,
+            content_id=CONTENT_ID,
+            user_id=USER_ID,
+            event_type="play",
+            # 11:00:30.25 at +01:00 is 10:00:30.25 UTC.
+            event_ts=datetime(2026, 11, 22, 11, 0, 30, 250000, tzinfo=timezone(timedelta(hours=1))),
+            duration_ms=1500,
+            device="web-safari",
+            raw_payload='{"a":1}',
+        ),
+        "engagement_seconds": Decimal("1.500"),
+        "engagement_pct": Decimal("0.13"),
+        "content_type": "podcast",
+        "length_seconds": 12,
+        "title": "Déjà vu",
+        "slug": "deja-vu",
+        "content_missing": False,
+        **overrides,
+    }
+    return EnrichedEvent(**fields)
+
+
+# --- wire format ---
+
+
+def test_event_document_schema_v1():
+    assert event_document(enriched()) == {
+        "id": 7,
+        "content_id": str(CONTENT_ID),
+        "user_id": str(USER_ID),
+        "event_type": "play",
+        "event_ts": "2026-11-22T10:00:30.250000Z",
+        "duration_ms": 1500,
+        "device": "web-safari",
+        "raw_payload": '{"a":1}',
+        "engagement_seconds": "1.500",
+        "engagement_pct": "0.13",
+        "content_type": "podcast",
+        "length_seconds": 12,
+        "title": "Déjà vu",
+        "slug": "deja-vu",
+        "content_missing": False,
+    }
+
+
+def test_event_document_keeps_every_null():
+    event = EngagementEvent(id=8, event_ts=datetime(2026, 11, 22, 10, 0, tzinfo=UTC))
+    document = event_document(
+        EnrichedEvent(
+            event=event,
+            engagement_seconds=None,
+            engagement_pct=None,
+            content_type=None,
+            length_seconds=None,
+            title=None,
+            slug=None,
+            content_missing=True,
+        )
+    )
+    assert document["event_ts"] == "2026-11-22T10:00:00.000000Z"
+    assert document["content_missing"] is True
+    assert [name for name, value in document.items() if value is None] == [
+        "content_id",
+        "user_id",
+        "event_type",
+        "duration_ms",
+        "device",
+        "raw_payload",
+        "engagement_seconds",
+        "engagement_pct",
+        "content_type",
+        "length_seconds",
+        "title",
+        "slug",
+    ]
+
+
+def test_decimals_are_fixed_point_strings_never_exponents():
+    document = event_document(enriched(engagement_seconds=Decimal("0E-3"), engagement_pct=Decimal("1E+1")))
+    assert (document["engagement_seconds"], document["engagement_pct"]) == ("0.000", "10")
+
+
+def test_encoded_event_is_compact_utf8_json_and_deterministic():
+    encoded = encode_event(enriched())
+    assert encoded == encode_event(enriched())
+    assert json.loads(encoded) == event_document(enriched())
+    assert b" " not in encoded.replace("Déjà vu".encode(), b"")
+    assert "Déjà".encode() in encoded  # UTF-8, not \u escapes
+
+
+# --- batches and keys ---
+
+
+def test_shard_is_stable_and_in_range():
+    shards = [shard_of(event_id, 8) for event_id in range(10_000)]
+    assert set(shards) == set(range(8))
+    assert max(shards.count(s) for s in range(8)) < 1.2 * 10_000 / 8  # spread evenly
+    assert shard_of(123456789, 8) == shard_of(123456789, 8) == 6  # crc32 of "123456789": the same on every worker
+
+
+def test_idempotency_key_depends_only_on_the_set_of_ids():
+    expected = KEY_PREFIX + hashlib.sha256(b"2,10,33").hexdigest()
+    assert idempotency_key([33, 2, 10]) == idempotency_key([10, 33, 2]) == expected
+    assert idempotency_key([2, 10]) != expected
+    assert idempotency_key([2, 10, 34]) != expected
+    # Numeric, not lexicographic, order: 10 sorts after 2.
+    assert idempotency_key([10, 2]) == KEY_PREFIX + hashlib.sha256(b"2,10").hexdigest()
+
+
+def test_batch_is_canonical_whatever_the_order_it_was_grouped_in():
+    events = [(3, b'{"id":3}'), (1, b'{"id":1}'), (2, b'{"id":2}')]
+    first, regrouped = Batch.of(events), Batch.of(reversed(events))
+
+    assert first == regrouped
+    assert first.body() == regrouped.body() == b'{"events":[{"id":1},{"id":2},{"id":3}]}'
+    assert first.key == regrouped.key == idempotency_key([1, 2, 3])
+    assert json.loads(first.body()) == {"events": [{"id": 1}, {"id": 2}, {"id": 3}]}
+
+
+def test_batch_sends_a_repeated_id_once():
+    batch = Batch.of([(5, b'{"id":5,"v":"b"}'), (4, b'{"id":4}'), (5, b'{"id":5,"v":"a"}')])
+    assert batch.event_ids == [4, 5]
+    assert batch.body() == b'{"events":[{"id":4},{"id":5,"v":"a"}]}'
+
+
+# --- retry classification ---
+
+
+@pytest.mark.parametrize(
+    ("status", "verdict"),
+    [
+        (200, Verdict.DELIVERED),
+        (201, Verdict.DELIVERED),
+        (204, Verdict.DELIVERED),
+        (408, Verdict.RETRY),
+        (429, Verdict.RETRY),
+        (500, Verdict.RETRY),
+        (502, Verdict.RETRY),
+        (503, Verdict.RETRY),
+        (504, Verdict.RETRY),
+        (599, Verdict.RETRY),
+        (301, Verdict.REJECTED),
+        (307, Verdict.REJECTED),
+        (400, Verdict.REJECTED),
+        (401, Verdict.REJECTED),
+        (403, Verdict.REJECTED),
+        (404, Verdict.REJECTED),
+        (409, Verdict.REJECTED),
+        (413, Verdict.REJECTED),
+        (422, Verdict.REJECTED),
+    ],
+)
+def test_status_classification(status, verdict):
+    assert classify_status(status) is verdict
+
+
+@pytest.mark.parametrize(
+    ("error", "verdict"),
+    [
+        (requests.ConnectionError("refused"), Verdict.RETRY),
+        (requests.ConnectTimeout("slow connect"), Verdict.RETRY),
+        (requests.ReadTimeout("slow response"), Verdict.RETRY),
+        (requests.exceptions.ChunkedEncodingError("cut off"), Verdict.RETRY),
+        (requests.exceptions.InvalidURL("bad"), Verdict.REJECTED),
+        (requests.exceptions.InvalidHeader("bad"), Verdict.REJECTED),
+    ],
+)
+def test_exception_classification(error, verdict):
+    assert classify_exception(error) is verdict
+
+
+NOW = datetime(2026, 11, 22, 10, 0, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        (None, None),
+        ("2", 2.0),
+        (" 120 ", 120.0),
+        ("0", 0.0),
+        (format_datetime(NOW + timedelta(seconds=30), usegmt=True), 30.0),
+        ("Sun, 22 Nov 2026 10:00:45 GMT", 45.0),
+        ("Sun, 22 Nov 2026 09:59:00 GMT", 0.0),  # in the past: retry now
+        ("-1", None),
+        ("1.5", None),
+        ("soon", None),
+        ("", None),
+    ],
+)
+def test_retry_after_parsing(header, seconds):
+    assert parse_retry_after(header, NOW) == seconds
+
+
+def test_backoff_ceiling_doubles_up_to_the_cap():
+    policy = RetryPolicy(initial_backoff_seconds=0.5, max_backoff_seconds=30)
+    assert [policy.backoff_ceiling(n) for n in range(1, 9)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
+    assert policy.backoff_ceiling(10_000) == 30  # no overflow on absurd attempt counts
+
+
+def test_delay_is_full_jitter_with_retry_after_as_a_capped_floor():
+    policy = RetryPolicy(initial_backoff_seconds=1, max_backoff_seconds=8, retry_after_cap_seconds=60)
+    assert policy.delay(3, None, lambda: 0.0) == 0.0
+    assert policy.delay(3, None, lambda: 0.5) == 2.0
+    assert policy.delay(3, None, lambda: 0.999) == pytest.approx(3.996)
+    assert policy.delay(1, 5.0, lambda: 0.5) == 5.0  # Retry-After wins over a shorter backoff
+    assert policy.delay(5, 2.0, lambda: 1.0) == 8.0  # and never shortens a longer one
+    assert policy.delay(1, 3600.0, lambda: 0.0) == 60.0  # capped
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_attempts": 0},
+        {"initial_backoff_seconds": 0},
+        {"max_retry_seconds": -1},
+        {"initial_backoff_seconds": 5, "max_backoff_seconds": 1},
+    ],
+)
+def test_retry_policy_rejects_nonsense(kwargs):
+    with pytest.raises(ValueError, match="must"):
+        RetryPolicy(**kwargs)
+
+
+# --- the retry loop, with scripted responses and a fake clock ---
+
+
+class Script:
+    """Plays back attempts and records the waits, advancing a fake clock instead of sleeping."""
+
+    def __init__(self, *attempts: Attempt, send_seconds: float = 0.0) -> None:
+        self.attempts = list(attempts)
+        self.sent = 0
+        self.waits: list[float] = []
+        self.now = 0.0
+        self.send_seconds = send_seconds
+
+    def send(self) -> Attempt:
+        self.sent += 1
+        self.now += self.send_seconds
+        return self.attempts.pop(0)
+
+    def sleep(self, seconds: float) -> bool:
+        self.waits.append(seconds)
+        self.now += seconds
+        return True
+
+    def clock(self) -> float:
+        return self.now
+
+    def run(self, policy: RetryPolicy = RetryPolicy(), uniform: float = 0.5):
+        return deliver(self.send, policy, self.sleep, self.clock, lambda: uniform)
+
+
+OK = Attempt(Verdict.DELIVERED, status=200)
+UNAVAILABLE = Attempt(Verdict.RETRY, status=503, detail='{"error": "outage"}')
+REFUSED = Attempt(Verdict.RETRY, detail="ConnectionError: refused")
+
+
+def test_delivered_at_once():
+    script = Script(OK)
+    delivery = script.run()
+    assert (delivery.delivered, delivery.attempts, delivery.retries, script.waits) == (True, 1, 0, [])
+
+
+def test_transient_failures_are_retried_with_growing_waits():
+    script = Script(UNAVAILABLE, REFUSED, UNAVAILABLE, OK)
+    delivery = script.run(RetryPolicy(initial_backoff_seconds=1, max_backoff_seconds=100))
+    assert (delivery.delivered, delivery.retries) == (True, 3)
+    assert script.waits == [0.5, 1.0, 2.0]  # half of each ceiling, with uniform() = 0.5
+
+
+def test_replay_is_reported():
+    delivery = Script(UNAVAILABLE, Attempt(Verdict.DELIVERED, status=200, replayed=True)).run()
+    assert (delivery.delivered, delivery.replayed) == (True, True)
+
+
+def test_rejection_is_final_and_not_retried():
+    script = Script(Attempt(Verdict.REJECTED, status=400, detail='{"error": "bad body"}'), OK)
+    delivery = script.run()
+    assert (delivery.delivered, delivery.attempts, script.waits) == (False, 1, [])
+    assert delivery.reason == 'rejected: HTTP 400: {"error": "bad body"}'
+
+
+def test_gives_up_after_max_attempts():
+    script = Script(*[UNAVAILABLE] * 3, OK)
+    delivery = script.run(RetryPolicy(max_attempts=3))
+    assert (delivery.delivered, delivery.attempts, script.sent) == (False, 3, 3)
+    assert delivery.reason.startswith("gave up after 3 attempts")
+    assert delivery.reason.endswith('last: HTTP 503: {"error": "outage"}')
+
+
+def test_gives_up_before_a_wait_that_would_pass_the_retry_budget():
+    # Each attempt takes 4 s (a timeout); waits are 0.5, 1, 2, 4 ... with uniform() = 0.5.
+    script = Script(*[REFUSED] * 10, send_seconds=4.0)
+    delivery = script.run(RetryPolicy(max_retry_seconds=20, initial_backoff_seconds=1, max_backoff_seconds=100))
+    # t=4 wait .5, t=8.5 wait 1, t=13.5 wait 2, t=19.5: a wait of 4 would end at 23.5 > 20.
+    assert (delivery.delivered, delivery.attempts, script.waits) == (False, 4, [0.5, 1.0, 2.0])
+    assert "retry budget" in delivery.reason
+    assert script.now <= 20
+
+
+def test_retry_after_is_honoured():
+    limited = Attempt(Verdict.RETRY, status=429, retry_after=7.0, detail="slow down")
+    script = Script(limited, OK)
+    delivery = script.run(RetryPolicy(initial_backoff_seconds=0.1, max_backoff_seconds=1))
+    assert delivery.delivered
+    assert script.waits == [7.0]
+
+
+def test_retry_after_beyond_the_budget_dead_letters_at_once():
+    limited = Attempt(Verdict.RETRY, status=429, retry_after=100.0, detail="slow down")
+    script = Script(limited, OK)
+    delivery = script.run(RetryPolicy(max_retry_seconds=60, retry_after_cap_seconds=300))
+    assert (delivery.delivered, script.sent, script.waits) == (False, 1, [])
+
+
+def test_interrupted_wait_fails_instead_of_dead_lettering():
+    with pytest.raises(DeliveryInterruptedError):
+        deliver(lambda: UNAVAILABLE, RetryPolicy(), lambda _seconds: False)
+
+
+# --- the token ---
+
+
+def test_secret_never_shows_itself():
+    secret = Secret(TOKEN)
+    assert TOKEN not in repr(secret)
+    assert TOKEN not in str(secret)
+    assert TOKEN not in f"{secret} {secret!r} {[secret]} { ({'token': secret}) }"
+    assert pickle.loads(pickle.dumps(secret)).reveal() == TOKEN  # noqa: S301 - survives shipping to workers
+
+
+def test_token_from_environment_variable(monkeypatch):
+    monkeypatch.setenv("HTTP_SINK_TEST_TOKEN", f" {TOKEN}\n")
+    assert resolve_token("HTTP_SINK_TEST_TOKEN", None).reveal() == TOKEN
+
+
+def test_token_from_file(tmp_path):
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    assert resolve_token(None, str(path)).reveal() == TOKEN
+
+
+def test_token_errors_name_the_source_not_the_value(monkeypatch, tmp_path):
+    monkeypatch.delenv("HTTP_SINK_TEST_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="HTTP_SINK_TEST_TOKEN"):
+        resolve_token("HTTP_SINK_TEST_TOKEN", None)
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        resolve_token(None, str(empty))
+    with pytest.raises(ValueError, match="exactly one"):
+        resolve_token("A", "b")
+
+
+def test_redaction_and_display_url():
+    assert redact(f"echo: Authorization: Bearer {TOKEN}", Secret(TOKEN)) == "echo: Authorization: Bearer ***"
+    assert display_url("https://user:pw@api.example.com:8443/v1/events?api_key=k") == (
+        "https://api.example.com:8443/v1/events"
+    )
+
+
+# --- options ---
+
+
+def test_options_build_settings(monkeypatch):
+    monkeypatch.setenv("MY_TOKEN_VAR", TOKEN)
+    options = PipelineOptions(
+        [
+            "--http_api_url=https://api.example.com/v1/events",
+            "--http_api_token_env=MY_TOKEN_VAR",
+            "--http_api_batch_size=100",
+            "--http_api_max_wait_seconds=0.5",
+            "--http_api_shards=2",
+            "--http_api_max_in_flight=3",
+            "--http_api_max_attempts=5",
+            "--http_api_max_retry_seconds=60",
+        ]
+    )
+    settings = HttpSinkSettings.from_options(options)
+    assert settings is not None
+    assert (settings.batch_size, settings.max_wait_seconds, settings.shards, settings.max_in_flight) == (100, 0.5, 2, 3)
+    assert (settings.retry.max_attempts, settings.retry.max_retry_seconds) == (5, 60)
+    assert settings.token.reveal() == TOKEN
+    assert TOKEN not in repr(settings)
+
+
+def test_token_file_option_wins_over_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("HTTP_API_TOKEN", raising=False)
+    path = tmp_path / "token"
+    path.write_text(TOKEN)
+    options = PipelineOptions(["--http_api_url=http://127.0.0.1:1/v1/events", f"--http_api_token_file={path}"])
+    settings = HttpSinkSettings.from_options(options)
+    assert settings is not None
+    assert settings.token.reveal() == TOKEN
+
+
+def test_disabled_sink_needs_nothing_else():
+    assert HttpSinkSettings.from_options(PipelineOptions(["--http_api_sink=disabled"])) is None
+
+
+def test_enabled_sink_needs_an_url():
+    with pytest.raises(ValueError, match="--http_api_url"):
+        HttpSinkSettings.from_options(PipelineOptions([]))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"endpoint": "ftp://api.example.com/"},
+        {"endpoint": "not a url"},
+        {"batch_size": 0},
+        {"shards": 0},
+        {"max_in_flight": 0},
+        {"max_wait_seconds": 0},
+        {"read_timeout_seconds": 0},
+    ],
+)
+def test_settings_reject_nonsense(overrides):
+    with pytest.raises(ValueError, match="must"):
+        HttpSinkSettings(**{"endpoint": "https://api.example.com/v1/events", "token": Secret(TOKEN), **overrides})
+
+
+@pytest.mark.parametrize(("checkpoint", "expected"), [(True, True), (False, False)])
+def test_the_checkpoint_sits_between_batching_and_posting(checkpoint, expected):
+    settings = HttpSinkSettings("https://api.example.com/v1/events", Secret(TOKEN), checkpoint_batches=checkpoint)
+    pipeline = beam.Pipeline()
+    _ = pipeline | beam.Create([enriched()]) | "Sink" >> WriteToHttpApi(settings)
+    labels = [t.full_label for t in pipeline.transforms_stack[0].parts[-1].parts]
+    assert labels[:3] == ["Sink/GlobalWindow", "Sink/EncodeAndShard", "Sink/GroupIntoBatches"]
+    assert labels[-1] == "Sink/PostBatches"
+    assert ("Sink/PersistBatches" in labels) is expected

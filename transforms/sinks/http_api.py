@@ -1,0 +1,672 @@
+"""The external HTTP API sink (SPEC §6): enriched events as JSON batches with an idempotency key.
+
+    enriched events
+      | GlobalWindow        batching is a processing-time concern; event-time windows would split batches
+      | EncodeAndShard      (shard, (event id, event JSON bytes)); shard = crc32(id) % shards
+      | GroupIntoBatches    stateful: at most batch_size events, flushed after max_wait_seconds at the latest
+      | PersistBatches      ReshufflePerKey: a checkpoint, so a retried POST bundle sees the same batches
+                            (skipped with checkpoint_batches=False, for Python's DirectRunner)
+      | PostBatches         POST {"events": [...]} with Idempotency-Key = hash of the batch's sorted ids
+      -> dead letters, one per event that could not be delivered
+
+The body and the key depend only on the batch's events, never on time or attempt, so every retry of a batch
+(by this DoFn, or by the runner re-running the bundle) carries the same key and the same body, and the API
+stores it once. docs/http-sink.md explains what is and is not guaranteed, and how an outage stays in this
+branch instead of stalling the rest of the pipeline.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import json
+import logging
+import os
+import random
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import apache_beam as beam
+import requests
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms.util import GroupIntoBatches, ReshufflePerKey
+from apache_beam.transforms.window import GlobalWindow, GlobalWindows
+from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
+from requests.adapters import HTTPAdapter
+
+from transforms.model import DeadLetter, EnrichedEvent, SourceCoordinates, Stage
+
+log = logging.getLogger(__name__)
+
+METRICS_NAMESPACE = "sink.http"
+KEY_PREFIX = "engagement-events-v1-"
+"""Versions the key derivation and the event schema together: changing either must change every key."""
+
+REASON_EXCERPT_CHARS = 200
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+
+
+# --- the bearer token ------------------------------------------------------------------------------------
+
+
+class Secret:
+    """A string that does not show itself: repr(), str() and f-strings print a placeholder."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> tuple[type[Secret], tuple[str]]:
+        return (Secret, (self._value,))
+
+
+def resolve_token(env_var: str | None, file_path: str | None) -> Secret:
+    """Reads the token from exactly one source. Errors name the source, never the value."""
+    if bool(env_var) == bool(file_path):
+        raise ValueError("give exactly one of --http_api_token_env and --http_api_token_file")
+    if env_var:
+        value = os.environ.get(env_var, "").strip()
+        if not value:
+            raise ValueError(f"environment variable {env_var} (the HTTP API token) is not set or empty")
+    else:
+        value = Path(file_path or "").read_text(encoding="utf-8").strip()
+        if not value:
+            raise ValueError(f"the HTTP API token file {file_path} is empty")
+    return Secret(value)
+
+
+def redact(text: str, secret: Secret) -> str:
+    """``text`` without the secret: a defence against servers or libraries that echo request headers."""
+    value = secret.reveal()
+    return text.replace(value, "***") if value else text
+
+
+def display_url(url: str) -> str:
+    """The endpoint without user info or query string, which may carry credentials, for logs and reasons."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+# --- the wire format ------------------------------------------------------------------------------------
+
+
+def _decimal(value: Decimal | None) -> str | None:
+    # Fixed-point text, never an exponent ("0.000", not "0E-3"), so consumers parse it exactly.
+    return format(value, "f") if value is not None else None
+
+
+def _timestamp(value: datetime) -> str:
+    # Always six fractional digits and "Z", so equal instants are equal strings.
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def event_document(enriched: EnrichedEvent) -> dict[str, Any]:
+    """One event as the API receives it (schema v1, docs/http-sink.md).
+
+    Nothing here depends on processing time, so a re-sent event is byte-identical to its first send.
+    """
+    event = enriched.event
+    return {
+        "id": event.id,
+        "content_id": str(event.content_id) if event.content_id is not None else None,
+        "user_id": str(event.user_id) if event.user_id is not None else None,
+        "event_type": event.event_type,
+        "event_ts": _timestamp(event.event_ts),
+        "duration_ms": event.duration_ms,
+        "device": event.device,
+        "raw_payload": event.raw_payload,
+        "engagement_seconds": _decimal(enriched.engagement_seconds),
+        "engagement_pct": _decimal(enriched.engagement_pct),
+        "content_type": enriched.content_type,
+        "length_seconds": enriched.length_seconds,
+        "title": enriched.title,
+        "slug": enriched.slug,
+        "content_missing": enriched.content_missing,
+    }
+
+
+def encode_event(enriched: EnrichedEvent) -> bytes:
+    text = json.dumps(event_document(enriched), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return text.encode("utf-8")
+
+
+def shard_of(event_id: int, shards: int) -> int:
+    # crc32 rather than hash(): the same id must land in the same shard on every worker and every run.
+    return zlib.crc32(str(event_id).encode("ascii")) % shards
+
+
+def idempotency_key(event_ids: Iterable[int]) -> str:
+    """A key derived from the batch's ids alone: any retry or regrouping into the same set gets the same key."""
+    digest = hashlib.sha256(",".join(str(i) for i in sorted(event_ids)).encode("ascii")).hexdigest()
+    return KEY_PREFIX + digest
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch in its canonical form: events ordered by id, each id once."""
+
+    events: tuple[tuple[int, bytes], ...]
+
+    @classmethod
+    def of(cls, encoded: Iterable[tuple[int, bytes]]) -> Batch:
+        # State (bag) order is not guaranteed to survive a regrouping; sorting makes the body depend only on
+        # which events are in the batch. A repeated id (possible only beyond the de-duplication horizon)
+        # is sent once.
+        unique: dict[int, bytes] = {}
+        for event_id, payload in sorted(encoded):
+            unique.setdefault(event_id, payload)
+        return cls(tuple(unique.items()))
+
+    @property
+    def event_ids(self) -> list[int]:
+        return [event_id for event_id, _ in self.events]
+
+    @property
+    def key(self) -> str:
+        return idempotency_key(self.event_ids)
+
+    def body(self) -> bytes:
+        return b'{"events":[' + b",".join(payload for _, payload in self.events) + b"]}"
+
+
+# --- retry rules ----------------------------------------------------------------------------------------
+
+
+class Verdict(StrEnum):
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    REJECTED = "rejected"
+
+
+def classify_status(status: int) -> Verdict:
+    """SPEC §6: 408, 429 and 5xx are worth retrying; any other non-2xx will fail the same way again."""
+    if 200 <= status < 300:
+        return Verdict.DELIVERED
+    if status in (408, 429) or 500 <= status < 600:
+        return Verdict.RETRY
+    # 3xx included: redirects are not followed (a POST body and its token must not wander to another URL).
+    return Verdict.REJECTED
+
+
+def classify_exception(error: BaseException) -> Verdict:
+    """Transport failures are retried; a request that cannot be built (bad URL, bad header) never succeeds."""
+    if isinstance(error, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)):
+        return Verdict.RETRY
+    return Verdict.REJECTED
+
+
+def parse_retry_after(value: str | None, now: datetime) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date), or None if absent or invalid."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; parsedate_to_datetime leaves "-0000" naive
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 30
+    max_retry_seconds: float = 300.0
+    initial_backoff_seconds: float = 0.5
+    max_backoff_seconds: float = 30.0
+    retry_after_cap_seconds: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if self.max_retry_seconds < 0 or self.initial_backoff_seconds <= 0 or self.retry_after_cap_seconds < 0:
+            raise ValueError("retry durations must be positive")
+        if self.max_backoff_seconds < self.initial_backoff_seconds:
+            raise ValueError("max_backoff_seconds must be at least initial_backoff_seconds")
+
+    def backoff_ceiling(self, retry: int) -> float:
+        """The longest wait before retry number ``retry`` (1-based): exponential, capped."""
+        return min(self.max_backoff_seconds, self.initial_backoff_seconds * 2 ** min(retry - 1, 62))
+
+    def delay(self, retry: int, retry_after: float | None, uniform: Callable[[], float]) -> float:
+        """Full jitter (uniform in [0, ceiling]) spreads shards that failed together; a server's Retry-After
+        (capped, so a bogus value cannot park a batch for hours) is a floor, never shortened."""
+        jittered = uniform() * self.backoff_ceiling(retry)
+        if retry_after is None:
+            return jittered
+        return max(min(retry_after, self.retry_after_cap_seconds), jittered)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The result of one POST, reduced to what the retry loop and the dead letters need."""
+
+    verdict: Verdict
+    status: int | None = None
+    retry_after: float | None = None
+    replayed: bool = False
+    detail: str = ""
+
+    def describe(self) -> str:
+        return f"HTTP {self.status}: {self.detail}" if self.status is not None else self.detail
+
+
+@dataclass(frozen=True)
+class Delivery:
+    delivered: bool
+    attempts: int
+    replayed: bool = False
+    reason: str = ""
+
+    @property
+    def retries(self) -> int:
+        return self.attempts - 1
+
+
+class DeliveryInterruptedError(Exception):
+    """The DoFn is being torn down while a batch waits to be retried; the runner will retry the bundle."""
+
+
+def deliver(
+    send: Callable[[], Attempt],
+    policy: RetryPolicy,
+    sleep: Callable[[float], bool],
+    clock: Callable[[], float] = time.monotonic,
+    uniform: Callable[[], float] = random.random,
+) -> Delivery:
+    """Sends one batch until it is delivered, rejected, or out of attempts or time.
+
+    ``sleep`` returns False when waiting was interrupted. A wait that would end after the retry budget is
+    not started: the batch is dead-lettered at once instead of sleeping towards a certain give-up.
+    """
+    started = clock()
+    attempt_number = 0
+    while True:
+        attempt_number += 1
+        attempt = send()
+        if attempt.verdict is Verdict.DELIVERED:
+            return Delivery(True, attempt_number, replayed=attempt.replayed)
+        if attempt.verdict is Verdict.REJECTED:
+            return Delivery(False, attempt_number, reason=f"rejected: {attempt.describe()}")
+        elapsed = clock() - started
+        if attempt_number >= policy.max_attempts:
+            return Delivery(
+                False,
+                attempt_number,
+                reason=f"gave up after {attempt_number} attempts in {elapsed:.1f}s; last: {attempt.describe()}",
+            )
+        wait = policy.delay(attempt_number, attempt.retry_after, uniform)
+        if elapsed + wait > policy.max_retry_seconds:
+            return Delivery(
+                False,
+                attempt_number,
+                reason=(
+                    f"gave up after {attempt_number} attempts in {elapsed:.1f}s (next wait {wait:.1f}s would pass "
+                    f"the {policy.max_retry_seconds:g}s retry budget); last: {attempt.describe()}"
+                ),
+            )
+        if not sleep(wait):
+            raise DeliveryInterruptedError("shutting down while retrying a batch")
+
+
+# --- settings and options -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HttpSinkSettings:
+    endpoint: str
+    token: Secret
+    batch_size: int = 500
+    max_wait_seconds: float = 1.0
+    shards: int = 8
+    max_in_flight: int = 4
+    connect_timeout_seconds: float = 5.0
+    read_timeout_seconds: float = 30.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # False only for Python's DirectRunner (see docs/http-sink.md): it completes a GroupByKey before
+    # GroupIntoBatches' end-of-window flush, and fails the pipeline when that flush arrives.
+    checkpoint_batches: bool = True
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"the HTTP API endpoint must be an http(s) URL, got {display_url(self.endpoint)!r}")
+        if min(self.batch_size, self.shards, self.max_in_flight) < 1:
+            raise ValueError("batch_size, shards and max_in_flight must be at least 1")
+        # Zero would mean "no time limit" to GroupIntoBatches: a quiet shard would hold its events forever.
+        if self.max_wait_seconds <= 0:
+            raise ValueError("max_wait_seconds must be positive")
+        if self.connect_timeout_seconds <= 0 or self.read_timeout_seconds <= 0:
+            raise ValueError("timeouts must be positive")
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions) -> HttpSinkSettings | None:
+        """The settings, or None when the sink is disabled."""
+        opts = options.view_as(HttpSinkOptions)
+        if opts.http_api_sink == "disabled":
+            return None
+        if not opts.http_api_url:
+            raise ValueError("--http_api_url is required unless --http_api_sink=disabled")
+        return cls(
+            endpoint=opts.http_api_url,
+            token=(
+                resolve_token(None, opts.http_api_token_file)
+                if opts.http_api_token_file
+                else resolve_token(opts.http_api_token_env, None)
+            ),
+            batch_size=opts.http_api_batch_size,
+            max_wait_seconds=opts.http_api_max_wait_seconds,
+            shards=opts.http_api_shards,
+            max_in_flight=opts.http_api_max_in_flight,
+            connect_timeout_seconds=opts.http_api_connect_timeout_seconds,
+            read_timeout_seconds=opts.http_api_read_timeout_seconds,
+            retry=RetryPolicy(
+                max_attempts=opts.http_api_max_attempts,
+                max_retry_seconds=opts.http_api_max_retry_seconds,
+                initial_backoff_seconds=opts.http_api_initial_backoff_seconds,
+                max_backoff_seconds=opts.http_api_max_backoff_seconds,
+                retry_after_cap_seconds=opts.http_api_retry_after_cap_seconds,
+            ),
+            checkpoint_batches=opts.http_api_checkpoint_batches == "true",
+        )
+
+
+class HttpSinkOptions(PipelineOptions):
+    """Options of the external HTTP API sink (docs/http-sink.md)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:  # noqa: ANN001 - Beam's argparse wrapper
+        parser.add_argument(
+            "--http_api_sink",
+            default="enabled",
+            choices=["enabled", "disabled"],
+            help="Whether to send enriched events to the external HTTP API ('disabled' skips the sink).",
+        )
+        parser.add_argument(
+            "--http_api_url",
+            default=None,
+            help="Full URL the event batches are POSTed to, e.g. https://api.example.com/v1/events.",
+        )
+        parser.add_argument(
+            "--http_api_token_env",
+            default="HTTP_API_TOKEN",
+            help=(
+                "Name of the environment variable holding the bearer token, read where the pipeline is "
+                "launched. The token itself is never an option, so it never shows in job parameters."
+            ),
+        )
+        parser.add_argument(
+            "--http_api_token_file",
+            default=None,
+            help="Path of a file holding the bearer token; when given, used instead of --http_api_token_env.",
+        )
+        parser.add_argument(
+            "--http_api_batch_size",
+            type=int,
+            default=500,
+            help="Largest number of events in one POST.",
+        )
+        parser.add_argument(
+            "--http_api_max_wait_seconds",
+            type=float,
+            default=1.0,
+            help="Longest time an incomplete batch waits for more events before it is sent, in seconds.",
+        )
+        parser.add_argument(
+            "--http_api_shards",
+            type=int,
+            default=8,
+            help=(
+                "Number of batching keys: events are spread over them by event id. Bounds how many batches "
+                "are formed and retried in parallel (and so how many worker threads an outage can hold)."
+            ),
+        )
+        parser.add_argument(
+            "--http_api_max_in_flight",
+            type=int,
+            default=4,
+            help="Most concurrent POSTs (and pooled connections) per DoFn instance.",
+        )
+        parser.add_argument(
+            "--http_api_connect_timeout_seconds",
+            type=float,
+            default=5.0,
+            help="Timeout for opening a connection to the API, in seconds.",
+        )
+        parser.add_argument(
+            "--http_api_read_timeout_seconds",
+            type=float,
+            default=30.0,
+            help="Timeout for the API's response once the request is sent, in seconds.",
+        )
+        parser.add_argument(
+            "--http_api_max_attempts",
+            type=int,
+            default=30,
+            help="Most POST attempts per batch (the first one included) before its events are dead-lettered.",
+        )
+        parser.add_argument(
+            "--http_api_max_retry_seconds",
+            type=float,
+            default=300.0,
+            help=(
+                "Longest time one batch is retried before its events are dead-lettered, in seconds. Longer "
+                "rides out longer outages; shorter frees the sink sooner and dead-letters sooner."
+            ),
+        )
+        parser.add_argument(
+            "--http_api_initial_backoff_seconds",
+            type=float,
+            default=0.5,
+            help="Ceiling of the first retry's random wait, doubled for each further retry, in seconds.",
+        )
+        parser.add_argument(
+            "--http_api_max_backoff_seconds",
+            type=float,
+            default=30.0,
+            help="Largest ceiling of the random wait between retries, in seconds.",
+        )
+        parser.add_argument(
+            "--http_api_retry_after_cap_seconds",
+            type=float,
+            default=120.0,
+            help="Longest Retry-After (from a 429 or 503) that is honoured as is; longer values are capped.",
+        )
+        parser.add_argument(
+            "--http_api_checkpoint_batches",
+            default="true",
+            choices=["true", "false"],
+            help=(
+                "Persist batches between forming and sending them, so a retried send reuses them exactly. "
+                "'false' only on Python's DirectRunner, which cannot run that checkpoint (docs/http-sink.md)."
+            ),
+        )
+
+
+# --- the transform --------------------------------------------------------------------------------------
+
+
+def _excerpt(raw: bytes, token: Secret) -> str:
+    text = " ".join(raw[: REASON_EXCERPT_CHARS * 4].decode("utf-8", errors="replace").split())
+    return redact(text, token)[:REASON_EXCERPT_CHARS]
+
+
+class PostBatchesFn(beam.DoFn):
+    """POSTs batches, several at once, and turns the events of undeliverable batches into dead letters.
+
+    Counters are updated on the bundle's thread only: Beam's metrics container is thread-local, so
+    increments from the pool threads would be lost.
+    """
+
+    def __init__(self, settings: HttpSinkSettings) -> None:
+        self._settings = settings
+        self._batches_sent = Metrics.counter(METRICS_NAMESPACE, "batches_sent")
+        self._events_sent = Metrics.counter(METRICS_NAMESPACE, "events_sent")
+        self._written = Metrics.counter(METRICS_NAMESPACE, "written")  # events_sent under the name all sinks share
+        self._retried = Metrics.counter(METRICS_NAMESPACE, "retried")
+        self._replayed = Metrics.counter(METRICS_NAMESPACE, "replayed")
+        self._dead_lettered = Metrics.counter(METRICS_NAMESPACE, "dead_lettered")
+        self._batch_seconds = Metrics.distribution(METRICS_NAMESPACE, "batch_delivery_ms")
+
+    def setup(self) -> None:
+        settings = self._settings
+        self._session = requests.Session()
+        # No urllib3 retries: every retry goes through deliver(), which knows about Retry-After and budgets.
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=settings.max_in_flight, max_retries=0)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        self._session.headers.update(
+            {"Authorization": f"Bearer {settings.token.reveal()}", "Content-Type": "application/json"}
+        )
+        self._pool = ThreadPoolExecutor(max_workers=settings.max_in_flight, thread_name_prefix="http-sink")
+        self._stopping = threading.Event()
+        self._endpoint = display_url(settings.endpoint)
+
+    def start_bundle(self) -> None:
+        self._pending: deque[tuple[Batch, Timestamp, float, Future[Delivery]]] = deque()
+
+    def process(
+        self, keyed_batch: tuple[int, Iterable[tuple[int, bytes]]], timestamp: Timestamp = beam.DoFn.TimestampParam
+    ) -> Iterator[DeadLetter]:
+        batch = Batch.of(keyed_batch[1])
+        if not batch.events:
+            return
+        # Bounded concurrency: before starting another batch, wait for the oldest one in flight.
+        while len(self._pending) >= self._settings.max_in_flight:
+            yield from self._complete(*self._pending.popleft())
+        self._pending.append((batch, timestamp, time.monotonic(), self._pool.submit(self._deliver, batch)))
+
+    def finish_bundle(self) -> list[WindowedValue]:
+        # The bundle only ends once every batch is delivered or dead-lettered, so a runner that commits it
+        # never loses a batch that was still in flight. A list, not a generator: the work (and its metrics)
+        # must happen while the runner is in finish_bundle, not whenever it iterates the outputs.
+        outputs = []
+        while self._pending:
+            batch, timestamp, started, future = self._pending.popleft()
+            outputs.extend(
+                WindowedValue(dead_letter, timestamp, (GlobalWindow(),))
+                for dead_letter in self._complete(batch, timestamp, started, future)
+            )
+        return outputs
+
+    def teardown(self) -> None:
+        if hasattr(self, "_pool"):
+            self._stopping.set()  # wakes batches sleeping between retries; they fail, and so does the bundle
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._session.close()
+
+    def _complete(
+        self, batch: Batch, timestamp: Timestamp, started: float, future: Future[Delivery]
+    ) -> Iterator[DeadLetter]:
+        delivery = future.result()  # an unexpected exception fails the bundle, and the runner retries it
+        self._retried.inc(delivery.retries)
+        self._batch_seconds.update(int((time.monotonic() - started) * 1000))
+        if delivery.delivered:
+            self._batches_sent.inc()
+            self._events_sent.inc(len(batch.events))
+            self._written.inc(len(batch.events))
+            if delivery.replayed:
+                self._replayed.inc()
+            return
+        self._dead_lettered.inc(len(batch.events))
+        log.warning(
+            "HTTP API sink: %d events of batch %s dead-lettered: %s", len(batch.events), batch.key, delivery.reason
+        )
+        reason = f"HTTP API {self._endpoint} {delivery.reason} (Idempotency-Key {batch.key})"
+        for event_id, payload in batch.events:
+            # The enriched event no longer carries its Kafka coordinates; its row in the source of truth is
+            # what identifies it, so an operator can re-send it from there.
+            source = SourceCoordinates(kind="postgres", table="engagement_events", row_id=event_id)
+            yield DeadLetter.of(Stage.HTTP, reason, payload, source, event_id=event_id)
+
+    def _deliver(self, batch: Batch) -> Delivery:
+        key, body = batch.key, batch.body()
+        return deliver(lambda: self._send(key, body), self._settings.retry, self._sleep)
+
+    def _sleep(self, seconds: float) -> bool:
+        return not self._stopping.wait(seconds)
+
+    def _send(self, key: str, body: bytes) -> Attempt:
+        settings = self._settings
+        try:
+            response = self._session.post(
+                settings.endpoint,
+                data=body,
+                headers={"Idempotency-Key": key},
+                timeout=(settings.connect_timeout_seconds, settings.read_timeout_seconds),
+                allow_redirects=False,
+            )
+        except requests.RequestException as error:
+            # Exception texts carry the URL but never headers; redacted anyway, in case a server echoes them.
+            detail = redact(f"{type(error).__name__}: {error}", settings.token)[:REASON_EXCERPT_CHARS]
+            return Attempt(classify_exception(error), detail=detail)
+        with response:
+            status = response.status_code
+            verdict = classify_status(status)
+            if verdict is Verdict.DELIVERED:
+                replayed = response.headers.get("Idempotent-Replayed", "").lower() == "true"
+                return Attempt(verdict, status=status, replayed=replayed)
+            retry_after = None
+            if status in RETRY_AFTER_STATUSES:
+                retry_after = parse_retry_after(response.headers.get("Retry-After"), datetime.now(UTC))
+            return Attempt(
+                verdict, status=status, retry_after=retry_after, detail=_excerpt(response.content, settings.token)
+            )
+
+
+def _encode_and_shard(enriched: EnrichedEvent, shards: int) -> tuple[int, tuple[int, bytes]]:
+    event_id = enriched.event.id
+    return shard_of(event_id, shards), (event_id, encode_event(enriched))
+
+
+class WriteToHttpApi(beam.PTransform):
+    """EnrichedEvent -> the external HTTP API, in idempotent batches; returns the undelivered as dead letters."""
+
+    def __init__(self, settings: HttpSinkSettings) -> None:
+        super().__init__()
+        self._settings = settings
+
+    def expand(self, events: beam.PCollection[EnrichedEvent]) -> beam.PCollection[DeadLetter]:
+        settings = self._settings
+        batches = (
+            events
+            # Batches are cut by count and processing time; an event-time window would only split them.
+            | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
+            # Encoded before batching: the state and the checkpoint hold exactly the bytes that are sent.
+            | "EncodeAndShard"
+            >> beam.Map(_encode_and_shard, settings.shards).with_output_types(tuple[int, tuple[int, bytes]])
+            | "GroupIntoBatches" >> GroupIntoBatches(settings.batch_size, settings.max_wait_seconds)
+        )
+        if settings.checkpoint_batches:
+            # A checkpoint between forming and sending batches: a retried PostBatches bundle reads the
+            # batches the runner persisted instead of regrouping. Still keyed by shard, so a streaming runner
+            # runs at most `shards` sending bundles at a time, however long an outage lasts.
+            batches = batches | "PersistBatches" >> ReshufflePerKey()
+        return batches | "PostBatches" >> beam.ParDo(PostBatchesFn(settings)).with_output_types(DeadLetter)
