@@ -1,0 +1,545 @@
+"""Exactly-once writes through the BigQuery Storage Write API from Python, for the local stack and tests.
+
+Beam's own Storage Write sink is a Java cross-language transform: it needs a Java SDK harness and opens TLS
+gRPC channels with Google credentials, so it cannot reach the emulator (see docs/bigquery.md). This module
+writes the same rows through ``BigQueryWriteClient`` instead.
+
+How a row reaches the table exactly once:
+
+1. Rows are encoded to protobuf before the shuffle and keyed by shard (one COMMITTED write stream each).
+2. ``GroupIntoBatches`` makes batches; the runner commits them, so a retried bundle sees the same batches.
+3. A stateful DoFn per shard keeps ``(stream, next offset)`` in state and appends each batch at that offset.
+   A retry of a batch whose append already landed gets ALREADY_EXISTS and is counted as written; the
+   state is advanced only with the bundle's commit, so the offset sequence never skips or repeats.
+4. A shard's stream is created in one bundle and first appended to from a timer, i.e. only after the
+   state naming it is committed: a bundle that dies right after creating a stream cannot make its retry
+   write the same rows into a second stream.
+5. Rows the table rejects (``row_errors``) become dead letters; the rest of the batch is re-sent at the
+   same offset (a rejected request writes nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+import zlib
+from base64 import b64encode
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from enum import Enum
+from typing import Any
+
+import apache_beam as beam
+import grpc
+from apache_beam.coders import BytesCoder, IterableCoder, StrUtf8Coder, TupleCoder, VarIntCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Timestamp
+from google.api_core import exceptions as api_exceptions
+from google.cloud.bigquery_storage_v1 import BigQueryWriteClient, types
+from google.cloud.bigquery_storage_v1.services.big_query_write.transports import BigQueryWriteGrpcTransport
+from google.protobuf import descriptor_pb2, descriptor_pool, message, message_factory
+from google.rpc import code_pb2
+
+LOG = logging.getLogger(__name__)
+
+METRICS_NAMESPACE = "sink.bigquery"
+
+# AppendRows accepts up to 10 MB per request; gRPC's default 4 MB cap would refuse big batches first.
+_MAX_MESSAGE_BYTES = 20 * 1024 * 1024
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+_FieldType = descriptor_pb2.FieldDescriptorProto.Type
+# How the Storage Write API expects each BigQuery type in a proto row.
+_PROTO_TYPES: dict[str, int] = {
+    "INT64": _FieldType.TYPE_INT64,
+    "STRING": _FieldType.TYPE_STRING,
+    "NUMERIC": _FieldType.TYPE_STRING,  # decimal text: exact, no float rounding
+    "BIGNUMERIC": _FieldType.TYPE_STRING,
+    "JSON": _FieldType.TYPE_STRING,
+    "TIMESTAMP": _FieldType.TYPE_INT64,  # microseconds since the epoch
+    "DATE": _FieldType.TYPE_INT32,  # days since the epoch
+    "BOOL": _FieldType.TYPE_BOOL,
+    "BYTES": _FieldType.TYPE_BYTES,
+    "FLOAT64": _FieldType.TYPE_DOUBLE,
+}
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str  # BigQuery standard SQL type: INT64, STRING, NUMERIC, TIMESTAMP, BOOL, BYTES, ...
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A destination table and its columns, in table order."""
+
+    project: str
+    dataset: str
+    table: str
+    columns: tuple[Column, ...]
+
+    @property
+    def table_id(self) -> str:
+        return f"{self.project}.{self.dataset}.{self.table}"
+
+
+# --- rows as protobuf -----------------------------------------------------------------------------------------
+
+
+def proto_message_class(spec: TableSpec) -> type[message.Message]:
+    """A proto2 message class with one optional field per column, in table order.
+
+    proto2 ``optional`` gives every field presence, so None is written as NULL; proto3 scalars would be
+    written as 0 or "". REQUIRED columns are optional here too: the table, not the encoder, enforces them,
+    and its row error is what the dead letter reports.
+    """
+    name = "".join(part.capitalize() for part in spec.table.split("_")) + "Row"
+    file_proto = descriptor_pb2.FileDescriptorProto(name=f"{name}.proto", package="sink", syntax="proto2")
+    message_proto = file_proto.message_type.add(name=name)
+    for number, column in enumerate(spec.columns, start=1):
+        message_proto.field.add(
+            name=column.name,
+            number=number,
+            type=_PROTO_TYPES[column.type],
+            label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
+        )
+    # A private pool per class: the default pool refuses a second definition of the same name.
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file_proto)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"sink.{name}"))
+
+
+def writer_schema(message_class: type[message.Message]) -> types.ProtoSchema:
+    descriptor = descriptor_pb2.DescriptorProto()
+    message_class.DESCRIPTOR.CopyToProto(descriptor)
+    return types.ProtoSchema(proto_descriptor=descriptor)
+
+
+def epoch_micros(value: datetime | Timestamp) -> int:
+    if isinstance(value, Timestamp):
+        return value.micros
+    if value.tzinfo is None:
+        raise ValueError(f"naive datetime {value!r}: a TIMESTAMP needs a UTC offset")
+    return (value - _EPOCH) // timedelta(microseconds=1)
+
+
+def proto_value(column: Column, value: Any) -> Any:
+    """One row value as the proto field of ``column`` expects it."""
+    if column.type == "TIMESTAMP":
+        return epoch_micros(value)
+    if column.type in ("NUMERIC", "BIGNUMERIC"):
+        if not isinstance(value, Decimal | int):
+            raise TypeError(f"{column.name}: NUMERIC needs a Decimal or int, not {type(value).__name__}")
+        # Fixed-point text: str(Decimal) may use an exponent ("1E+3"), which BigQuery reads differently.
+        return format(Decimal(value), "f")
+    if column.type == "DATE":
+        return (value - _EPOCH.date()).days
+    if column.type == "JSON" and not isinstance(value, str):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return value
+
+
+def encode_row(message_class: type[message.Message], spec: TableSpec, row: dict[str, Any]) -> bytes:
+    """``row`` (a dict of rows.py) serialized as the table's proto; NULLs are left unset."""
+    unknown = set(row) - {column.name for column in spec.columns}
+    if unknown:
+        raise ValueError(f"columns not in {spec.table}: {sorted(unknown)}")
+    fields = {c.name: proto_value(c, row[c.name]) for c in spec.columns if row.get(c.name) is not None}
+    return message_class(**fields).SerializeToString()
+
+
+def _json_value(column: Column, value: Any) -> Any:
+    if column.type == "TIMESTAMP":
+        return (_EPOCH + timedelta(microseconds=value)).isoformat()
+    if column.type == "BYTES":
+        return b64encode(value).decode("ascii")
+    return value
+
+
+def row_json(message_class: type[message.Message], spec: TableSpec, encoded: bytes) -> str:
+    """A rejected row as readable JSON for its dead letter (timestamps ISO-8601, bytes base64)."""
+    decoded = message_class.FromString(encoded)
+    document = {
+        column.name: _json_value(column, getattr(decoded, column.name)) if decoded.HasField(column.name) else None
+        for column in spec.columns
+    }
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def shard_of(encoded: bytes, num_shards: int) -> int:
+    """A stable shard for a row: the same row lands on the same stream whichever worker encodes it."""
+    return zlib.crc32(encoded) % num_shards
+
+
+# --- the Storage Write API ------------------------------------------------------------------------------------
+
+
+def insecure_write_client(endpoint: str) -> BigQueryWriteClient:
+    """A write client over plaintext gRPC to ``host:port`` (the emulator).
+
+    Passing the endpoint through ``client_options`` instead would make the client speak TLS to a plaintext
+    port, fail the handshake and retry silently for minutes.
+    """
+    channel = grpc.insecure_channel(
+        endpoint,
+        options=(
+            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+        ),
+    )
+    return BigQueryWriteClient(transport=BigQueryWriteGrpcTransport(channel=channel))
+
+
+class Outcome(Enum):
+    WRITTEN = "written"
+    ALREADY_WRITTEN = "already_written"
+    ROWS_REJECTED = "rows_rejected"
+    STREAM_GONE = "stream_gone"
+    TRANSIENT = "transient"
+    FATAL = "fatal"
+
+
+_TRANSIENT_CODES = frozenset(
+    {
+        code_pb2.UNAVAILABLE,
+        code_pb2.INTERNAL,
+        code_pb2.ABORTED,
+        code_pb2.RESOURCE_EXHAUSTED,
+        code_pb2.DEADLINE_EXCEEDED,
+        code_pb2.CANCELLED,
+        code_pb2.UNKNOWN,
+    }
+)
+
+
+def classify(response: types.AppendRowsResponse) -> Outcome:
+    """What an AppendRows response means for the batch that was sent (errors arrive in-band, not raised)."""
+    if "error" not in response or response.error.code == code_pb2.OK:
+        return Outcome.WRITTEN
+    code = response.error.code
+    if code == code_pb2.ALREADY_EXISTS:
+        # Our offset is behind the stream's end: an earlier attempt of this batch was written.
+        return Outcome.ALREADY_WRITTEN
+    if code == code_pb2.INVALID_ARGUMENT and response.row_errors:
+        return Outcome.ROWS_REJECTED
+    if code in (code_pb2.NOT_FOUND, code_pb2.FAILED_PRECONDITION):
+        # Finalized, expired or deleted stream: a new one must take over.
+        return Outcome.STREAM_GONE
+    if code in _TRANSIENT_CODES:
+        return Outcome.TRANSIENT
+    # INVALID_ARGUMENT without row errors (a schema mismatch), OUT_OF_RANGE (our offset is past the end),
+    # PERMISSION_DENIED, ...: retrying cannot help and guessing could lose or duplicate rows.
+    return Outcome.FATAL
+
+
+def rejected_rows(response: types.AppendRowsResponse) -> dict[int, str]:
+    """Index in the request -> BigQuery's reason, for each row the table refused."""
+    return {
+        error.index: f"BigQuery rejected the row ({types.RowError.RowErrorCode(error.code).name}): {error.message}"
+        for error in response.row_errors
+    }
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a shard writes next: its COMMITTED stream and the offset of the next row."""
+
+    stream: str
+    offset: int
+
+
+@dataclass
+class AppendResult:
+    """What one batch's append did. ``rejected`` (index -> BigQuery's reason) is non-empty only for
+    ROWS_REJECTED, in which case nothing of the batch was written."""
+
+    outcome: Outcome
+    rejected: dict[int, str] = field(default_factory=dict)
+    retries: int = 0
+
+
+class StorageWriteError(RuntimeError):
+    """An append that retrying in place cannot fix; the bundle fails and the runner retries it."""
+
+
+class TableAppender:
+    """Appends batches of encoded rows to one table's COMMITTED streams at explicit offsets."""
+
+    def __init__(
+        self,
+        client: BigQueryWriteClient,
+        spec: TableSpec,
+        message_class: type[message.Message],
+        max_attempts: int = 6,
+        initial_backoff_seconds: float = 0.2,
+    ) -> None:
+        self._client = client
+        self._spec = spec
+        self._schema = writer_schema(message_class)
+        self._max_attempts = max_attempts
+        self._initial_backoff = initial_backoff_seconds
+
+    def create_stream(self) -> str:
+        parent = self._client.table_path(self._spec.project, self._spec.dataset, self._spec.table)
+        stream = types.WriteStream(type_=types.WriteStream.Type.COMMITTED)
+        return self._client.create_write_stream(parent=parent, write_stream=stream).name
+
+    def _append_once(self, position: StreamPosition, rows: Sequence[bytes]) -> types.AppendRowsResponse:
+        request = types.AppendRowsRequest(
+            write_stream=position.stream,
+            offset=position.offset,
+            proto_rows=types.AppendRowsRequest.ProtoData(
+                writer_schema=self._schema,
+                rows=types.ProtoRows(serialized_rows=list(rows)),
+            ),
+        )
+        # One self-contained request per call. append_rows() blocks until the first response, so a
+        # request iterator must already hold its first request when the call is made: a one-element list
+        # does, a queue filled afterwards would deadlock.
+        responses = list(self._client.append_rows(iter([request])))
+        if len(responses) != 1:
+            raise StorageWriteError(f"expected one AppendRows response, got {len(responses)}")
+        return responses[0]
+
+    def append(self, position: StreamPosition, rows: Sequence[bytes]) -> AppendResult:
+        """Appends all of ``rows`` at ``position``, or nothing; transient failures are retried here.
+
+        WRITTEN and ALREADY_WRITTEN both mean the rows are in the table; the caller advances its offset by
+        ``len(rows)``. Any other outcome wrote nothing.
+        """
+        backoff = self._initial_backoff
+        for attempt in range(1, self._max_attempts + 1):
+            try:
+                response = self._append_once(position, rows)
+            except (api_exceptions.ServiceUnavailable, api_exceptions.DeadlineExceeded, api_exceptions.Aborted,
+                    api_exceptions.InternalServerError, api_exceptions.TooManyRequests) as error:  # fmt: skip
+                LOG.warning("append to %s failed (attempt %d): %s", position.stream, attempt, error)
+                outcome = Outcome.TRANSIENT
+            else:
+                outcome = classify(response)
+            if outcome is Outcome.ROWS_REJECTED:
+                return AppendResult(outcome, rejected_rows(response), retries=attempt - 1)
+            if outcome is Outcome.FATAL:
+                raise StorageWriteError(
+                    f"append to {self._spec.table_id} at offset {position.offset} failed: "
+                    f"code {response.error.code}: {response.error.message}"
+                )
+            if outcome is not Outcome.TRANSIENT:
+                return AppendResult(outcome, retries=attempt - 1)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+        raise StorageWriteError(f"append to {position.stream} still failing after {self._max_attempts} tries")
+
+
+# --- the Beam transform ---------------------------------------------------------------------------------------
+
+
+class EncodeRowsFn(beam.DoFn):
+    """Row dicts -> (shard, proto bytes); a row that cannot be encoded at all goes to REJECTED."""
+
+    REJECTED = "rejected"
+
+    def __init__(self, spec: TableSpec, num_shards: int) -> None:
+        self._spec = spec
+        self._num_shards = num_shards
+        self._message_class: type[message.Message] | None = None
+        self._rejected = Metrics.counter(METRICS_NAMESPACE, f"{spec.table}.encode_rejected")
+
+    def setup(self) -> None:
+        # Generated message classes do not pickle; each worker builds its own.
+        self._message_class = proto_message_class(self._spec)
+
+    def process(self, row: dict[str, Any]) -> Iterator[Any]:
+        try:
+            encoded = encode_row(self._message_class, self._spec, row)
+        except (TypeError, ValueError, OverflowError) as error:
+            self._rejected.inc()
+            yield beam.pvalue.TaggedOutput(
+                self.REJECTED, (row, f"row cannot be encoded for {self._spec.table}: {error}")
+            )
+            return
+        yield shard_of(encoded, self._num_shards), encoded
+
+
+_PARKED_CODER = TupleCoder([StrUtf8Coder(), IterableCoder(BytesCoder())])
+
+
+class AppendBatchesFn(beam.DoFn):
+    """Per shard: appends each batch to the shard's stream at the offset held in state.
+
+    Emits (encoded row, BigQuery's reason) for each row the table refuses. A refused request writes
+    nothing; the valid rest of the batch is parked in state and appended in a later bundle, once this
+    bundle (with its dead letters) is committed. Appending it at once would make a replay ambiguous: the
+    replay's first request, the whole batch, would get ALREADY_EXISTS without saying that some of its rows
+    had been refused. Parked this way, a replayed append re-sends exactly the same rows at the same offset.
+
+    A parked batch goes out with the next batch of its shard that arrives in a later bundle, or from an
+    event-time timer if none does. Batches that arrive behind a parked one in the same bundle wait too, so
+    each stream receives its rows in order.
+    """
+
+    OFFSET = ReadModifyWriteStateSpec("offset", VarIntCoder())
+    PARKED = BagStateSpec("parked", _PARKED_CODER)
+    # Event time: outputs of a processing-time timer in a bounded run would be late and dropped.
+    FLUSH_PARKED = TimerSpec("flush_parked", TimeDomain.WATERMARK)
+
+    def __init__(self, spec: TableSpec, endpoint: str, streams: Sequence[str]) -> None:
+        self._spec = spec
+        self._endpoint = endpoint
+        # One COMMITTED stream per shard, created when the pipeline was built: a stream created inside a
+        # bundle would be lost with it, and the retry would write the same rows into a second stream.
+        self._streams = tuple(streams)
+        self._client: BigQueryWriteClient | None = None
+        self._appender: TableAppender | None = None
+        self._bundle = ""
+        self._written = Metrics.counter(METRICS_NAMESPACE, f"{spec.table}.rows_written")
+        self._already = Metrics.counter(METRICS_NAMESPACE, f"{spec.table}.rows_already_written")
+        self._retried = Metrics.counter(METRICS_NAMESPACE, f"{spec.table}.retried")
+        self._dead = Metrics.counter(METRICS_NAMESPACE, f"{spec.table}.dead_lettered")
+        self._batches = Metrics.distribution(METRICS_NAMESPACE, f"{spec.table}.batch_rows")
+
+    def setup(self) -> None:
+        self._client = insecure_write_client(self._endpoint)
+        self._appender = TableAppender(self._client, self._spec, proto_message_class(self._spec))
+
+    def start_bundle(self) -> None:
+        # Tells batches parked by this bundle (not committed yet) from those parked by committed ones.
+        self._bundle = uuid.uuid4().hex
+
+    def teardown(self) -> None:
+        if self._client is not None:
+            self._client.transport.close()
+
+    def process(
+        self,
+        element: tuple[int, Iterable[bytes]],
+        offset: Any = beam.DoFn.StateParam(OFFSET),
+        parked: Any = beam.DoFn.StateParam(PARKED),
+        flush: Any = beam.DoFn.TimerParam(FLUSH_PARKED),
+        timestamp: Timestamp = beam.DoFn.TimestampParam,
+        window: Any = beam.DoFn.WindowParam,
+    ) -> Iterator[tuple[bytes, str]]:
+        shard, batch = element
+        stream = self._streams[shard]
+        waiting = list(parked.read())
+        if any(bundle == self._bundle for bundle, _ in waiting):
+            waiting.append((self._bundle, list(batch)))
+        else:
+            waiting = yield from self._append_in_order(stream, [*waiting, (self._bundle, list(batch))], offset)
+        # Timer outputs carry the timer's timestamp, which must lie inside the window.
+        self._park(waiting, parked, flush, min(timestamp, window.max_timestamp()))
+
+    @on_timer(FLUSH_PARKED)
+    def flush_parked(
+        self,
+        key: int = beam.DoFn.KeyParam,
+        offset: Any = beam.DoFn.StateParam(OFFSET),
+        parked: Any = beam.DoFn.StateParam(PARKED),
+        flush: Any = beam.DoFn.TimerParam(FLUSH_PARKED),
+        timestamp: Timestamp = beam.DoFn.TimestampParam,
+    ) -> Iterator[tuple[bytes, str]]:
+        waiting = [(bundle, list(rows)) for bundle, rows in parked.read()]
+        waiting = yield from self._append_in_order(self._streams[key], waiting, offset)
+        self._park(waiting, parked, flush, timestamp)
+
+    @staticmethod
+    def _park(waiting: list[tuple[str, list[bytes]]], parked: Any, flush: Any, flush_at: Timestamp) -> None:
+        parked.clear()
+        for entry in waiting:
+            parked.add(entry)
+        if waiting:
+            flush.set(flush_at)
+
+    def _append_in_order(
+        self, stream: str, batches: list[tuple[str, list[bytes]]], offset: Any
+    ) -> Iterator[tuple[bytes, str]]:
+        """Appends ``batches`` in order until one must wait; yields rejects; returns the batches still waiting."""
+        for done, (_, rows) in enumerate(batches):
+            position = StreamPosition(stream, offset.read() or 0)
+            result = self._appender.append(position, rows)
+            self._retried.inc(result.retries)
+            if result.outcome in (Outcome.WRITTEN, Outcome.ALREADY_WRITTEN):
+                # A failure before this state write is committed replays this append, which then finds
+                # ALREADY_EXISTS: the rows are not written twice.
+                offset.write(position.offset + len(rows))
+                counter = self._written if result.outcome is Outcome.WRITTEN else self._already
+                counter.inc(len(rows))
+                self._batches.update(len(rows))
+                continue
+            if result.outcome is Outcome.STREAM_GONE:
+                raise StorageWriteError(f"write stream {stream} is gone; restart the pipeline to open new ones")
+            self._dead.inc(len(result.rejected))
+            for index, reason in sorted(result.rejected.items()):
+                yield rows[index], reason
+            valid = [row for index, row in enumerate(rows) if index not in result.rejected]
+            later = [(self._bundle, later_rows) for _, later_rows in batches[done + 1 :]]
+            return ([(self._bundle, valid)] if valid else []) + later
+        return []
+
+
+@dataclass(frozen=True)
+class LocalWriteSettings:
+    endpoint: str
+    num_shards: int = 4
+    batch_size: int = 500
+    max_buffering_seconds: float | None = None
+
+
+def create_streams(endpoint: str, spec: TableSpec, count: int) -> list[str]:
+    """``count`` new COMMITTED streams on ``spec``'s table (the writer runs where the emulator is reachable)."""
+    client = insecure_write_client(endpoint)
+    try:
+        appender = TableAppender(client, spec, proto_message_class(spec))
+        return [appender.create_stream() for _ in range(count)]
+    finally:
+        client.transport.close()
+
+
+class WriteTableLocally(beam.PTransform):
+    """Writes row dicts to ``spec``'s table via the Storage Write API; returns (row JSON, reason) of rejects."""
+
+    def __init__(self, spec: TableSpec, settings: LocalWriteSettings) -> None:
+        super().__init__()
+        self._spec = spec
+        self._settings = settings
+
+    def expand(self, rows: beam.PCollection[dict[str, Any]]) -> beam.PCollection[tuple[str, str]]:
+        spec, settings = self._spec, self._settings
+        encoded = rows | "Encode rows" >> beam.ParDo(EncodeRowsFn(spec, settings.num_shards)).with_outputs(
+            EncodeRowsFn.REJECTED, main="encoded"
+        )
+        batch_options: dict[str, Any] = {}
+        if settings.max_buffering_seconds:
+            batch_options["max_buffering_duration_secs"] = settings.max_buffering_seconds
+        streams = create_streams(settings.endpoint, spec, settings.num_shards)
+        refused = (
+            encoded.encoded
+            | "Batch per stream" >> beam.GroupIntoBatches(settings.batch_size, **batch_options)
+            | "Append at offsets" >> beam.ParDo(AppendBatchesFn(spec, settings.endpoint, streams))
+            | "Refused rows as JSON" >> beam.ParDo(_RowJsonFn(spec))
+        )
+        unencodable = encoded[EncodeRowsFn.REJECTED] | "Unencodable rows as JSON" >> beam.MapTuple(
+            lambda row, reason: (json.dumps(row, sort_keys=True, default=str), reason)
+        )
+        return (refused, unencodable) | "Rejected rows" >> beam.Flatten()
+
+
+class _RowJsonFn(beam.DoFn):
+    def __init__(self, spec: TableSpec) -> None:
+        self._spec = spec
+        self._message_class: type[message.Message] | None = None
+
+    def setup(self) -> None:
+        self._message_class = proto_message_class(self._spec)
+
+    def process(self, element: tuple[bytes, str]) -> Iterator[tuple[str, str]]:
+        encoded, reason = element
+        yield row_json(self._message_class, self._spec, encoded), reason
