@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import apache_beam as beam
 import pytest
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
@@ -105,7 +105,7 @@ def test_enriched_events_are_read_back_as_written(bq: bigquery.Client, settings:
     events += [enriched(ids[5], duration_ms=None, user=None, event_type=None), enriched(ids[6], content=None)]
     started = datetime.now(UTC)
 
-    with TestPipeline() as p:
+    with test_pipeline.TestPipeline() as p:
         refused = p | beam.Create(events) | WriteEnrichedEvents(settings)
         assert_that(refused, equal_to([]))
 
@@ -247,7 +247,7 @@ def test_refused_rows_become_dead_letters_and_the_rest_land(
     # behind GroupIntoBatches' end-of-window flush reach a downstream GroupByKey after its watermark has
     # passed the end of the global window and are dropped as late (see docs/bigquery.md, "Known gap").
     collected = _Collected.new()
-    with TestPipeline() as p:
+    with test_pipeline.TestPipeline() as p:
         _ = p | beam.Create(rows) | WriteRows(spec, settings) | beam.Map(collected.add)
 
     letters = collected.items()
@@ -283,7 +283,7 @@ def test_dead_letters_table_is_written(bq: bigquery.Client, settings: BigQuerySi
         ),
     ]
 
-    with TestPipeline() as p:
+    with test_pipeline.TestPipeline() as p:
         unwritten = p | beam.Create(letters) | WriteDeadLetters(settings)
         assert_that(unwritten, equal_to([]))
 
@@ -306,7 +306,7 @@ def test_unique_view_keeps_the_first_copy_of_each_event(bq: bigquery.Client, set
     first, later = datetime.now(UTC) - timedelta(minutes=5), datetime.now(UTC)
     rows = [enriched_event_row(enriched(i), first) for i in ids] + [enriched_event_row(enriched(ids[0]), later)]
     spec = settings.table_spec("enriched_events", "enriched_events")
-    with TestPipeline() as p:
+    with test_pipeline.TestPipeline() as p:
         _ = p | beam.Create(rows) | WriteRows(spec, settings)
 
     table = f"{settings.project}.{settings.dataset}"

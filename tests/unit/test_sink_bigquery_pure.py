@@ -9,7 +9,7 @@ import apache_beam as beam
 import pytest
 from apache_beam.io.gcp.bigquery import BigQueryDisposition, StorageWriteToBigQuery, WriteToBigQuery
 from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.utils.timestamp import Timestamp
 from google.cloud.bigquery_storage_v1 import types
@@ -186,7 +186,7 @@ def test_a_refused_dead_letter_keeps_its_own_coordinates() -> None:
 def test_rows_convert_to_the_beam_rows_the_java_sink_takes() -> None:
     """Beam's own dict -> Row conversion (the step before the Java transform) accepts our values."""
     schema = beam_table_schema(EVENTS.columns)
-    with TestPipeline() as p:
+    with test_pipeline.TestPipeline() as p:
         rows = (
             p
             | beam.Create([event_row()])
