@@ -24,6 +24,7 @@ from transforms.model import DeadLetter, EnrichedEvent, RawRecord, WindowAggrega
 class CoreSettings:
     windows: WindowSettings = field(default_factory=WindowSettings)
     dedup_horizon_seconds: int = 600
+    streaming: bool = True
 
     def __post_init__(self) -> None:
         # A duplicate arriving after the horizon but while its window is still open would be counted
@@ -41,9 +42,10 @@ class CoreSettings:
             windows=WindowSettings(
                 window_seconds=core.window_seconds,
                 allowed_lateness_seconds=core.allowed_lateness_seconds,
-                early_firing_seconds=core.early_firing_seconds if streaming else None,
+                early_firing_seconds=core.early_firing_seconds,
             ),
             dedup_horizon_seconds=core.dedup_horizon_seconds,
+            streaming=streaming,
         )
 
 
@@ -61,7 +63,7 @@ def build_core(
 ) -> CoreOutputs:
     """Applies the shared graph to ``raw``; ``content`` must hold a single (newest) snapshot per pane."""
     decoded = raw | "Decode" >> DecodeRecords()
-    unique = decoded.events | "Deduplicate" >> DeduplicateEvents(settings.dedup_horizon_seconds)
+    unique = decoded.events | "Deduplicate" >> DeduplicateEvents(settings.dedup_horizon_seconds, settings.streaming)
     enriched = unique | "Enrich" >> EnrichEvents(content, content_lookup)
-    aggregates = enriched | "Aggregate" >> AggregateWindows(settings.windows)
+    aggregates = enriched | "Aggregate" >> AggregateWindows(settings.windows, settings.streaming)
     return CoreOutputs(enriched=enriched, aggregates=aggregates, dead_letters=decoded[DEAD_LETTER_TAG])

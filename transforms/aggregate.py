@@ -138,16 +138,15 @@ class WindowSettings:
 
     window_seconds: int = 60
     allowed_lateness_seconds: int = 300
-    early_firing_seconds: int | None = 1
-    """Whole seconds, as Beam's portable trigger protocol round-trips only those. None in batch: there is
-    no processing time to fire early on, and every pane is final anyway."""
+    early_firing_seconds: int = 1
+    """Whole seconds, as Beam's portable trigger protocol round-trips only those; unused in batch."""
 
     def __post_init__(self) -> None:
         if self.window_seconds <= 0:
             raise ValueError("window_seconds must be positive")
         if self.allowed_lateness_seconds < 0:
             raise ValueError("allowed_lateness_seconds must not be negative")
-        if self.early_firing_seconds is not None and self.early_firing_seconds <= 0:
+        if self.early_firing_seconds <= 0:
             raise ValueError("early_firing_seconds must be positive")
 
     @property
@@ -156,19 +155,29 @@ class WindowSettings:
         return self.window_seconds + self.allowed_lateness_seconds
 
 
+def window_trigger(settings: WindowSettings, streaming: bool) -> trigger.TriggerFn:
+    """Early panes every ``early_firing_seconds`` in streaming, the on-time pane, then a pane per late bundle.
+
+    Batch has no processing time to fire early on, and each window's single pane is final. Late data fires
+    on count rather than after a processing delay: the Python DirectRunner's trigger driver fails on a
+    processing-time late trigger, and a pane per late bundle is already bounded by the bundles a runner makes.
+    """
+    early = trigger.AfterProcessingTime(settings.early_firing_seconds) if streaming else None
+    return trigger.AfterWatermark(early=early, late=trigger.AfterCount(1))
+
+
 class AggregateWindows(beam.PTransform):
     """EnrichedEvent -> WindowAggregate: one row per (window, content) per fired pane, accumulating.
 
     Early panes fire about ``early_firing_seconds`` after data arrives, the on-time pane when the
-    watermark passes the window's end, and late panes, within allowed lateness, about
-    ``early_firing_seconds`` after late data arrives: CDC records routinely trail the watermark by their
-    capture delay, and a pane per late element would multiply the writes at high rates. Each pane carries
-    the window's full value so far, so sinks overwrite and never add.
+    watermark passes the window's end, and a late pane for each bundle of late data within allowed
+    lateness. Each pane carries the window's full value so far, so sinks overwrite and never add.
     """
 
-    def __init__(self, settings: WindowSettings) -> None:
+    def __init__(self, settings: WindowSettings, streaming: bool = True) -> None:
         super().__init__()
         self._settings = settings
+        self._streaming = streaming
 
     def expand(self, events: beam.PCollection[EnrichedEvent]) -> beam.PCollection[WindowAggregate]:
         settings = self._settings
@@ -177,14 +186,7 @@ class AggregateWindows(beam.PTransform):
             | "FixedWindows"
             >> beam.WindowInto(
                 FixedWindows(settings.window_seconds),
-                trigger=trigger.AfterWatermark(
-                    early=(
-                        trigger.AfterProcessingTime(settings.early_firing_seconds)
-                        if settings.early_firing_seconds is not None
-                        else None
-                    ),
-                    late=trigger.AfterCount(1),
-                ),
+                trigger=window_trigger(settings, self._streaming),
                 accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
                 allowed_lateness=Duration.of(settings.allowed_lateness_seconds),
             )

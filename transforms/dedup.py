@@ -25,8 +25,8 @@ class DeduplicateByIdFn(beam.DoFn):
     SEEN = ReadModifyWriteStateSpec("seen", BooleanCoder())
     EXPIRY = TimerSpec("expiry", TimeDomain.REAL_TIME)
 
-    def __init__(self, horizon_seconds: float) -> None:
-        self._horizon = Duration.of(horizon_seconds)
+    def __init__(self, horizon_seconds: float | None) -> None:
+        self._horizon = Duration.of(horizon_seconds) if horizon_seconds is not None else None
         self._passed = Metrics.counter("dedup", "unique_events")
         self._duplicates = Metrics.counter("dedup", "duplicates_dropped")
 
@@ -40,7 +40,8 @@ class DeduplicateByIdFn(beam.DoFn):
             self._duplicates.inc()
             return
         seen.write(True)
-        expiry.set(Timestamp.now() + self._horizon)
+        if self._horizon is not None:
+            expiry.set(Timestamp.now() + self._horizon)
         self._passed.inc()
         yield keyed[1]
 
@@ -50,13 +51,18 @@ class DeduplicateByIdFn(beam.DoFn):
 
 
 class DeduplicateEvents(beam.PTransform):
-    """Drops repeated event ids seen within ``horizon_seconds`` of processing time."""
+    """Drops repeated event ids seen within ``horizon_seconds`` of processing time.
 
-    def __init__(self, horizon_seconds: float) -> None:
+    In batch (``streaming=False``) ids are remembered for the whole run instead: the input is finite, its
+    state is released when the run ends, and a processing-time timer would make portable runners such as
+    Prism wait out the horizon in real time before finishing.
+    """
+
+    def __init__(self, horizon_seconds: float, streaming: bool = True) -> None:
         super().__init__()
         if horizon_seconds <= 0:
             raise ValueError("the de-duplication horizon must be positive")
-        self._horizon_seconds = horizon_seconds
+        self._horizon_seconds = horizon_seconds if streaming else None
 
     def expand(self, events: beam.PCollection[EngagementEvent]) -> beam.PCollection[EngagementEvent]:
         return (

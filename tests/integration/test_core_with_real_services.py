@@ -10,7 +10,6 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines.core import CoreSettings, build_core
-from transforms.aggregate import WindowSettings
 from transforms.content import ContentSnapshot, PostgresContentLoader, PostgresContentLookup, ReadContentOnce
 from transforms.decode import Shape, decode_record
 from transforms.model import RawRecord, SourceCoordinates
@@ -42,7 +41,7 @@ def insert_event(conn, content_id, **columns):
     placeholders = ", ".join(["%s"] * len(values))
     with conn.cursor() as cursor:
         cursor.execute(
-            f"INSERT INTO engagement_events ({names}) VALUES ({placeholders}) RETURNING id",  # noqa: S608
+            f"INSERT INTO engagement_events ({names}) VALUES ({placeholders}) RETURNING id",
             list(values.values()),
         )
         return cursor.fetchone()[0]
@@ -107,7 +106,7 @@ def _stale_snapshot() -> ContentSnapshot:
 
 
 def test_core_graph_enriches_content_created_after_the_snapshot(pg_conn, cdc_stack):
-    settings = CoreSettings(windows=WindowSettings(early_firing_seconds=None))
+    settings = CoreSettings(streaming=False)
     dsn = cdc_stack.pg_dsn
     just_created = insert_content(pg_conn, length_seconds=300)
     never_created = uuid.uuid4()

@@ -90,7 +90,7 @@ def rows_by_id(bq: bigquery.Client, table_id: str, ids: list[int]) -> dict[int, 
     found: dict[int, list[dict[str, Any]]] = {}
     id_list = ", ".join(str(i) for i in ids)
     # Only this test's ids: other tests share the table.
-    for row in bq.query_and_wait(f"SELECT * FROM `{table_id}` WHERE event_id IN ({id_list})"):  # noqa: S608
+    for row in bq.query_and_wait(f"SELECT * FROM `{table_id}` WHERE event_id IN ({id_list})"):
         found.setdefault(row["event_id"], []).append(dict(row))
     return found
 
@@ -287,7 +287,7 @@ def test_dead_letters_table_is_written(bq: bigquery.Client, settings: BigQuerySi
         unwritten = p | beam.Create(letters) | WriteDeadLetters(settings)
         assert_that(unwritten, equal_to([]))
 
-    query = f"SELECT * FROM `{settings.project}.{settings.dataset}.dead_letters` WHERE reason = @reason"  # noqa: S608
+    query = f"SELECT * FROM `{settings.project}.{settings.dataset}.dead_letters` WHERE reason = @reason"
     config = bigquery.QueryJobConfig(query_parameters=[bigquery.ScalarQueryParameter("reason", "STRING", reason)])
     stored = sorted((dict(row) for row in bq.query_and_wait(query, job_config=config)), key=lambda r: r["stage"])
     assert [

@@ -84,7 +84,7 @@ def append(
 
 def event_ids(bq: bigquery.Client, table: bigquery.Table) -> list[int]:
     table_ref = f"{table.project}.{table.dataset_id}.{table.table_id}"
-    query = f"SELECT event_id FROM `{table_ref}` ORDER BY event_id"  # noqa: S608 - the test's own table name
+    query = f"SELECT event_id FROM `{table_ref}` ORDER BY event_id"
     return [row.event_id for row in bq.query_and_wait(query)]
 
 

@@ -15,7 +15,7 @@ from tests.unit.helpers import PODCAST, VIDEO, at, plain_event, snapshot
 from transforms.aggregate import WindowSettings
 from transforms.model import RawRecord, SourceCoordinates, Stage
 
-BATCH = CoreSettings(windows=WindowSettings(early_firing_seconds=None))
+BATCH = CoreSettings(streaming=False)
 KAFKA = SourceCoordinates(kind="kafka", topic="cdc.public.engagement_events", partition=0, offset=0)
 
 
@@ -116,7 +116,7 @@ def test_core_options_have_help_and_build_valid_settings():
     options = PipelineOptions(["--window_seconds=120", "--allowed_lateness_seconds=60", "--dedup_horizon_seconds=300"])
     settings = CoreSettings.from_options(options, streaming=True)
     assert settings.windows == WindowSettings(120, 60, 1)
-    assert CoreSettings.from_options(options, streaming=False).windows.early_firing_seconds is None
+    assert CoreSettings.from_options(options, streaming=False).streaming is False
 
     parser = __import__("argparse").ArgumentParser()
     CoreOptions._add_argparse_args(parser)
