@@ -1,0 +1,34 @@
+"""Options for running the pipelines on this machine with Beam's Prism runner.
+
+Prism is the local runner that streams for real and runs cross-language transforms (see
+docs/local-streaming.md). Its binary, like the Java expansion services, is built ahead of time by
+``scripts/fetch-beam-artifacts`` for the pinned Beam version, so nothing is downloaded when a pipeline
+starts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import apache_beam
+
+CACHE_DIR = Path(os.environ.get("ENGAGEMENT_CACHE_DIR", Path.home() / ".cache" / "engagement-pipeline"))
+
+
+def prism_binary() -> Path:
+    """The Prism binary of the running Beam version; a clear error if it was never fetched."""
+    binary = CACHE_DIR / "prism" / apache_beam.__version__ / "prism"
+    if not binary.is_file():
+        raise FileNotFoundError(
+            f"Prism {apache_beam.__version__} is not at {binary}; run scripts/fetch-beam-artifacts prism"
+        )
+    return binary
+
+
+def prism_args(streaming: bool) -> list[str]:
+    """Pipeline arguments for Prism with the Python worker in this process (LOOPBACK)."""
+    args = ["--runner=PrismRunner", f"--prism_location={prism_binary()}", "--environment_type=LOOPBACK"]
+    if streaming:
+        args.append("--streaming")
+    return args

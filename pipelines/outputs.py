@@ -1,0 +1,77 @@
+"""Fans the core outputs out to the three sinks and gathers every dead letter into one table.
+
+enriched events  -> BigQuery enriched_events, external HTTP API (if enabled)
+window aggregates -> BigQuery window_aggregates, Redis top content
+dead letters (decode, and every sink's undeliverable records) -> BigQuery dead_letters
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms.window import GlobalWindows
+
+from pipelines.core import CoreOutputs
+from transforms.model import DeadLetter
+from transforms.sinks.bigquery import (
+    BigQuerySinkSettings,
+    WriteDeadLetters,
+    WriteEnrichedEvents,
+    WriteWindowAggregates,
+)
+from transforms.sinks.http_api import HttpSinkSettings, WriteToHttpApi
+from transforms.sinks.redis_top import RedisSinkConfig, WriteTopContentToRedis
+
+
+@dataclass(frozen=True)
+class SinkSettings:
+    bigquery: BigQuerySinkSettings
+    redis: RedisSinkConfig
+    http: HttpSinkSettings | None
+    """None when the HTTP sink is disabled (the backfill's default)."""
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions, window_seconds: int) -> SinkSettings:
+        return cls(
+            bigquery=BigQuerySinkSettings.from_options(options),
+            redis=RedisSinkConfig.from_options(options, window_seconds=window_seconds),
+            http=HttpSinkSettings.from_options(options),
+        )
+
+
+class CountDeadLettersFn(beam.DoFn):
+    """One counter per stage, so a dashboard shows where records fail without querying the table."""
+
+    def __init__(self) -> None:
+        self._counters: dict[str, Metrics.DelegatingCounter] = {}
+
+    def process(self, dead_letter: DeadLetter):  # noqa: ANN201 - Beam generator
+        stage = dead_letter.stage.value
+        if stage not in self._counters:
+            self._counters[stage] = Metrics.counter("dead_letters", stage)
+        self._counters[stage].inc()
+        yield dead_letter
+
+
+def write_outputs(core: CoreOutputs, sinks: SinkSettings) -> beam.PCollection[DeadLetter]:
+    """Writes every output; returns the dead letters the dead-letter table itself refused (logged)."""
+    dead_letters = [core.dead_letters]
+    dead_letters.append(core.enriched | "BigQuery enriched_events" >> WriteEnrichedEvents(sinks.bigquery))
+    dead_letters.append(core.aggregates | "BigQuery window_aggregates" >> WriteWindowAggregates(sinks.bigquery))
+    dead_letters.append(core.aggregates | "Redis top content" >> WriteTopContentToRedis(sinks.redis))
+    if sinks.http is not None:
+        dead_letters.append(core.enriched | "External HTTP API" >> WriteToHttpApi(sinks.http))
+    return (
+        [
+            # Stages emit dead letters in their own windows (decode's are in event time); one global
+            # window lets them flow into a single sink.
+            collection | f"Rewindow dead letters {index}" >> beam.WindowInto(GlobalWindows())
+            for index, collection in enumerate(dead_letters)
+        ]
+        | "All dead letters" >> beam.Flatten()
+        | "Count dead letters" >> beam.ParDo(CountDeadLettersFn())
+        | "BigQuery dead_letters" >> WriteDeadLetters(sinks.bigquery)
+    )
