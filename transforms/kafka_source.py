@@ -16,6 +16,7 @@ import apache_beam as beam
 from apache_beam.io.kafka import ReadFromKafka
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from transforms.expansion import java_expansion_service
 from transforms.model import RawRecord, SourceCoordinates
 
 _START_KEYWORDS = ("earliest", "latest")
@@ -86,8 +87,8 @@ class KafkaReadOptions(PipelineOptions):
             "--kafka_expansion_service",
             default="",
             help=(
-                "host:port of a running Java expansion service for KafkaIO, or empty to let Beam start the "
-                "io expansion service jar of its own version from its jar cache."
+                "host:port of a running Java expansion service for KafkaIO, a jar path, or empty for the "
+                "jar scripts/fetch-beam-artifacts fetched for this Beam version."
             ),
         )
 
@@ -119,6 +120,8 @@ class KafkaReadSettings:
     max_records: int | None = None
     max_read_seconds: int | None = None
     expansion_service: str | None = None
+    loopback_worker: bool = False
+    """Run the Java worker inside the expansion service's JVM: local runners (Prism) only."""
 
     def __post_init__(self) -> None:
         if not self.bootstrap_servers.strip():
@@ -211,7 +214,9 @@ class ReadRawRecordsFromKafka(beam.PTransform):
                 max_num_records=settings.max_records,
                 max_read_time=settings.max_read_seconds,
                 commit_offset_in_finalize=settings.commit_offsets,
-                expansion_service=settings.expansion_service,
+                expansion_service=java_expansion_service(
+                    settings.expansion_service, "kafka", loopback_worker=settings.loopback_worker
+                ),
             )
             | "ToRawRecord" >> beam.Map(to_raw_record)
         )

@@ -30,6 +30,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
 from apache_beam.utils.timestamp import Timestamp
 
+from transforms.expansion import java_expansion_service
 from transforms.model import DeadLetter, EnrichedEvent, SourceCoordinates, Stage, WindowAggregate
 from transforms.rows import Row, dead_letter_row, enriched_event_row, window_aggregate_row
 from transforms.sinks.bigquery_local import (
@@ -151,8 +152,8 @@ class BigQuerySinkOptions(PipelineOptions):
             "--bigquery_expansion_service",
             default=None,
             help=(
-                "storage_write_api: address (host:port) of a running expansion service for the Java sink; by "
-                "default Beam starts beam-sdks-java-io-google-cloud-platform-expansion-service of its version."
+                "storage_write_api: address (host:port) of a running expansion service for the Java sink, a jar "
+                "path, or empty for the jar scripts/fetch-beam-artifacts fetched for this Beam version."
             ),
         )
 
@@ -367,7 +368,7 @@ class _BeamStorageWrite(beam.PTransform):
             write_disposition=settings.write_disposition,
             use_at_least_once=settings.use_at_least_once,
             num_storage_api_streams=settings.num_streams,
-            expansion_service=settings.expansion_service,
+            expansion_service=java_expansion_service(settings.expansion_service, "gcp"),
             **streaming_only,
         )
 

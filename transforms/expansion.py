@@ -1,0 +1,56 @@
+"""Which Java expansion service a cross-language transform (KafkaIO, the Storage Write API sink) uses.
+
+Beam would otherwise download a jar of its own version when a pipeline starts. This project fetches (or
+assembles) those jars ahead of time with ``scripts/fetch-beam-artifacts``, so a pipeline never downloads
+anything: by default each transform uses the jar fetched for the running Beam version.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import apache_beam
+from apache_beam.transforms.external import JavaJarExpansionService
+
+Component = Literal["kafka", "gcp"]
+
+CACHE_DIR = Path(os.environ.get("ENGAGEMENT_CACHE_DIR", Path.home() / ".cache" / "engagement-pipeline"))
+_SHADED_ARTIFACTS = {
+    "kafka": "beam-sdks-java-io-expansion-service",
+    "gcp": "beam-sdks-java-io-google-cloud-platform-expansion-service",
+}
+
+
+def fetched_jar(component: Component, version: str = apache_beam.__version__) -> Path | None:
+    """The jar scripts/fetch-beam-artifacts put in place for ``version``, if any."""
+    shaded = Path.home() / ".apache_beam" / "cache" / "jars" / f"{_SHADED_ARTIFACTS[component]}-{version}.jar"
+    assembled = CACHE_DIR / "beam-java" / version / component / f"beam-{component}-expansion-service-{version}.jar"
+    for candidate in (shaded, assembled):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def java_expansion_service(
+    option: str | None, component: Component, loopback_worker: bool = False
+) -> JavaJarExpansionService | str:
+    """The expansion service for ``component`` from an option value.
+
+    ``option`` is ``host:port`` of a running service, a jar path, or empty for the jar fetched for this
+    Beam version. ``loopback_worker`` runs the Java SDK worker inside the expansion service's JVM, which
+    local runners without Docker need (docs/local-streaming.md); Dataflow brings its own Java workers.
+    """
+    if option and not option.endswith(".jar"):
+        return option
+    jar = Path(option) if option else fetched_jar(component)
+    if jar is None or not jar.is_file():
+        raise FileNotFoundError(
+            f"no {component} expansion service jar for Beam {apache_beam.__version__}"
+            f"{f' at {jar}' if jar else ''}; run scripts/fetch-beam-artifacts {component}"
+        )
+    # {{PORT}} is where Beam substitutes the port it picks; passing the loopback flag here rather than
+    # relying on Beam's own (added only inside its subprocess cache) avoids a duplicate flag the JVM refuses.
+    extra_args = ["{{PORT}}", "--alsoStartLoopbackWorker"] if loopback_worker else None
+    return JavaJarExpansionService(str(jar), extra_args=extra_args)
