@@ -10,10 +10,11 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -73,11 +74,30 @@ class RangeSummary:
     max_id: int | None
 
 
-def summarize_range(dsn: str, time_range: TimeRange) -> RangeSummary:
-    """Counts the rows of the range; also the preflight check that the database and table are there."""
+SOURCE_TABLES = ("engagement_events", "content")
+
+
+def missing_source_tables(dsn: str, connect_timeout_seconds: int = 10) -> list[str]:
+    """The tables of ``SOURCE_TABLES`` the database lacks; connecting is the reachability check."""
     import psycopg2
 
-    connection = psycopg2.connect(dsn, connect_timeout=10)
+    connection = psycopg2.connect(dsn, connect_timeout=connect_timeout_seconds)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT name FROM unnest(%s::text[]) AS name WHERE to_regclass(name) IS NULL",
+                (list(SOURCE_TABLES),),
+            )
+            return [name for (name,) in cursor.fetchall()]
+    finally:
+        connection.close()
+
+
+def summarize_range(dsn: str, time_range: TimeRange, connect_timeout_seconds: int = 10) -> RangeSummary:
+    """Counts the rows of the range (the index on ``event_ts`` makes this cheap)."""
+    import psycopg2
+
+    connection = psycopg2.connect(dsn, connect_timeout=connect_timeout_seconds)
     try:
         with connection.cursor() as cursor:
             cursor.execute(
@@ -120,47 +140,87 @@ def row_to_raw_record(row: tuple[Any, ...]) -> RawRecord:
     )
 
 
-class _Progress:
-    """Rows read by this worker process, of the range's total, logged at most every few seconds.
+class ProgressLog:
+    """Rows of one backfill run through one step in this worker process, logged at most every ``interval``
+    seconds with the total, the rate and the estimated time left.
 
-    On the local runners every split runs in one process, so this is the whole job's progress; on
-    Dataflow each worker logs its share and the ``backfill/rows_read`` counter has the sum.
+    On the local runners every bundle runs in one process, so this is the whole job's progress; on
+    Dataflow each worker logs its share and the step's counter has the sum. Keyed by run and step, so
+    two backfills in one process (tests) do not add up.
     """
 
     _lock = threading.Lock()
-    _rows = 0
-    _started: float | None = None
-    _last_log = 0.0
+    _entries: ClassVar[dict[tuple[str, str], ProgressLog]] = {}
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.started = time.monotonic()
+        self.last_log = self.started
 
     @classmethod
-    def add(cls, rows: int, total: int, interval: float = 5.0, final: bool = False) -> None:
+    def begin(cls, run: str, step: str) -> None:
+        """Starts the clock at the first bundle rather than at the first rows counted."""
         with cls._lock:
+            cls._entries.setdefault((run, step), cls())
+
+    @classmethod
+    def add(cls, run: str, step: str, rows: int, total: int, interval: float = 5.0, final: bool = False) -> None:
+        with cls._lock:
+            progress = cls._entries.setdefault((run, step), cls())
+            progress.rows += rows
             now = time.monotonic()
-            if cls._started is None:
-                cls._started = now
-            cls._rows += rows
-            if not final and now - cls._last_log < interval:
+            if not (final and progress.rows >= total) and now - progress.last_log < interval:
                 return
-            cls._last_log = now
-            elapsed = max(now - cls._started, 1e-6)
-            rate = cls._rows / elapsed
-            left = max(total - cls._rows, 0)
-            eta = left / rate if rate > 0 else float("inf")
+            progress.last_log = now
+            elapsed = max(now - progress.started, 1e-6)
+            rate = progress.rows / elapsed
+            left = max(total - progress.rows, 0)
+            eta = f"about {left / rate:.0f}s left" if rate > 0 else "time left unknown"
             _LOG.info(
-                "backfill: read %d of %d rows (%.1f%%), %.0f rows/s, about %.0fs left",
-                cls._rows,
+                "backfill: %s %d of %d rows (%.1f%%), %.0f rows/s, %s",
+                step,
+                progress.rows,
                 total,
-                100.0 * cls._rows / total if total else 100.0,
+                100.0 * progress.rows / total if total else 100.0,
                 rate,
                 eta,
             )
 
 
+class LogProgressFn(beam.DoFn):
+    """Passes elements through, counting them into the ``step`` progress of run ``run``."""
+
+    def __init__(self, run: str, step: str, total: int, every: int = 1_000) -> None:
+        self._run = run
+        self._step = step
+        self._total = total
+        self._every = every
+        self._pending = 0
+
+    def start_bundle(self) -> None:
+        ProgressLog.begin(self._run, self._step)
+        self._pending = 0
+
+    def process(self, element: Any) -> Iterator[Any]:
+        self._pending += 1
+        if self._pending == self._every:
+            ProgressLog.add(self._run, self._step, self._pending, self._total)
+            self._pending = 0
+        yield element
+
+    def finish_bundle(self) -> None:
+        ProgressLog.add(self._run, self._step, self._pending, self._total, final=True)
+        self._pending = 0
+
+
 class ReadIdRangeFn(beam.DoFn):
     """Streams one id range through a server-side cursor, so memory stays flat whatever its size."""
 
-    def __init__(self, dsn: str, time_range: TimeRange, total_rows: int, fetch_size: int = 10_000) -> None:
+    def __init__(
+        self, dsn: str, time_range: TimeRange, total_rows: int, fetch_size: int = 10_000, run: str | None = None
+    ) -> None:
         self._dsn = dsn
+        self._run = run or uuid.uuid4().hex
         self._time_range = time_range
         self._total_rows = total_rows
         self._fetch_size = fetch_size
@@ -174,6 +234,9 @@ class ReadIdRangeFn(beam.DoFn):
         self._connection = psycopg2.connect(self._dsn)
         # A repeatable snapshot per split; read-only so a backfill can never write the source.
         self._connection.set_session(readonly=True)
+
+    def start_bundle(self) -> None:
+        ProgressLog.begin(self._run, "read")
 
     def process(self, id_range: IdRange) -> Iterator[RawRecord]:
         pending = 0
@@ -191,7 +254,7 @@ class ReadIdRangeFn(beam.DoFn):
 
     def _report(self, rows: int, final: bool = False) -> None:
         self._rows_read.inc(rows)
-        _Progress.add(rows, self._total_rows, final=final)
+        ProgressLog.add(self._run, "read", rows, self._total_rows, final=final)
 
     def teardown(self) -> None:
         if self._connection is not None:
@@ -202,8 +265,12 @@ class ReadIdRangeFn(beam.DoFn):
 class ReadEventsFromPostgres(beam.PTransform):
     """``engagement_events`` rows with ``event_ts`` in ``[start, end)`` as ``RawRecord``, read in parallel."""
 
-    def __init__(self, dsn: str, time_range: TimeRange, summary: RangeSummary, splits: int) -> None:
+    def __init__(
+        self, dsn: str, time_range: TimeRange, summary: RangeSummary, splits: int, run: str | None = None
+    ) -> None:
+        """``run`` names the run in progress logs (``LogProgressFn`` steps of the same run log alongside)."""
         super().__init__()
+        self._run = run or uuid.uuid4().hex
         self._dsn = dsn
         self._time_range = time_range
         self._summary = summary
@@ -215,5 +282,5 @@ class ReadEventsFromPostgres(beam.PTransform):
             | "IdRanges" >> beam.Create(self._ranges)
             # Without the reshuffle a runner may fuse the splits into one bundle and read them one by one.
             | "SpreadSplits" >> beam.Reshuffle()
-            | "ReadRange" >> beam.ParDo(ReadIdRangeFn(self._dsn, self._time_range, self._summary.rows))
+            | "ReadRange" >> beam.ParDo(ReadIdRangeFn(self._dsn, self._time_range, self._summary.rows, run=self._run))
         )

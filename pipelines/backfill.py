@@ -1,0 +1,369 @@
+"""The backfill (SPEC §7): ``engagement_events`` with ``event_ts`` in ``[start, end)``, read from PostgreSQL in
+parallel id splits, through the streaming job's transforms in batch mode, into the same sinks.
+
+    python -m pipelines.backfill --start 2026-11-22T00:00:00Z --end 2026-11-23T00:00:00Z [options]
+    scripts/backfill --start ... --end ...          # the same, with the local stack's endpoints and Prism
+
+PostgreSQL rows -> build_core (decode, de-duplicate, enrich with a content snapshot, window aggregates)
+  enriched events   -> skip ids enriched_events already holds -> BigQuery (and the HTTP API if asked)
+  window aggregates -> skip windows whose value equals window_aggregates_current -> BigQuery
+                    -> every window -> Redis (overwrites; buckets older than their TTL are skipped)
+  dead letters      -> BigQuery dead_letters
+
+So a backfill never duplicates what streaming (or an earlier backfill) wrote, and running it twice leaves
+every sink as after the first run. Every check that needs no pipeline (dates, database, tables) runs
+before anything is written; a failed check exits with status 2 and a one-line message. See docs/backfill.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import logging
+import sys
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, _BeamArgumentParser
+from apache_beam.transforms.window import GlobalWindows
+
+from pipelines.core import CoreOutputs, CoreSettings, build_core
+from pipelines.options import CoreOptions
+from pipelines.outputs import SinkSettings, write_outputs
+from transforms.backfill_filters import (
+    BigQueryReadSettings,
+    KeepFinalPanes,
+    KeepNewEvents,
+    ReadCurrentAggregates,
+    ReadExistingEventIds,
+    SplitAggregatesByCurrentValue,
+    bigquery_client,
+    check_window_aligned,
+)
+from transforms.content import PostgresContentLoader, PostgresContentLookup, ReadContentOnce
+from transforms.model import DeadLetter
+from transforms.postgres_source import (
+    LogProgressFn,
+    RangeSummary,
+    ReadEventsFromPostgres,
+    TimeRange,
+    missing_source_tables,
+    summarize_range,
+)
+from transforms.sinks.bigquery import LOCAL_STORAGE_WRITE, BigQuerySinkOptions, BigQuerySinkSettings
+from transforms.sinks.http_api import HttpSinkOptions, HttpSinkSettings
+from transforms.sinks.redis_top import RedisSinkConfig, RedisSinkOptions, WriteTopContentToRedis, connect
+
+LOG = logging.getLogger(__name__)
+
+PREFLIGHT_EXIT_STATUS = 2
+
+
+class BackfillOptions(PipelineOptions):
+    """What to backfill and how to reach the sinks' current contents."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:  # noqa: ANN001 - Beam's argparse wrapper
+        parser.add_argument(
+            "--start",
+            default=None,
+            help="First instant of the range on event_ts, inclusive; ISO-8601 with a UTC offset "
+            "(2026-11-22T00:00:00Z). Must be on a window boundary (--window_seconds).",
+        )
+        parser.add_argument(
+            "--end",
+            default=None,
+            help="End of the range on event_ts, exclusive; ISO-8601 with a UTC offset, on a window boundary.",
+        )
+        parser.add_argument(
+            "--read_splits",
+            type=int,
+            default=8,
+            help="Number of id ranges PostgreSQL is read in, in parallel (one query and connection each).",
+        )
+        parser.add_argument(
+            "--send_to_http_api",
+            action="store_true",
+            default=False,
+            help=(
+                "Also send the events new to BigQuery to the external HTTP API (off by default). Batches use "
+                "the streaming job's idempotency keys, but a batch's key depends on its set of ids, so events "
+                "the API already got in other batches would be stored again: see docs/backfill.md."
+            ),
+        )
+        parser.add_argument(
+            "--bigquery_rest_endpoint",
+            default=None,
+            help=(
+                "REST URL of the BigQuery emulator (e.g. http://127.0.0.1:59050), where the backfill reads "
+                "the ids and window values the tables hold. Unset: Google BigQuery with default credentials."
+            ),
+        )
+        parser.add_argument(
+            "--preflight_timeout_seconds",
+            type=int,
+            default=10,
+            help="Connect timeout of the checks made before the pipeline starts (PostgreSQL, BigQuery, Redis).",
+        )
+
+
+class PreflightError(Exception):
+    """A check before the pipeline failed; the message is one line for the operator."""
+
+
+@dataclass(frozen=True)
+class BackfillPlan:
+    """Everything the pipeline is built from, checked before anything is written."""
+
+    time_range: TimeRange
+    summary: RangeSummary
+    dsn: str
+    read_splits: int
+    core: CoreSettings
+    sinks: SinkSettings
+    bigquery_read: BigQueryReadSettings
+    content_lookup: bool
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def plan_from_options(options: PipelineOptions) -> BackfillPlan:
+    """The plan without touching any service (raises ``PreflightError`` on bad options); its summary is empty."""
+    backfill = options.view_as(BackfillOptions)
+    core_options = options.view_as(CoreOptions)
+    if backfill.start is None or backfill.end is None:
+        raise PreflightError("--start and --end are required (ISO-8601 with a UTC offset)")
+    try:
+        time_range = TimeRange.parse(backfill.start, backfill.end)
+        check_window_aligned(time_range, core_options.window_seconds)
+        if backfill.read_splits < 1:
+            raise ValueError("--read_splits must be at least 1")
+        core = CoreSettings.from_options(options, streaming=False)
+        bigquery = BigQuerySinkSettings.from_options(options)
+        redis_config = RedisSinkConfig.from_options(options, window_seconds=core.windows.window_seconds)
+        http = HttpSinkSettings.from_options(options) if backfill.send_to_http_api else None
+    except ValueError as error:
+        raise PreflightError(_one_line(error)) from error
+    if backfill.send_to_http_api and http is None:
+        raise PreflightError("--send_to_http_api contradicts --http_api_sink=disabled")
+    if bigquery.write_method == LOCAL_STORAGE_WRITE and not backfill.bigquery_rest_endpoint:
+        raise PreflightError("--bigquery_write_method=local_storage_write needs --bigquery_rest_endpoint")
+    plan = BackfillPlan(
+        time_range=time_range,
+        summary=RangeSummary(rows=0, min_id=None, max_id=None),
+        dsn=core_options.postgres_dsn,
+        read_splits=backfill.read_splits,
+        core=core,
+        sinks=SinkSettings(bigquery=bigquery, redis=redis_config, http=http),
+        bigquery_read=BigQueryReadSettings(
+            project=bigquery.project,
+            dataset=bigquery.dataset,
+            events_table=bigquery.events_table,
+            aggregates_table=bigquery.aggregates_table,
+            rest_endpoint=backfill.bigquery_rest_endpoint,
+        ),
+        content_lookup=core_options.content_lookup == "postgres",
+    )
+    return plan
+
+
+def preflight(options: PipelineOptions) -> BackfillPlan:
+    """Checks the options, PostgreSQL, BigQuery and Redis; returns the plan with the range's row count."""
+    plan = plan_from_options(options)
+    timeout = options.view_as(BackfillOptions).preflight_timeout_seconds
+    plan = _check_postgres(plan, timeout)
+    _check_bigquery(plan)
+    _check_redis(plan, timeout)
+    return plan
+
+
+def _check_postgres(plan: BackfillPlan, timeout: int) -> BackfillPlan:
+    import psycopg2
+
+    try:
+        missing = missing_source_tables(plan.dsn, connect_timeout_seconds=timeout)
+        if missing:
+            raise PreflightError(f"PostgreSQL has no table {', '.join(missing)} (apply sql/postgres/001_schema.sql)")
+        summary = summarize_range(plan.dsn, plan.time_range, connect_timeout_seconds=timeout)
+    except psycopg2.Error as error:
+        # libpq's message names host and port, never the password.
+        raise PreflightError(f"cannot use PostgreSQL: {_one_line(error)}") from error
+    return dataclasses.replace(plan, summary=summary)
+
+
+def _check_bigquery(plan: BackfillPlan) -> None:
+    from google.api_core import exceptions as api_exceptions
+    from google.auth import exceptions as auth_exceptions
+    from requests import exceptions as http_exceptions
+
+    bigquery = plan.sinks.bigquery
+    tables = (bigquery.events_table, bigquery.aggregates_table, bigquery.dead_letters_table)
+    where = plan.bigquery_read.rest_endpoint or "BigQuery"
+    try:
+        client = bigquery_client(plan.bigquery_read)
+    except auth_exceptions.GoogleAuthError as error:
+        raise PreflightError(f"cannot use BigQuery: {_one_line(error)}") from error
+    try:
+        for table in tables:
+            table_id = plan.bigquery_read.table_id(table)
+            try:
+                client.get_table(table_id, timeout=30)
+            except api_exceptions.NotFound as error:
+                raise PreflightError(
+                    f"BigQuery table {table_id} does not exist (create it with scripts/bigquery-ddl)"
+                ) from error
+    except (api_exceptions.GoogleAPIError, http_exceptions.RequestException) as error:
+        raise PreflightError(f"cannot reach BigQuery at {where}: {_one_line(error)[:300]}") from error
+    finally:
+        client.close()
+
+
+def _check_redis(plan: BackfillPlan, timeout: int) -> None:
+    import redis
+
+    client = connect(plan.sinks.redis.url, connect_timeout_seconds=timeout)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        # The URL may hold a password: name the error only.
+        raise PreflightError(f"cannot reach Redis (--redis_url): {_one_line(error)}") from error
+    finally:
+        client.close()
+
+
+def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions, plan: BackfillPlan | None = None) -> None:
+    """Adds the backfill to ``pipeline``; runs the preflight checks unless given their ``plan``."""
+    plan = plan or preflight(options)
+    dsn = plan.dsn
+    run = uuid.uuid4().hex
+    raw = pipeline | "Read engagement_events" >> ReadEventsFromPostgres(
+        dsn, plan.time_range, plan.summary, plan.read_splits, run=run
+    )
+    content = pipeline | "Read content" >> ReadContentOnce(PostgresContentLoader(dsn))
+    lookup = functools.partial(PostgresContentLookup, dsn) if plan.content_lookup else None
+    core = build_core(raw, content, plan.core, content_lookup=lookup)
+    # Reading is only the start of a long run: the enrichment's progress shows how far the graph got.
+    enriched = core.enriched | "Progress" >> beam.ParDo(LogProgressFn(run, "enriched", plan.summary.rows))
+
+    existing_ids = pipeline | "Ids in BigQuery" >> ReadExistingEventIds(plan.bigquery_read, plan.time_range)
+    current = pipeline | "Windows in BigQuery" >> ReadCurrentAggregates(
+        plan.bigquery_read, plan.time_range, plan.core.windows.window_seconds
+    )
+    new_events = enriched | "Skip events in BigQuery" >> KeepNewEvents(existing_ids)
+    final = core.aggregates | "Final pane per window" >> KeepFinalPanes()
+    aggregates = final | "Compare windows with BigQuery" >> SplitAggregatesByCurrentValue(current)
+
+    # Redis gets every window of the range (its writes overwrite, so equal values change nothing): the
+    # changed ones through write_outputs with BigQuery, the unchanged ones here.
+    unchanged_to_redis = aggregates.unchanged | "Redis top content (unchanged windows)" >> WriteTopContentToRedis(
+        plan.sinks.redis
+    )
+    dead_letters = _flatten_globally([core.dead_letters, unchanged_to_redis], "Dead letters before the sinks")
+    write_outputs(
+        CoreOutputs(enriched=new_events, aggregates=aggregates.changed, dead_letters=dead_letters), plan.sinks
+    )
+
+
+def _flatten_globally(collections: list[beam.PCollection[DeadLetter]], label: str) -> beam.PCollection[DeadLetter]:
+    return [
+        collection | f"{label}: global window {index}" >> beam.WindowInto(GlobalWindows())
+        for index, collection in enumerate(collections)
+    ] | label >> beam.Flatten()
+
+
+# --- command line -----------------------------------------------------------------------------------------
+
+_OPTION_CLASSES = (BackfillOptions, CoreOptions, BigQuerySinkOptions, RedisSinkOptions, HttpSinkOptions)
+
+_SUMMARY_COUNTERS = (
+    ("backfill", "rows_read"),
+    ("backfill", "events_new"),
+    ("backfill", "events_already_in_bigquery"),
+    ("backfill", "aggregates_changed"),
+    ("backfill", "aggregates_unchanged"),
+    ("sink.bigquery", "enriched_events.rows_written"),
+    ("sink.bigquery", "window_aggregates.rows_written"),
+    ("sink.redis", "written"),
+    ("sink.redis", "skipped_expired"),
+    ("sink.http", "events_sent"),
+)
+
+
+def print_help() -> None:
+    parser = _BeamArgumentParser(
+        prog="python -m pipelines.backfill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for options_class in _OPTION_CLASSES:
+        options_class._add_argparse_args(parser)
+    parser.print_help()
+    print("\nAny Beam pipeline option (--runner, --project, --temp_location, ...) is passed to the runner.")
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Progress (rows read of the total, rate, time left) and the plan and summary of this module.
+    for name in (__name__, "transforms.postgres_source"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+def log_summary(result: beam.runners.runner.PipelineResult) -> None:
+    try:
+        counters = result.metrics().query()["counters"]
+    except (NotImplementedError, AttributeError, KeyError):
+        return
+    totals: dict[tuple[str, str], int] = {}
+    for counter in counters:
+        key = (counter.key.metric.namespace, counter.key.metric.name)
+        value = counter.committed if counter.committed is not None else counter.attempted
+        totals[key] = totals.get(key, 0) + (value or 0)
+    parts = [
+        f"{namespace}/{name}={totals[namespace, name]}"
+        for namespace, name in _SUMMARY_COUNTERS
+        if (namespace, name) in totals
+    ]
+    LOG.info("backfill done: %s", ", ".join(parts))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print_help()
+        return 0
+    configure_logging()
+    options = PipelineOptions(argv)
+    try:
+        plan = preflight(options)
+    except PreflightError as error:
+        print(f"backfill: error: {error}", file=sys.stderr)
+        return PREFLIGHT_EXIT_STATUS
+    runner = options.view_as(StandardOptions).runner
+    if runner in (None, "DirectRunner", "BundleBasedDirectRunner"):
+        LOG.warning(
+            "the Python DirectRunner runs this pipeline on its legacy engine, which can drop sink dead letters; "
+            "use --runner=PrismRunner (scripts/backfill does)"
+        )
+    LOG.info(
+        "backfill [%s, %s): %d rows in PostgreSQL (ids %s..%s), %d read splits, HTTP API %s",
+        plan.time_range.start.isoformat(),
+        plan.time_range.end.isoformat(),
+        plan.summary.rows,
+        plan.summary.min_id,
+        plan.summary.max_id,
+        plan.read_splits,
+        "on" if plan.sinks.http is not None else "off",
+    )
+    pipeline = beam.Pipeline(options=options)
+    build_pipeline(pipeline, options, plan)
+    result = pipeline.run()
+    result.wait_until_finish()
+    log_summary(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

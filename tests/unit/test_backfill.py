@@ -1,0 +1,207 @@
+"""The backfill's rules without services: options and preflight messages, window alignment, and the
+idempotence filters (which events and windows are written again), run on the DirectRunner."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipelines.backfill import PreflightError, main, plan_from_options
+from tests.unit.helpers import PODCAST, plain_event
+from transforms.backfill_filters import (
+    CHANGED,
+    UNCHANGED,
+    BigQueryReadSettings,
+    KeepNewEvents,
+    SplitAggregatesByCurrentValue,
+    aggregate_changed,
+    aggregate_key,
+    check_window_aligned,
+    current_aggregates_query,
+    existing_ids_query,
+    window_range,
+)
+from transforms.decode import decode_record
+from transforms.enrich import enrich
+from transforms.model import WindowAggregate
+from transforms.postgres_source import TimeRange
+from transforms.rows import window_aggregate_row
+
+MINUTE = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
+LOCAL = ["--bigquery_project=p", "--bigquery_dataset=d"]
+
+
+def aggregate(**changes) -> WindowAggregate:
+    values = {
+        "window_start": MINUTE,
+        "window_end": MINUTE + timedelta(minutes=1),
+        "content_id": PODCAST.id,
+        "content_missing": False,
+        "title": PODCAST.title,
+        "slug": PODCAST.slug,
+        "content_type": "podcast",
+        "event_count": 3,
+        "play_count": 2,
+        "pause_count": 1,
+        "finish_count": 0,
+        "click_count": 0,
+        "engagement_seconds_sum": Decimal("12.500"),
+        "distinct_users": 2,
+        "pane_timing": "ON_TIME",
+        "pane_index": 0,
+        "emitted_at": datetime(2026, 11, 22, 12, 0, tzinfo=UTC),
+    }
+    return WindowAggregate(**{**values, **changes})
+
+
+# --- options and preflight without services -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "--start and --end are required"),
+        (["--start=2026-11-22T10:00:00Z", "--end=2026-11-22T09:00:00Z"], "must be after --start"),
+        (["--start=2026-11-22T10:00:00Z", "--end=2026-13-40"], "--end '2026-13-40' is not an ISO-8601"),
+        (["--start=2026-11-22T10:00:30Z", "--end=2026-11-22T11:00:00Z"], "not on a 60-second window boundary"),
+        (["--start=2026-11-22T10:00:00Z", "--end=2026-11-22T11:00:00Z", "--read_splits=0"], "at least 1"),
+        (
+            [
+                "--start=2026-11-22T10:00:00Z",
+                "--end=2026-11-22T11:00:00Z",
+                "--bigquery_write_method=local_storage_write",
+                "--bigquery_endpoint=127.0.0.1:1",
+            ],
+            "needs --bigquery_rest_endpoint",
+        ),
+    ],
+)
+def test_bad_options_are_refused_before_any_service_is_touched(argv, message):
+    with pytest.raises(PreflightError, match=message):
+        plan_from_options(PipelineOptions([*LOCAL, *argv]))
+
+
+def test_the_http_api_is_off_unless_asked_for(monkeypatch):
+    argv = [*LOCAL, "--start=2026-11-22T10:00:00Z", "--end=2026-11-22T11:00:00Z", "--http_api_url=http://api/v1"]
+    assert plan_from_options(PipelineOptions(argv)).sinks.http is None
+    monkeypatch.setenv("HTTP_API_TOKEN", "t0ken")
+    asked = plan_from_options(PipelineOptions([*argv, "--send_to_http_api"]))
+    assert asked.sinks.http is not None
+    assert asked.sinks.http.endpoint == "http://api/v1"
+
+
+def test_batch_settings_have_no_early_firings_and_keep_the_range():
+    argv = [*LOCAL, "--start=2026-11-22T11:00:00+01:00", "--end=2026-11-22T11:00:00Z", "--window_seconds=30"]
+    plan = plan_from_options(PipelineOptions(argv))
+    assert plan.core.streaming is False
+    assert plan.core.windows.window_seconds == 30
+    assert plan.time_range == TimeRange(MINUTE, MINUTE + timedelta(hours=1))
+
+
+def test_a_preflight_failure_is_one_line_and_exit_status_2(capsys):
+    status = main([*LOCAL, "--start=yesterday", "--end=2026-11-22T11:00:00Z"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err == "backfill: error: --start 'yesterday' is not an ISO-8601 date or time\n"
+
+
+# --- windows ----------------------------------------------------------------------------------------------
+
+
+def test_ranges_must_cover_whole_windows():
+    check_window_aligned(TimeRange(MINUTE, MINUTE + timedelta(minutes=5)), 60)
+    check_window_aligned(TimeRange(MINUTE, MINUTE + timedelta(seconds=30)), 10)
+    with pytest.raises(ValueError, match=r"--end .* not on a 60-second window boundary \(e.g. 2026-11-22T10:05:00"):
+        check_window_aligned(TimeRange(MINUTE, MINUTE + timedelta(minutes=5, seconds=1)), 60)
+
+
+def test_window_range_starts_at_the_window_holding_start():
+    offset = timezone(timedelta(hours=2))
+    time_range = TimeRange(datetime(2026, 11, 22, 12, 0, 30, tzinfo=offset), MINUTE + timedelta(minutes=3))
+    assert window_range(time_range, 60) == (MINUTE, MINUTE + timedelta(minutes=3))
+
+
+def test_queries_read_only_the_range_of_the_configured_tables():
+    settings = BigQueryReadSettings("p", "d", "events_x", "aggregates_x")
+    time_range = TimeRange(MINUTE, MINUTE + timedelta(minutes=2))
+    ids = existing_ids_query(settings, time_range)
+    assert "`p.d.events_x`" in ids.sql
+    assert "event_ts >= @start AND event_ts < @end" in ids.sql
+    assert ids.timestamps == (("start", MINUTE), ("end", MINUTE + timedelta(minutes=2)))
+    current = current_aggregates_query(settings, time_range, 60)
+    assert "`p.d.aggregates_x`" in current.sql
+    assert "ORDER BY emitted_at DESC, pane_index DESC" in current.sql  # as window_aggregates_current ranks panes
+
+
+# --- which windows are written again ------------------------------------------------------------------------
+
+
+def stored(computed: WindowAggregate, **changes) -> dict:
+    """``computed`` as BigQuery returns it: a later pane, NUMERIC with its own scale, UTC timestamps."""
+    row = window_aggregate_row(computed) | {"pane_timing": "LATE", "pane_index": 4}
+    row["emitted_at"] = row["emitted_at"] - timedelta(hours=1)
+    return row | changes
+
+
+def test_an_equal_window_is_not_written_again_whatever_its_pane():
+    computed = window_aggregate_row(aggregate())
+    assert not aggregate_changed(computed, stored(aggregate(), engagement_seconds_sum=Decimal("12.5")))
+    offset = timezone(timedelta(hours=-5))
+    assert not aggregate_changed(
+        computed, stored(aggregate(), window_end=(MINUTE + timedelta(minutes=1)).astimezone(offset))
+    )
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"event_count": 4},
+        {"engagement_seconds_sum": Decimal("12.501")},
+        {"distinct_users": 1},
+        {"title": "Renamed"},
+        {"click_count": 1},
+    ],
+)
+def test_a_window_whose_value_differs_is_written(changes):
+    assert aggregate_changed(window_aggregate_row(aggregate()), stored(aggregate(), **changes))
+
+
+def test_a_window_the_table_lacks_is_written():
+    assert aggregate_changed(window_aggregate_row(aggregate()), None)
+
+
+def test_the_key_is_the_views_partition():
+    row = window_aggregate_row(aggregate(content_id=None, content_missing=True))
+    assert aggregate_key(row) == (MINUTE, None, True)
+    assert aggregate_key(window_aggregate_row(aggregate())) == (MINUTE, str(PODCAST.id), False)
+
+
+def test_only_changed_windows_go_to_bigquery_and_the_rest_to_redis_only():
+    same, corrected, new = (
+        aggregate(),
+        aggregate(content_id=None, content_missing=True),
+        aggregate(window_start=MINUTE + timedelta(minutes=1), window_end=MINUTE + timedelta(minutes=2)),
+    )
+    table = [stored(same), stored(corrected, event_count=1)]
+    with test_pipeline.TestPipeline() as pipeline:
+        current = pipeline | "Current" >> beam.Create([(aggregate_key(row), row) for row in table])
+        split = pipeline | beam.Create([same, corrected, new]) | SplitAggregatesByCurrentValue(current)
+        assert_that(split[CHANGED], equal_to([corrected, new]), label="changed")
+        assert_that(split[UNCHANGED], equal_to([same]), label="unchanged")
+
+
+# --- which events are written again -------------------------------------------------------------------------
+
+
+def test_events_already_in_bigquery_are_skipped():
+    events = [enrich(decode_record(plain_event(event_id, 5).value).event, PODCAST) for event_id in (1, 2, 3)]
+    with test_pipeline.TestPipeline() as pipeline:
+        existing = pipeline | "Existing" >> beam.Create([2, 7])
+        new = pipeline | beam.Create(events) | KeepNewEvents(existing)
+        assert_that(new | beam.Map(lambda event: event.event.id), equal_to([1, 3]))
