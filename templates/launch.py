@@ -1,0 +1,133 @@
+"""What the flex template launcher does before either pipeline's own ``main``: template parameters to Beam
+arguments, and the HTTP API token from Secret Manager.
+
+Dataflow passes every template parameter as one ``--name=value`` argument, which does not fit two kinds of
+option: on/off flags (``action="store_true"`` rejects ``=true``) and repeatable options
+(``--kafka_consumer_config`` takes one property per occurrence). ``template_arguments`` rewrites both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Iterable, Sequence
+
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, WorkerOptions
+
+from pipelines import backfill
+from pipelines.options import CoreOptions
+from transforms.kafka_source import KafkaReadOptions
+from transforms.sinks.bigquery import BigQuerySinkOptions
+from transforms.sinks.http_api import HttpSinkOptions
+from transforms.sinks.redis_top import RedisSinkOptions
+
+
+class LaunchError(Exception):
+    """The template cannot be launched as parameterized; the message is one line for the operator."""
+
+
+class TemplateLaunchOptions(PipelineOptions):
+    """Options that only the flex template launcher reads."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:  # noqa: ANN001 - Beam's argparse wrapper
+        parser.add_argument(
+            "--http_api_token_secret",
+            default=None,
+            help=(
+                "Secret Manager secret version holding the HTTP API bearer token "
+                "(projects/PROJECT/secrets/NAME/versions/VERSION). The launcher reads it with the job's service "
+                "account and hands it to the HTTP sink through the variable named by --http_api_token_env, so "
+                "the token never appears in the job's parameters."
+            ),
+        )
+
+
+STREAMING_OPTIONS: tuple[type[PipelineOptions], ...] = (
+    TemplateLaunchOptions,
+    CoreOptions,
+    KafkaReadOptions,
+    BigQuerySinkOptions,
+    RedisSinkOptions,
+    HttpSinkOptions,
+)
+# The backfill's own list, so a class it adds is a template parameter (and in its metadata) at once.
+BACKFILL_OPTIONS: tuple[type[PipelineOptions], ...] = (TemplateLaunchOptions, *backfill._OPTION_CLASSES)
+
+TRUE_WORDS = ("true", "1", "yes")
+FALSE_WORDS = ("false", "0", "no")
+MULTI_VALUE_SEPARATOR = "\n"
+"""A repeatable option's values in one template parameter are separated by newlines (a Kafka JAAS config
+holds ';', '=' and spaces, never a newline)."""
+
+
+def option_actions(option_classes: Iterable[type[PipelineOptions]]) -> dict[str, argparse.Action]:
+    """Option name (without dashes) -> its argparse action, over every class, first declaration winning."""
+    actions: dict[str, argparse.Action] = {}
+    for options_class in option_classes:
+        parser = argparse.ArgumentParser(add_help=False)
+        options_class._add_argparse_args(parser)
+        for action in parser._actions:
+            actions.setdefault(action.dest, action)
+    return actions
+
+
+def template_arguments(argv: Sequence[str], option_classes: Iterable[type[PipelineOptions]]) -> list[str]:
+    """``--flag=true`` -> ``--flag``, ``--flag=false`` -> nothing, and ``--repeatable=a\\nb`` -> one argument
+    per line; every other argument unchanged."""
+    actions = option_actions(option_classes)
+    result: list[str] = []
+    for argument in argv:
+        name, has_value, value = argument.partition("=")
+        action = actions.get(name.removeprefix("--")) if name.startswith("--") and has_value else None
+        if isinstance(action, argparse._StoreTrueAction):
+            word = value.strip().lower()
+            if word not in TRUE_WORDS + FALSE_WORDS:
+                raise LaunchError(f"{name} takes true or false, not {value!r}")
+            if word in TRUE_WORDS:
+                result.append(name)
+        elif isinstance(action, argparse._AppendAction):
+            result.extend(f"{name}={line.strip()}" for line in value.split(MULTI_VALUE_SEPARATOR) if line.strip())
+        else:
+            result.append(argument)
+    return result
+
+
+def read_secret(version_name: str) -> str:
+    """The payload of a Secret Manager secret version, read with application default credentials."""
+    from google.api_core import exceptions as api_exceptions
+    from google.auth import exceptions as auth_exceptions
+    from google.cloud import secretmanager
+
+    try:
+        client = secretmanager.SecretManagerServiceClient()
+        response = client.access_secret_version(name=version_name, timeout=30)
+    except (api_exceptions.GoogleAPIError, auth_exceptions.GoogleAuthError) as error:
+        # The error names the secret and the reason, never a payload.
+        raise LaunchError(f"cannot read {version_name} from Secret Manager: {error}") from error
+    return response.payload.data.decode("utf-8").strip()
+
+
+def prepare(
+    argv: Sequence[str],
+    option_classes: Iterable[type[PipelineOptions]],
+    secret_reader: Callable[[str], str] = read_secret,
+) -> list[str]:
+    """The pipeline's arguments from the template's; puts the HTTP API token where the sink reads it."""
+    arguments = template_arguments(argv, option_classes)
+    options = PipelineOptions(arguments)
+    if options.view_as(StandardOptions).runner == "DataflowRunner" and not (
+        options.view_as(WorkerOptions).sdk_container_image
+    ):
+        # The workers need the project and its dependencies, which only the template's own image holds.
+        raise LaunchError("set sdk_container_image to the template's image (templates/run.sh does)")
+    secret = options.view_as(TemplateLaunchOptions).http_api_token_secret
+    if secret:
+        http = options.view_as(HttpSinkOptions)
+        if http.http_api_token_file:
+            raise LaunchError("give http_api_token_secret or http_api_token_file, not both")
+        token = secret_reader(secret)
+        if not token:
+            raise LaunchError(f"the Secret Manager version {secret} is empty")
+        os.environ[http.http_api_token_env] = token
+    return arguments
