@@ -41,15 +41,19 @@ class CoreOptions(PipelineOptions):
             type=int,
             default=600,
             help=(
-                "How long an event id is remembered to drop redelivered copies, in seconds of processing "
-                "time. Must be at least window_seconds + allowed_lateness_seconds."
+                "How long an event id is remembered to drop redelivered copies, in seconds of event time past "
+                "the first copy's event time. Must be at least window_seconds + allowed_lateness_seconds."
             ),
         )
         parser.add_argument(
             "--content_refresh_seconds",
             type=float,
             default=60.0,
-            help="How often the streaming job re-reads the content table for enrichment, in seconds.",
+            help=(
+                "How often the streaming job re-reads the content table for enrichment, in seconds. 0 reads it "
+                "once at start and relies on --content_lookup for later content (for runners such as Prism that "
+                "cannot refresh a side input)."
+            ),
         )
         parser.add_argument(
             "--content_lookup",

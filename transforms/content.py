@@ -104,18 +104,23 @@ class ContentLookup(Protocol):
 
 
 class PostgresContentLookup:
-    """Looks content up by id in PostgreSQL, caching hits for the run and misses for a short while.
+    """Looks content up by id in PostgreSQL, caching hits for ``hit_ttl_seconds`` and misses briefly.
 
+    Hits expire so that, where the side input is read only once (runners without refreshing side
+    inputs, see pipelines/streaming.py), edited content still reaches events within that time.
     Misses are cached briefly so an unknown id in a burst of events costs one query, not one per event,
     yet content inserted a moment later is still found.
     """
 
-    def __init__(self, dsn: str, miss_ttl_seconds: float = 5.0, attempts: int = 3) -> None:
+    def __init__(
+        self, dsn: str, miss_ttl_seconds: float = 5.0, attempts: int = 3, hit_ttl_seconds: float = 300.0
+    ) -> None:
         self._dsn = dsn
         self._miss_ttl = miss_ttl_seconds
+        self._hit_ttl = hit_ttl_seconds
         self._attempts = attempts
         self._connection = None
-        self._hits: dict[UUID, Content] = {}
+        self._hits: dict[UUID, tuple[Content, float]] = {}
         self._misses: dict[UUID, float] = {}
 
     def setup(self) -> None:
@@ -128,8 +133,9 @@ class PostgresContentLookup:
         self._connection.autocommit = True
 
     def get(self, content_id: UUID) -> Content | None:
-        if content_id in self._hits:
-            return self._hits[content_id]
+        hit = self._hits.get(content_id)
+        if hit is not None and time.monotonic() - hit[1] < self._hit_ttl:
+            return hit[0]
         missed_at = self._misses.get(content_id)
         if missed_at is not None and time.monotonic() - missed_at < self._miss_ttl:
             return None
@@ -138,7 +144,7 @@ class PostgresContentLookup:
             self._misses[content_id] = time.monotonic()
             return None
         content = _content_from_row(row)
-        self._hits[content_id] = content
+        self._hits[content_id] = (content, time.monotonic())
         self._misses.pop(content_id, None)
         return content
 

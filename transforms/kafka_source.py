@@ -84,6 +84,15 @@ class KafkaReadOptions(PipelineOptions):
             help="Stop reading after this many seconds (a bounded read, for tests and demos). Unset: forever.",
         )
         parser.add_argument(
+            "--kafka_java_loopback_worker",
+            default=False,
+            type=_parse_bool,
+            help=(
+                "Run KafkaIO's Java worker inside its expansion service (true/false): for local runners "
+                "without Docker such as Prism. Leave false on Dataflow, which runs its own Java workers."
+            ),
+        )
+        parser.add_argument(
             "--kafka_expansion_service",
             default="",
             help=(
@@ -169,6 +178,7 @@ class KafkaReadSettings:
             max_records=kafka.kafka_max_records,
             max_read_seconds=kafka.kafka_max_read_seconds,
             expansion_service=kafka.kafka_expansion_service or None,
+            loopback_worker=kafka.kafka_java_loopback_worker,
         )
 
 

@@ -1,0 +1,220 @@
+"""``scripts/run-local``: the streaming job on this machine, end to end, with a live view.
+
+Brings the local stack up, creates the BigQuery tables in the emulator, starts the data generator
+(PostgreSQL -> Debezium -> Kafka), runs ``pipelines.streaming`` on Prism, and redraws the top 10 and the
+sink counts every few seconds until Ctrl-C or SIGTERM (e.g. ``timeout 150 scripts/run-local``), either of
+which stops the generator and the pipeline (the stack stays up; ``scripts/stack down`` stops it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+
+import redis
+import requests
+
+from devstack import bigquery_clients
+from devstack.cli import ensure_up
+from devstack.config import REPO_ROOT, StackConfig, load_config
+from pipelines.local_runner import prism_args
+from transforms.sinks.redis_top import read_top_content
+
+PIPELINE_LOG = "pipeline.log"
+GENERATOR_LOG = "generator.log"
+
+
+def pipeline_args(cfg: StackConfig, start: datetime, window_seconds: int, lateness_seconds: int) -> list[str]:
+    """The streaming job's options against the local stack, on Prism (see docs/local-streaming.md)."""
+    return [
+        *prism_args(streaming=True),
+        f"--bootstrap_servers={cfg.kafka_bootstrap}",
+        "--cdc_topic=cdc.public.engagement_events",
+        "--consumer_group=engagement-local",
+        f"--start_offset={start.isoformat()}",
+        # Prism refuses KafkaIO's commit-in-finalize step (it needs stable input); the consumer commits.
+        "--commit_offsets=false",
+        "--kafka_consumer_config=enable.auto.commit=true",
+        "--kafka_java_loopback_worker=true",
+        f"--postgres_dsn={cfg.pg_dsn}",
+        # Prism cannot refresh a side input (apache/beam#31438): snapshot once, look new content up.
+        "--content_refresh_seconds=0",
+        f"--window_seconds={window_seconds}",
+        f"--allowed_lateness_seconds={lateness_seconds}",
+        f"--bigquery_project={cfg.bq_project}",
+        f"--bigquery_dataset={cfg.bq_dataset}",
+        "--bigquery_write_method=local_storage_write",
+        f"--bigquery_endpoint={cfg.bq_grpc_endpoint}",
+        f"--redis_url={cfg.redis_url}",
+        f"--http_api_url={cfg.http_api_url}/v1/events",
+    ]
+
+
+def _start(cfg: StackConfig, argv: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    cfg.log_dir.mkdir(parents=True, exist_ok=True)
+    log = open(cfg.log_dir / log_name, "ab")  # noqa: SIM115 - handed to the child, closed when it ends
+    return subprocess.Popen(
+        argv,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO_ROOT,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM takes Ctrl-C's path: the children run in sessions of their own, so only we can stop them."""
+    raise KeyboardInterrupt
+
+
+def _stop(process: subprocess.Popen, name: str) -> None:
+    if process.poll() is not None:
+        return
+    print(f"run-local: stopping {name}")
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _counts(cfg: StackConfig, bq) -> dict[str, str]:  # noqa: ANN001 - a google.cloud.bigquery.Client
+    counts: dict[str, str] = {}
+    dataset = f"`{cfg.bq_project}.{cfg.bq_dataset}"
+    for label, table in (
+        ("events", "enriched_events_unique"),
+        ("aggregates", "window_aggregates"),
+        ("dead letters", "dead_letters"),
+    ):
+        try:
+            rows = list(bq.query_and_wait(f"SELECT COUNT(*) AS n FROM {dataset}.{table}`"))  # noqa: S608
+            counts[f"BigQuery {label}"] = f"{rows[0]['n']:,}"
+        except Exception as exc:  # noqa: BLE001 - the view keeps drawing whatever one source says
+            counts[f"BigQuery {label}"] = f"? ({type(exc).__name__})"
+    try:
+        stats = requests.get(f"{cfg.http_api_url}/v1/stats", timeout=2).json()
+        counts["HTTP API events"] = f"{stats['distinct_event_ids']:,} ({stats['batches_received']:,} batches)"
+    except (requests.RequestException, KeyError, ValueError) as exc:
+        counts["HTTP API events"] = f"? ({type(exc).__name__})"
+    return counts
+
+
+def _draw(cfg: StackConfig, client: redis.Redis, bq, started: float, pipeline: subprocess.Popen) -> None:  # noqa: ANN001
+    now = datetime.now(UTC)
+    lines = [
+        f"engagement-pipeline, local run: {now:%H:%M:%S} UTC, up {time.monotonic() - started:,.0f}s"
+        f"   (pipeline log: {cfg.log_dir / PIPELINE_LOG}; Ctrl-C stops)",
+        "",
+        "Top content, last 10 minutes (Redis):",
+        f"  {'#':>2}  {'engagement s':>12}  {'events':>6}  title",
+    ]
+    try:
+        top = read_top_content(client)
+        lines += [
+            f"  {e.rank:>2}  {e.engagement_seconds:>12,.1f}  {e.event_count:>6,}  {e.title or e.content_id}"
+            for e in top
+        ] or ["  (nothing yet: the first panes arrive a few seconds after the job starts)"]
+    except redis.RedisError as exc:
+        lines.append(f"  ? ({exc})")
+    lines += ["", "Sinks:"]
+    lines += [f"  {name:<20} {value}" for name, value in _counts(cfg, bq).items()]
+    if pipeline.poll() is not None:
+        lines += ["", f"THE PIPELINE EXITED with status {pipeline.returncode}; see {cfg.log_dir / PIPELINE_LOG}"]
+    sys.stdout.write("\033[2J\033[H" + "\n".join(lines) + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/run-local", description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=200, help="events per second the generator writes (default 200)")
+    parser.add_argument("--awkward", type=float, default=0.05, help="share of SPEC's awkward cases (default 0.05)")
+    parser.add_argument("--refresh", type=float, default=2.0, help="seconds between redraws of the live view")
+    parser.add_argument("--window-seconds", type=int, default=60)
+    parser.add_argument("--allowed-lateness-seconds", type=int, default=300)
+    parser.add_argument("--no-generator", action="store_true", help="run the pipeline only; feed it yourself")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+
+    cfg = load_config()
+    print("run-local: starting the local stack (the first time installs it: a few minutes)")
+    ensure_up(cfg)
+    subprocess.run(
+        [
+            str(REPO_ROOT / "scripts" / "bigquery-ddl"),
+            "--project",
+            cfg.bq_project,
+            "--dataset",
+            cfg.bq_dataset,
+            "--apply-to-emulator",
+            cfg.bq_rest_endpoint,
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    # Read back far enough to rebuild every window that is still open, as a restart must (docs/streaming.md).
+    start = datetime.now(UTC) - timedelta(seconds=args.window_seconds + args.allowed_lateness_seconds)
+    python = sys.executable
+    pipeline: subprocess.Popen | None = None
+    generator: subprocess.Popen | None = None
+    client: redis.Redis | None = None
+    try:
+        pipeline = _start(
+            cfg,
+            [
+                python,
+                "-m",
+                "pipelines.streaming",
+                *pipeline_args(cfg, start, args.window_seconds, args.allowed_lateness_seconds),
+            ],
+            PIPELINE_LOG,
+            env={"HTTP_API_TOKEN": cfg.http_api_token},
+        )
+        print(f"run-local: pipeline starting on Prism (log: {cfg.log_dir / PIPELINE_LOG})")
+        if not args.no_generator:
+            generator = _start(
+                cfg,
+                [
+                    python,
+                    "-m",
+                    "devstack.generator",
+                    "postgres",
+                    f"--rate={args.rate}",
+                    f"--awkward={args.awkward}",
+                    f"--dsn={cfg.pg_dsn}",
+                ],
+                GENERATOR_LOG,
+            )
+            log = cfg.log_dir / GENERATOR_LOG
+            print(f"run-local: generator writing {args.rate:g} events/s to PostgreSQL (log: {log})")
+
+        client = redis.Redis.from_url(cfg.redis_url)
+        bq = bigquery_clients.rest_client(cfg.bq_rest_endpoint, cfg.bq_project)
+        started = time.monotonic()
+        while True:
+            _draw(cfg, client, bq, started, pipeline)
+            time.sleep(args.refresh)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        # A second Ctrl-C or SIGTERM must not cut the shutdown short and leave a child running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if generator is not None:
+            _stop(generator, "the generator")
+        if pipeline is not None:
+            _stop(pipeline, "the pipeline")
+        if client is not None:
+            client.close()
+    print("run-local: stopped; the stack is still up (scripts/stack down stops it)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

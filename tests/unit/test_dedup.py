@@ -1,0 +1,68 @@
+"""De-duplication by event id: the horizon runs in event time (see transforms/dedup.py for why)."""
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.testing import test_pipeline, test_stream
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import Duration, Timestamp
+
+from tests.unit.helpers import at, plain_event
+from transforms.decode import DecodeRecords
+from transforms.dedup import DeduplicateEvents, forget_at
+
+HORIZON = 600
+
+
+def test_an_id_is_forgotten_a_horizon_after_its_event_time():
+    assert forget_at(Timestamp.of(at(5)), Duration.of(HORIZON)) == Timestamp.of(at(5 + HORIZON))
+
+
+def test_an_event_from_the_far_future_is_remembered_until_the_end_of_the_global_window():
+    end = GlobalWindow().max_timestamp()
+    assert forget_at(end - Duration.of(1), Duration.of(HORIZON)) == end
+    assert forget_at(end, Duration.of(HORIZON)) == end
+
+
+def unique_ids(stream: test_stream.TestStream) -> tuple[test_pipeline.TestPipeline, beam.PCollection]:
+    options = PipelineOptions([])
+    options.view_as(StandardOptions).streaming = True
+    pipeline = test_pipeline.TestPipeline(options=options)
+    ids = (
+        (pipeline | stream | "Decode" >> DecodeRecords()).events
+        | "Deduplicate" >> DeduplicateEvents(HORIZON)
+        | "Ids" >> beam.Map(lambda event: event.id)
+    )
+    return pipeline, ids
+
+
+def test_a_copy_within_the_horizon_is_dropped_however_much_processing_time_passes():
+    stream = (
+        test_stream.TestStream()
+        .advance_watermark_to(at(0))
+        .add_elements([plain_event(1, 5)])
+        # Far more processing time than the horizon, while the watermark stays inside it: a
+        # processing-time horizon would have forgotten id 1 by now.
+        .advance_processing_time(HORIZON * 3)
+        .advance_watermark_to(at(5 + HORIZON - 1))
+        .add_elements([plain_event(1, 5)])
+        .advance_watermark_to_infinity()
+    )
+    pipeline, ids = unique_ids(stream)
+    assert_that(ids, equal_to([1]))
+    pipeline.run()
+
+
+def test_a_copy_after_the_watermark_passes_the_horizon_is_let_through():
+    stream = (
+        test_stream.TestStream()
+        .advance_watermark_to(at(0))
+        .add_elements([plain_event(1, 5), plain_event(2, 400)])
+        .advance_watermark_to(at(5 + HORIZON + 1))  # id 1's horizon is over, id 2's is not
+        .add_elements([plain_event(1, 5), plain_event(2, 400)])
+        .advance_watermark_to_infinity()
+    )
+    pipeline, ids = unique_ids(stream)
+    # The second copy of 1 is the sinks' to absorb (SPEC §4: they are idempotent beyond the horizon).
+    assert_that(ids, equal_to([1, 1, 2]))
+    pipeline.run()
