@@ -1,11 +1,15 @@
 """The BigQuery sink against the emulator: rows land as written, exactly once, and refused rows become dead letters.
 
+Replays are driven by hand: the batch writer (``AppendGroupFn``) is run again on the same group, the streaming
+writer (``AppendBatchesFn``) with its state commit and rollback made explicit.
+
 Every test module run uses its own dataset (created with scripts/bigquery-ddl), so the suite re-runs against a
 long-lived stack; every test writes its own event ids.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import subprocess
@@ -14,10 +18,12 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import apache_beam as beam
 import pytest
+from apache_beam.portability import common_urns
+from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import GlobalWindow
@@ -40,6 +46,7 @@ from transforms.sinks.bigquery import (
 )
 from transforms.sinks.bigquery_local import (
     AppendBatchesFn,
+    AppendGroupFn,
     create_streams,
     encode_row,
     proto_message_class,
@@ -117,8 +124,90 @@ def test_enriched_events_are_read_back_as_written(bq: bigquery.Client, settings:
         assert started - timedelta(seconds=1) <= row["processed_at"] <= datetime.now(UTC)
 
 
+def test_batch_graph_keeps_no_state_and_sets_no_timers(settings: BigQuerySinkSettings) -> None:
+    """State and timers of the global window expire with it in a bounded run, before GroupIntoBatches' last
+    flush: Prism garbage-collected the writer's offsets, and rows appended at offset 0 again were counted as
+    written. The batch graph must hold neither; the streaming graph does (so this test can tell them apart)."""
+    spec = settings.table_spec("enriched_events", "enriched_events")
+
+    def stateful_transforms(streaming: bool) -> list[str]:
+        p = beam.Pipeline()
+        _ = p | beam.Create([]) | WriteRows(spec, dataclasses.replace(settings, streaming=streaming))
+        found = []
+        for transform in p.to_runner_api().components.transforms.values():
+            if transform.spec.urn == common_urns.primitives.PAR_DO.urn:
+                payload = beam_runner_api_pb2.ParDoPayload.FromString(transform.spec.payload)
+                if payload.state_specs or payload.timer_family_specs:
+                    found.append(transform.unique_name)
+        return found
+
+    assert stateful_transforms(streaming=False) == []
+    assert stateful_transforms(streaming=True) != []
+
+
+@pytest.fixture
+def group_writer(stack: StackConfig, settings: BigQuerySinkSettings) -> Iterator[AppendGroupFn]:
+    """The batch writer for shard 0, on a fresh stream, appending chunks of 3 rows."""
+    spec = settings.table_spec("enriched_events", "enriched_events")
+    stream, probe = create_streams(stack.bq_grpc_endpoint, spec, 2)
+    fn = AppendGroupFn(spec, stack.bq_grpc_endpoint, [stream], probe, batch_size=3)
+    fn.setup()
+    yield fn
+    fn.teardown()
+
+
+class WorkerDiedError(Exception):
+    pass
+
+
+def dies_after(rows: list[bytes], count: int) -> Iterator[bytes]:
+    """The group as a worker reads it, dying after ``count`` rows (mid-chunk, after some appends)."""
+    yield from rows[:count]
+    raise WorkerDiedError
+
+
+def test_replayed_group_leaves_each_row_once(
+    bq: bigquery.Client, settings: BigQuerySinkSettings, group_writer: AppendGroupFn
+) -> None:
+    """A retried bundle iterates the same group again; the appends it repeats find ALREADY_EXISTS."""
+    ids = new_ids(8)
+    group = encoded_events(settings, ids)
+
+    with pytest.raises(WorkerDiedError):
+        list(group_writer.process((0, dies_after(group, 5))))  # chunk 1 written, chunk 2 half read
+    assert copies(bq, settings, ids) == dict.fromkeys(ids[:3], 1)
+    assert list(group_writer.process((0, group))) == []
+    assert list(group_writer.process((0, group))) == []  # died after the last append: replayed in full
+
+    assert copies(bq, settings, ids) == dict.fromkeys(ids, 1)
+
+
+def test_replayed_group_with_refused_rows_emits_the_same_dead_letters(
+    bq: bigquery.Client, settings: BigQuerySinkSettings, group_writer: AppendGroupFn
+) -> None:
+    """Chunks of 3: [ok, refused, ok] [ok, ok, ok] [refused, refused, refused] [ok]. Each attempt emits the same
+    dead letters, though a replay meets ALREADY_EXISTS where the first attempt met the refusals."""
+    ids = new_ids(10)
+    overflow = {"engagement_seconds": Decimal("1e30")}
+    refused_ids = [ids[1], ids[6], ids[7], ids[8]]
+    group = encoded_events(settings, ids, dict.fromkeys(refused_ids, overflow))
+    by_row = dict(zip(group, ids, strict=True))
+
+    def dead_letters(attempt: Iterator[tuple[bytes, str]]) -> list[tuple[int, bool]]:
+        return sorted((by_row[row], "Cannot convert value to numeric" in reason) for row, reason in attempt)
+
+    with pytest.raises(WorkerDiedError):
+        list(group_writer.process((0, dies_after(group, 7))))  # the first two chunks written
+    for _ in range(3):  # the bundle that finishes, then two replays of it
+        assert dead_letters(group_writer.process((0, group))) == [(i, True) for i in refused_ids]
+
+    good = [i for i in ids if i not in refused_ids]
+    assert copies(bq, settings, ids) == dict.fromkeys(good, 1)
+
+
 class Shard:
-    """Shard 0 of an AppendBatchesFn, fed as the runner would, with its commit and rollback made explicit."""
+    """Shard 0 of the streaming writer (AppendBatchesFn), fed as the runner would, with its commit and rollback
+    made explicit."""
 
     def __init__(self, fn: AppendBatchesFn) -> None:
         self.fn = fn
@@ -243,26 +332,24 @@ def test_refused_rows_become_dead_letters_and_the_rest_land(
     missing_required = enriched_event_row(enriched(missing_id), now) | {"content_missing": None}
     rows[1:1] = [overflow, missing_required]
     spec = settings.table_spec("enriched_events", "enriched_events")
-    # Collected in-process rather than with assert_that: on the bounded DirectRunner, outputs of a stage
-    # behind GroupIntoBatches' end-of-window flush reach a downstream GroupByKey after its watermark has
-    # passed the end of the global window and are dropped as late (see docs/bigquery.md, "Known gap").
-    collected = _Collected.new()
-    with test_pipeline.TestPipeline() as p:
-        _ = p | beam.Create(rows) | WriteRows(spec, settings) | beam.Map(collected.add)
 
-    letters = collected.items()
-    assert sorted((d.stage, d.event_id, d.source.row_id) for d in letters) == [
-        (Stage.BIGQUERY, i, i) for i in (overflow_id, missing_id)
-    ]
-    reasons = {d.event_id: d.reason for d in letters}
-    assert reasons[overflow_id] == (
-        "enriched_events: BigQuery rejected the row (FIELDS_ERROR): "
-        "Cannot convert value to numeric (bad value): 1000000000000000000000000000000"
-    )
-    assert reasons[missing_id].startswith("enriched_events: BigQuery rejected the row (FIELDS_ERROR): ")
-    assert json.loads(next(d for d in letters if d.event_id == overflow_id).payload_text)["engagement_seconds"] == (
-        "1000000000000000000000000000000"
-    )
+    # assert_that groups its input: on the batch DirectRunner, dead letters that reached it after the end of
+    # the global window used to be dropped as late (GroupIntoBatches' end-of-window flush). They must not be.
+    def check(letters: list[DeadLetter]) -> None:
+        assert sorted((d.stage, d.event_id, d.source.row_id) for d in letters) == [
+            (Stage.BIGQUERY, i, i) for i in (overflow_id, missing_id)
+        ]
+        reasons = {d.event_id: d.reason for d in letters}
+        assert reasons[overflow_id] == (
+            "enriched_events: BigQuery rejected the row (FIELDS_ERROR): "
+            "Cannot convert value to numeric (bad value): 1000000000000000000000000000000"
+        )
+        assert reasons[missing_id].startswith("enriched_events: BigQuery rejected the row (FIELDS_ERROR): ")
+        overflow = next(d for d in letters if d.event_id == overflow_id)
+        assert json.loads(overflow.payload_text)["engagement_seconds"] == "1000000000000000000000000000000"
+
+    with test_pipeline.TestPipeline() as p:
+        assert_that(p | beam.Create(rows) | WriteRows(spec, settings), check)
 
     stored = rows_by_id(bq, spec.table_id, [*good_ids, overflow_id, missing_id])
     assert sorted(stored) == good_ids
@@ -313,27 +400,6 @@ def test_unique_view_keeps_the_first_copy_of_each_event(bq: bigquery.Client, set
     assert {i: len(c) for i, c in rows_by_id(bq, f"{table}.enriched_events", ids).items()} == {ids[0]: 2, ids[1]: 1}
     unique = rows_by_id(bq, f"{table}.enriched_events_unique", ids)
     assert {i: [r["processed_at"] for r in c] for i, c in unique.items()} == {ids[0]: [first], ids[1]: [first]}
-
-
-class _Collected:
-    """Elements a DirectRunner pipeline hands to ``add``, kept in this process (the DirectRunner runs here)."""
-
-    _store: ClassVar[dict[str, list[Any]]] = {}
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-    @classmethod
-    def new(cls) -> _Collected:
-        key = uuid.uuid4().hex
-        cls._store[key] = []
-        return cls(key)
-
-    def add(self, item: Any) -> None:
-        self._store[self.key].append(item)
-
-    def items(self) -> list[Any]:
-        return self._store.pop(self.key)
 
 
 # Beam's state and timer parameters, as the runner passes them, with the runner's commit/rollback made explicit.

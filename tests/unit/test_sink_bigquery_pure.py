@@ -25,6 +25,7 @@ from transforms.sinks.bigquery import (
     TABLES_DDL,
     BigQuerySinkOptions,
     BigQuerySinkSettings,
+    WriteRows,
     _BeamStorageWrite,
     beam_table_schema,
     parse_table_columns,
@@ -35,10 +36,12 @@ from transforms.sinks.bigquery_local import (
     Column,
     Outcome,
     TableSpec,
+    chunked,
     classify,
     encode_row,
     proto_message_class,
     proto_value,
+    refusal_sentinel,
     rejected_rows,
     row_json,
     shard_of,
@@ -123,6 +126,44 @@ def test_shards_are_stable_and_in_range() -> None:
     shards = [shard_of(row, 4) for row in rows]
     assert shards == [shard_of(row, 4) for row in rows]
     assert set(shards) == {0, 1, 2, 3}
+
+
+def test_chunks_keep_order_and_read_lazily() -> None:
+    assert list(chunked(range(7), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert list(chunked([], 3)) == []
+
+    def endless():  # a group bigger than memory is never read whole
+        n = 0
+        while True:
+            yield n
+            n += 1
+
+    assert next(chunked(endless(), 2)) == [0, 1]
+    with pytest.raises(ValueError, match="positive"):
+        next(chunked(range(3), 0))
+
+
+def test_the_probe_sentinel_leaves_every_required_column_null() -> None:
+    message_class = proto_message_class(EVENTS)
+    sentinel = message_class.FromString(refusal_sentinel(EVENTS))
+    assert [c.name for c in EVENTS.columns if c.required and sentinel.HasField(c.name)] == []
+    assert any(c.required for c in EVENTS.columns)
+
+
+def test_a_table_without_required_columns_cannot_be_probed() -> None:
+    optional_only = TableSpec("p", "d", "loose", (Column("a", "INT64"), Column("b", "STRING")))
+    with pytest.raises(ValueError, match="no REQUIRED column"):
+        refusal_sentinel(optional_only)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_the_local_writer_is_told_whether_the_run_is_bounded(streaming: bool) -> None:
+    settings = BigQuerySinkSettings(
+        project="p", dataset="d", write_method=LOCAL_STORAGE_WRITE, endpoint="h:1", streaming=streaming
+    )
+    local = WriteRows(EVENTS, settings)._local_settings()
+    assert local.streaming is streaming
+    assert local.max_buffering_seconds == (5.0 if streaming else None)
 
 
 # --- AppendRows responses -----------------------------------------------------------------------------------

@@ -339,6 +339,7 @@ class WriteRows(beam.PTransform):
             endpoint=self._settings.endpoint,
             num_shards=self._settings.num_streams or 4,
             batch_size=self._settings.batch_size,
+            streaming=self._settings.streaming,
             max_buffering_seconds=self._settings.triggering_frequency_seconds if self._settings.streaming else None,
         )
 

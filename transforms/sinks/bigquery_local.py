@@ -4,18 +4,25 @@ Beam's own Storage Write sink is a Java cross-language transform: it needs a Jav
 gRPC channels with Google credentials, so it cannot reach the emulator (see docs/bigquery.md). This module
 writes the same rows through ``BigQueryWriteClient`` instead.
 
-How a row reaches the table exactly once:
+Rows are encoded to protobuf before the shuffle and keyed by shard; each shard appends to one COMMITTED write
+stream created when the pipeline is built, at explicit offsets, so a replayed append finds ALREADY_EXISTS
+instead of writing a second copy. Rows the table refuses (``row_errors``) become dead letters; a refused
+request writes nothing, and its valid rest is re-sent at the same offset.
 
-1. Rows are encoded to protobuf before the shuffle and keyed by shard (one COMMITTED write stream each).
-2. ``GroupIntoBatches`` makes batches; the runner commits them, so a retried bundle sees the same batches.
-3. A stateful DoFn per shard keeps ``(stream, next offset)`` in state and appends each batch at that offset.
-   A retry of a batch whose append already landed gets ALREADY_EXISTS and is counted as written; the
-   state is advanced only with the bundle's commit, so the offset sequence never skips or repeats.
-4. A shard's stream is created in one bundle and first appended to from a timer, i.e. only after the
-   state naming it is committed: a bundle that dies right after creating a stream cannot make its retry
-   write the same rows into a second stream.
-5. Rows the table rejects (``row_errors``) become dead letters; the rest of the batch is re-sent at the
-   same offset (a rejected request writes nothing).
+Batch (``AppendGroupFn``): ``GroupByKey`` makes one group per shard. The runner persists it, so a retried
+bundle iterates the same rows in the same order and re-sends the same chunks at the same offsets, counted from
+0. No state and no timers: nothing depends on the global window still being open when the last rows arrive.
+On ALREADY_EXISTS the writer learns which rows of the chunk the table refuses from a *probe* (the chunk plus
+a row that is always refused, sent to a stream that never holds rows), so a replay emits the same dead
+letters and advances by the same number of rows as the attempt it repeats.
+
+Streaming (``GroupIntoBatches`` + ``AppendBatchesFn``): batches are flushed by size or after the triggering
+frequency, and a stateful DoFn keeps each shard's next offset. The global window never closes in streaming.
+
+1. Batches are stable across retries: the runner commits ``GroupIntoBatches``' output.
+2. The offset in state advances only with the bundle's commit, so the offset sequence never skips or repeats.
+3. After a refusal, the valid rest of the batch is parked in state and appended by a later bundle, once the
+   dead letters are committed (see ``AppendBatchesFn``).
 """
 
 from __future__ import annotations
@@ -26,12 +33,12 @@ import time
 import uuid
 import zlib
 from base64 import b64encode
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 import apache_beam as beam
 import grpc
@@ -39,6 +46,7 @@ from apache_beam.coders import BytesCoder, IterableCoder, StrUtf8Coder, TupleCod
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.timestamp import Timestamp
 from google.api_core import exceptions as api_exceptions
 from google.cloud.bigquery_storage_v1 import BigQueryWriteClient, types
@@ -47,6 +55,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message, message_fa
 from google.rpc import code_pb2
 
 LOG = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 METRICS_NAMESPACE = "sink.bigquery"
 
@@ -177,6 +187,32 @@ def row_json(message_class: type[message.Message], spec: TableSpec, encoded: byt
 def shard_of(encoded: bytes, num_shards: int) -> int:
     """A stable shard for a row: the same row lands on the same stream whichever worker encodes it."""
     return zlib.crc32(encoded) % num_shards
+
+
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (the last may be shorter), read lazily: a shard's group may not fit in
+    memory."""
+    if size < 1:
+        raise ValueError(f"chunk size must be positive, not {size}")
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def refusal_sentinel(spec: TableSpec) -> bytes:
+    """A row ``spec``'s table always refuses: the empty message, which leaves every REQUIRED column NULL.
+
+    A probe request ends with it, so the table refuses the whole request and writes nothing, while its
+    ``row_errors`` still name every other row it would refuse.
+    """
+    if not any(column.required for column in spec.columns):
+        raise ValueError(f"{spec.table} has no REQUIRED column: no row is sure to be refused, so it cannot be probed")
+    return b""
 
 
 # --- the Storage Write API ------------------------------------------------------------------------------------
@@ -312,8 +348,8 @@ class TableAppender:
     def append(self, position: StreamPosition, rows: Sequence[bytes]) -> AppendResult:
         """Appends all of ``rows`` at ``position``, or nothing; transient failures are retried here.
 
-        WRITTEN and ALREADY_WRITTEN both mean the rows are in the table; the caller advances its offset by
-        ``len(rows)``. Any other outcome wrote nothing.
+        WRITTEN: ``rows`` are in the table. ALREADY_WRITTEN: an earlier append landed at this offset (what it
+        held is the caller's to know; see ``AppendGroupFn``). Any other outcome wrote nothing.
         """
         backoff = self._initial_backoff
         for attempt in range(1, self._max_attempts + 1):
@@ -337,6 +373,29 @@ class TableAppender:
             time.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
         raise StorageWriteError(f"append to {position.stream} still failing after {self._max_attempts} tries")
+
+    def refused_rows(self, probe_stream: str, rows: Sequence[bytes]) -> tuple[dict[int, str], int]:
+        """Index in ``rows`` -> reason, for each row the table refuses, learned without writing anything.
+
+        Each request is ``rows`` (less those already known to be refused) and the refusal sentinel, at offset 0
+        of ``probe_stream``: a COMMITTED stream nothing is ever written to, so the table validates the rows
+        (the emulator checks the offset first) and refuses the request. Repeated until only the sentinel is
+        refused, in case a response names only some of the bad rows. Returns the refusals and the retries.
+        """
+        sentinel = refusal_sentinel(self._spec)
+        refused: dict[int, str] = {}
+        retries = 0
+        while True:
+            candidates = [index for index in range(len(rows)) if index not in refused]
+            result = self.append(StreamPosition(probe_stream, 0), [*(rows[i] for i in candidates), sentinel])
+            retries += result.retries
+            if result.outcome is not Outcome.ROWS_REJECTED or len(candidates) not in result.rejected:
+                # Anything else means rows may have been written: stop rather than guess.
+                raise StorageWriteError(f"probe of {self._spec.table_id} was not refused: {result.outcome.value}")
+            found = {candidates[i]: reason for i, reason in result.rejected.items() if i != len(candidates)}
+            if not found:
+                return refused, retries
+            refused.update(found)
 
 
 # --- the Beam transform ---------------------------------------------------------------------------------------
@@ -372,34 +431,14 @@ class EncodeRowsFn(beam.DoFn):
 _PARKED_CODER = TupleCoder([StrUtf8Coder(), IterableCoder(BytesCoder())])
 
 
-class AppendBatchesFn(beam.DoFn):
-    """Per shard: appends each batch to the shard's stream at the offset held in state.
+class _AppendFn(beam.DoFn):
+    """Owns a write client per worker and the writer's metrics."""
 
-    Emits (encoded row, BigQuery's reason) for each row the table refuses. A refused request writes
-    nothing; the valid rest of the batch is parked in state and appended in a later bundle, once this
-    bundle (with its dead letters) is committed. Appending it at once would make a replay ambiguous: the
-    replay's first request, the whole batch, would get ALREADY_EXISTS without saying that some of its rows
-    had been refused. Parked this way, a replayed append re-sends exactly the same rows at the same offset.
-
-    A parked batch goes out with the next batch of its shard that arrives in a later bundle, or from an
-    event-time timer if none does. Batches that arrive behind a parked one in the same bundle wait too, so
-    each stream receives its rows in order.
-    """
-
-    OFFSET = ReadModifyWriteStateSpec("offset", VarIntCoder())
-    PARKED = BagStateSpec("parked", _PARKED_CODER)
-    # Event time: outputs of a processing-time timer in a bounded run would be late and dropped.
-    FLUSH_PARKED = TimerSpec("flush_parked", TimeDomain.WATERMARK)
-
-    def __init__(self, spec: TableSpec, endpoint: str, streams: Sequence[str]) -> None:
+    def __init__(self, spec: TableSpec, endpoint: str) -> None:
         self._spec = spec
         self._endpoint = endpoint
-        # One COMMITTED stream per shard, created when the pipeline was built: a stream created inside a
-        # bundle would be lost with it, and the retry would write the same rows into a second stream.
-        self._streams = tuple(streams)
         self._client: BigQueryWriteClient | None = None
         self._appender: TableAppender | None = None
-        self._bundle = ""
         self._written = Metrics.counter(METRICS_NAMESPACE, f"{spec.table}.rows_written")
         self._already = Metrics.counter(METRICS_NAMESPACE, f"{spec.table}.rows_already_written")
         self._retried = Metrics.counter(METRICS_NAMESPACE, f"{spec.table}.retried")
@@ -410,13 +449,106 @@ class AppendBatchesFn(beam.DoFn):
         self._client = insecure_write_client(self._endpoint)
         self._appender = TableAppender(self._client, self._spec, proto_message_class(self._spec))
 
-    def start_bundle(self) -> None:
-        # Tells batches parked by this bundle (not committed yet) from those parked by committed ones.
-        self._bundle = uuid.uuid4().hex
-
     def teardown(self) -> None:
         if self._client is not None:
             self._client.transport.close()
+
+    def _refuse(self, rows: Sequence[bytes], rejected: dict[int, str]) -> Iterator[tuple[bytes, str]]:
+        self._dead.inc(len(rejected))
+        for index, reason in sorted(rejected.items()):
+            yield rows[index], reason
+
+
+class AppendGroupFn(_AppendFn):
+    """Batch: appends one shard's group, in chunks, to the shard's stream at offsets counted from 0.
+
+    Each stream receives exactly one group (streams are created per pipeline run, one group per shard in
+    the global window). The group is persisted by the runner, so a retry re-sends the same chunks at the
+    same offsets. Per chunk:
+
+    - WRITTEN: the offset advances by the chunk.
+    - ROWS_REJECTED: nothing was written; the refused rows are emitted as (row, reason) and the valid rest
+      is re-sent at the same offset.
+    - ALREADY_EXISTS: an earlier attempt of this group wrote here what the table accepted of this chunk:
+      all of it, the rest after refusals, or nothing (then the next chunk's rows are what occupy the
+      offset). The emulator checks the offset before the rows, so the answer does not say which; a probe
+      (``TableAppender.refused_rows``) does, without writing. The refused rows are emitted again and the
+      offset advances by the rest, exactly as in the attempt being repeated.
+
+    Emits (encoded row, BigQuery's reason) for each row the table refuses.
+    """
+
+    def __init__(
+        self, spec: TableSpec, endpoint: str, streams: Sequence[str], probe_stream: str, batch_size: int
+    ) -> None:
+        super().__init__(spec, endpoint)
+        refusal_sentinel(spec)  # fails at build time for a table that could not be probed
+        self._streams = tuple(streams)
+        self._probe_stream = probe_stream
+        self._batch_size = batch_size
+
+    def process(self, element: tuple[int, Iterable[bytes]]) -> Iterator[tuple[bytes, str]]:
+        shard, rows = element
+        stream, offset = self._streams[shard], 0
+        for chunk in chunked(rows, self._batch_size):
+            offset = yield from self._append_chunk(StreamPosition(stream, offset), chunk)
+
+    def _append_chunk(self, position: StreamPosition, chunk: list[bytes]) -> Generator[tuple[bytes, str], None, int]:
+        """Appends what the table accepts of ``chunk`` at ``position``; yields rejects; returns the next offset."""
+        pending = chunk
+        while pending:
+            result = self._appender.append(position, pending)
+            self._retried.inc(result.retries)
+            if result.outcome is Outcome.WRITTEN:
+                self._written.inc(len(pending))
+                self._batches.update(len(pending))
+                return position.offset + len(pending)
+            if result.outcome is Outcome.ALREADY_WRITTEN:
+                refused, retries = self._appender.refused_rows(self._probe_stream, pending)
+                self._retried.inc(retries)
+                yield from self._refuse(pending, refused)
+                self._already.inc(len(pending) - len(refused))
+                return position.offset + len(pending) - len(refused)
+            if result.outcome is Outcome.STREAM_GONE:
+                raise StorageWriteError(f"write stream {position.stream} is gone; run the pipeline again")
+            yield from self._refuse(pending, result.rejected)
+            pending = [row for index, row in enumerate(pending) if index not in result.rejected]
+        return position.offset
+
+
+class AppendBatchesFn(_AppendFn):
+    """Streaming: per shard, appends each batch to the shard's stream at the offset held in state.
+
+    Emits (encoded row, BigQuery's reason) for each row the table refuses. A refused request writes
+    nothing; the valid rest of the batch is parked in state and appended in a later bundle, once this
+    bundle (with its dead letters) is committed. Appending it at once would make a replay ambiguous: the
+    replay's first request, the whole batch, would get ALREADY_EXISTS without saying that some of its rows
+    had been refused. Parked this way, a replayed append re-sends exactly the same rows at the same offset.
+
+    A parked batch goes out with the next batch of its shard that arrives in a later bundle, or from an
+    event-time timer if none does. Batches that arrive behind a parked one in the same bundle wait too, so
+    each stream receives its rows in order.
+
+    Not for bounded runs: there ``GroupIntoBatches`` flushes its last batches from a timer set past the end
+    of the global window, by when a runner may have garbage-collected this DoFn's state (Prism does), and an
+    offset read back as 0 turns the append of new rows into ALREADY_EXISTS, counted as written.
+    """
+
+    OFFSET = ReadModifyWriteStateSpec("offset", VarIntCoder())
+    PARKED = BagStateSpec("parked", _PARKED_CODER)
+    # Event time: outputs of a processing-time timer in a bounded run would be late and dropped.
+    FLUSH_PARKED = TimerSpec("flush_parked", TimeDomain.WATERMARK)
+
+    def __init__(self, spec: TableSpec, endpoint: str, streams: Sequence[str]) -> None:
+        super().__init__(spec, endpoint)
+        # One COMMITTED stream per shard, created when the pipeline was built: a stream created inside a
+        # bundle would be lost with it, and the retry would write the same rows into a second stream.
+        self._streams = tuple(streams)
+        self._bundle = ""
+
+    def start_bundle(self) -> None:
+        # Tells batches parked by this bundle (not committed yet) from those parked by committed ones.
+        self._bundle = uuid.uuid4().hex
 
     def process(
         self,
@@ -476,9 +608,7 @@ class AppendBatchesFn(beam.DoFn):
                 continue
             if result.outcome is Outcome.STREAM_GONE:
                 raise StorageWriteError(f"write stream {stream} is gone; restart the pipeline to open new ones")
-            self._dead.inc(len(result.rejected))
-            for index, reason in sorted(result.rejected.items()):
-                yield rows[index], reason
+            yield from self._refuse(rows, result.rejected)
             valid = [row for index, row in enumerate(rows) if index not in result.rejected]
             later = [(self._bundle, later_rows) for _, later_rows in batches[done + 1 :]]
             return ([(self._bundle, valid)] if valid else []) + later
@@ -490,7 +620,9 @@ class LocalWriteSettings:
     endpoint: str
     num_shards: int = 4
     batch_size: int = 500
+    streaming: bool = False
     max_buffering_seconds: float | None = None
+    """Streaming only: the longest a row waits for its batch to fill."""
 
 
 def create_streams(endpoint: str, spec: TableSpec, count: int) -> list[str]:
@@ -513,23 +645,63 @@ class WriteTableLocally(beam.PTransform):
 
     def expand(self, rows: beam.PCollection[dict[str, Any]]) -> beam.PCollection[tuple[str, str]]:
         spec, settings = self._spec, self._settings
-        encoded = rows | "Encode rows" >> beam.ParDo(EncodeRowsFn(spec, settings.num_shards)).with_outputs(
-            EncodeRowsFn.REJECTED, main="encoded"
+        encoded = (
+            rows
+            # Groups (batch) and state (streaming) are per key *and window*: rows in event-time windows
+            # (window aggregates) would each start their own offset count on the same stream. One global
+            # window keeps one offset sequence per stream, and lets batches span windows.
+            | "Global window" >> beam.WindowInto(GlobalWindows())
+            | "Encode rows"
+            >> beam.ParDo(EncodeRowsFn(spec, settings.num_shards)).with_outputs(EncodeRowsFn.REJECTED, main="encoded")
         )
-        batch_options: dict[str, Any] = {}
-        if settings.max_buffering_seconds:
-            batch_options["max_buffering_duration_secs"] = settings.max_buffering_seconds
-        streams = create_streams(settings.endpoint, spec, settings.num_shards)
+        append = _AppendStreaming(spec, settings) if settings.streaming else _AppendBatch(spec, settings)
         refused = (
-            encoded.encoded
-            | "Batch per stream" >> beam.GroupIntoBatches(settings.batch_size, **batch_options)
-            | "Append at offsets" >> beam.ParDo(AppendBatchesFn(spec, settings.endpoint, streams))
-            | "Refused rows as JSON" >> beam.ParDo(_RowJsonFn(spec))
+            encoded.encoded | "Append per stream" >> append | "Refused rows as JSON" >> beam.ParDo(_RowJsonFn(spec))
         )
         unencodable = encoded[EncodeRowsFn.REJECTED] | "Unencodable rows as JSON" >> beam.MapTuple(
             lambda row, reason: (json.dumps(row, sort_keys=True, default=str), reason)
         )
         return (refused, unencodable) | "Rejected rows" >> beam.Flatten()
+
+
+class _AppendBatch(beam.PTransform):
+    """Bounded runs: one group per shard, appended in chunks (see ``AppendGroupFn``)."""
+
+    def __init__(self, spec: TableSpec, settings: LocalWriteSettings) -> None:
+        super().__init__()
+        self._spec = spec
+        self._settings = settings
+
+    def expand(self, encoded: beam.PCollection[tuple[int, bytes]]) -> beam.PCollection[tuple[bytes, str]]:
+        spec, settings = self._spec, self._settings
+        *streams, probe = create_streams(settings.endpoint, spec, settings.num_shards + 1)
+        return (
+            encoded
+            | "Group per stream" >> beam.GroupByKey()
+            | "Append groups at offsets"
+            >> beam.ParDo(AppendGroupFn(spec, settings.endpoint, streams, probe, settings.batch_size))
+        )
+
+
+class _AppendStreaming(beam.PTransform):
+    """Unbounded runs: batches by size or age, appended at offsets kept in state (see ``AppendBatchesFn``)."""
+
+    def __init__(self, spec: TableSpec, settings: LocalWriteSettings) -> None:
+        super().__init__()
+        self._spec = spec
+        self._settings = settings
+
+    def expand(self, encoded: beam.PCollection[tuple[int, bytes]]) -> beam.PCollection[tuple[bytes, str]]:
+        spec, settings = self._spec, self._settings
+        batch_options: dict[str, Any] = {}
+        if settings.max_buffering_seconds:
+            batch_options["max_buffering_duration_secs"] = settings.max_buffering_seconds
+        streams = create_streams(settings.endpoint, spec, settings.num_shards)
+        return (
+            encoded
+            | "Batch per stream" >> beam.GroupIntoBatches(settings.batch_size, **batch_options)
+            | "Append at offsets" >> beam.ParDo(AppendBatchesFn(spec, settings.endpoint, streams))
+        )
 
 
 class _RowJsonFn(beam.DoFn):
