@@ -28,7 +28,15 @@ def prism_binary() -> Path:
 
 def prism_args(streaming: bool) -> list[str]:
     """Pipeline arguments for Prism with the Python worker in this process (LOOPBACK)."""
-    args = ["--runner=PrismRunner", f"--prism_location={prism_binary()}", "--environment_type=LOOPBACK"]
+    args = [
+        "--runner=PrismRunner",
+        f"--prism_location={prism_binary()}",
+        "--environment_type=LOOPBACK",
+        # Beam keeps one Prism job server per process, made with the options of the first Prism run; in a
+        # process that ran a DirectRunner pipeline first (which may try Prism without our binary) it is
+        # unusable, so every run here gets its own.
+        "--experiments=disable_prism_server_singleton",
+    ]
     if streaming:
         args.append("--streaming")
     return args
