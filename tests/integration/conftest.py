@@ -8,6 +8,7 @@ with ``scripts/stack down``. Tests must therefore tolerate data left by earlier 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,9 +18,11 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 from confluent_kafka import Consumer, KafkaError, TopicPartition
+from google.cloud import bigquery
 
+from devstack import bigquery_clients
 from devstack.cli import ensure_up
-from devstack.config import StackConfig, load_config
+from devstack.config import REPO_ROOT, StackConfig, load_config
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -147,3 +150,20 @@ def topic_tail(cdc_stack: StackConfig) -> Iterator[Callable[[str], TopicTail]]:
     yield open_tail
     for tail in tails:
         tail.close()
+
+
+@pytest.fixture(scope="module")
+def bq(stack: StackConfig) -> bigquery.Client:
+    """A REST client of the BigQuery emulator."""
+    return bigquery_clients.rest_client(stack.bq_rest_endpoint, stack.bq_project)
+
+
+@pytest.fixture(scope="module")
+def dataset(stack: StackConfig, bq: bigquery.Client) -> Iterator[str]:
+    """A fresh dataset with the project's tables and views (scripts/bigquery-ddl), deleted afterwards, so
+    each test module starts empty however often the suite runs against the same emulator."""
+    name = f"it_{uuid.uuid4().hex[:12]}"
+    ddl = [str(REPO_ROOT / "scripts" / "bigquery-ddl"), "--project", stack.bq_project, "--dataset", name]
+    subprocess.run([*ddl, "--apply-to-emulator", stack.bq_rest_endpoint], check=True, capture_output=True)
+    yield name
+    bq.delete_dataset(f"{stack.bq_project}.{name}", delete_contents=True, not_found_ok=True)

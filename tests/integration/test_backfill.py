@@ -25,7 +25,6 @@ import redis
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from devstack import bigquery_clients
 from devstack.config import StackConfig
 from devstack.postgres import ROLE, psql
 from pipelines.backfill import build_pipeline, main
@@ -44,20 +43,6 @@ CDC_TOPIC = "cdc.public.engagement_events"
 def prism_location() -> str:
     pin = re.search(r"^apache-beam(?:\[[a-z,]+\])?==(\S+)", (ROOT / "requirements.txt").read_text(), re.M)
     return str(Path.home() / ".cache" / "engagement-pipeline" / "prism" / pin.group(1) / "prism")
-
-
-@pytest.fixture(scope="module")
-def bq(stack: StackConfig):
-    return bigquery_clients.rest_client(stack.bq_rest_endpoint, stack.bq_project)
-
-
-@pytest.fixture(scope="module")
-def dataset(stack: StackConfig, bq) -> Iterator[str]:
-    name = f"backfill_test_{uuid.uuid4().hex[:10]}"
-    ddl = [str(ROOT / "scripts" / "bigquery-ddl"), "--project", stack.bq_project, "--dataset", name]
-    subprocess.run([*ddl, "--apply-to-emulator", stack.bq_rest_endpoint], check=True, capture_output=True)
-    yield name
-    bq.delete_dataset(f"{stack.bq_project}.{name}", delete_contents=True, not_found_ok=True)
 
 
 @pytest.fixture(scope="module")

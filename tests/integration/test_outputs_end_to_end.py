@@ -9,23 +9,18 @@ Ground truth is computed here, independently of the pipeline, from the rows inse
 from __future__ import annotations
 
 import json
-import subprocess
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
-import pytest
 import redis
 import requests
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from devstack import bigquery_clients
-from devstack.config import StackConfig
 from pipelines.core import CoreSettings, build_core
 from pipelines.local_runner import prism_args
 from pipelines.outputs import SinkSettings, write_outputs
@@ -37,20 +32,6 @@ from transforms.sinks.redis_top import RedisKeys, RedisSinkConfig, read_top_cont
 
 ROOT = Path(__file__).resolve().parents[2]
 CDC_TOPIC = "cdc.public.engagement_events"
-
-
-@pytest.fixture(scope="module")
-def bq(stack: StackConfig):
-    return bigquery_clients.rest_client(stack.bq_rest_endpoint, stack.bq_project)
-
-
-@pytest.fixture(scope="module")
-def dataset(stack: StackConfig, bq) -> Iterator[str]:
-    name = f"e2e_{uuid.uuid4().hex[:10]}"
-    ddl = [str(ROOT / "scripts" / "bigquery-ddl"), "--project", stack.bq_project, "--dataset", name]
-    subprocess.run([*ddl, "--apply-to-emulator", stack.bq_rest_endpoint], check=True, capture_output=True)
-    yield name
-    bq.delete_dataset(f"{stack.bq_project}.{name}", delete_contents=True, not_found_ok=True)
 
 
 def insert_content(cursor, title: str, length_seconds: int | None) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import subprocess
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -30,7 +29,6 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 from google.cloud import bigquery
 
-from devstack import bigquery_clients
 from devstack.config import StackConfig
 from tests.unit.helpers import PODCAST, plain_event
 from transforms.decode import decode_record
@@ -59,21 +57,6 @@ _ids = itertools.count(int(uuid.uuid4().int % 10**12) * 1000)
 def new_ids(count: int) -> list[int]:
     """Event ids no other test (or earlier run) used."""
     return [next(_ids) for _ in range(count)]
-
-
-@pytest.fixture(scope="module")
-def bq(stack: StackConfig) -> bigquery.Client:
-    return bigquery_clients.rest_client(stack.bq_rest_endpoint, stack.bq_project)
-
-
-@pytest.fixture(scope="module")
-def dataset(stack: StackConfig, bq: bigquery.Client) -> Iterator[str]:
-    """A fresh dataset with the project's tables and views, made by scripts/bigquery-ddl."""
-    name = f"sink_test_{uuid.uuid4().hex[:10]}"
-    ddl = [str(ROOT / "scripts" / "bigquery-ddl"), "--project", stack.bq_project, "--dataset", name]
-    subprocess.run([*ddl, "--apply-to-emulator", stack.bq_rest_endpoint], check=True, capture_output=True)
-    yield name
-    bq.delete_dataset(f"{stack.bq_project}.{name}", delete_contents=True, not_found_ok=True)
 
 
 @pytest.fixture(scope="module")
