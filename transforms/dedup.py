@@ -20,14 +20,14 @@ it protects.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam.coders import BooleanCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.transforms.window import GlobalWindow, GlobalWindows
+from apache_beam.transforms.window import GlobalWindow, GlobalWindows, TimestampCombiner
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from transforms.model import EngagementEvent
@@ -50,8 +50,8 @@ class DeduplicateByIdFn(beam.DoFn):
     # Event time, not processing time: see the module docstring for the watermark hold this avoids.
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
 
-    def __init__(self, horizon_seconds: float | None) -> None:
-        self._horizon = Duration.of(horizon_seconds) if horizon_seconds is not None else None
+    def __init__(self, horizon_seconds: float) -> None:
+        self._horizon = Duration.of(horizon_seconds)
         self._passed = Metrics.counter("dedup", "unique_events")
         self._duplicates = Metrics.counter("dedup", "duplicates_dropped")
 
@@ -66,8 +66,7 @@ class DeduplicateByIdFn(beam.DoFn):
             self._duplicates.inc()
             return
         seen.write(True)
-        if self._horizon is not None:
-            expiry.set(forget_at(event_time, self._horizon))
+        expiry.set(forget_at(event_time, self._horizon))
         self._passed.inc()
         yield keyed[1]
 
@@ -76,25 +75,52 @@ class DeduplicateByIdFn(beam.DoFn):
         seen.clear()
 
 
+class KeepOneCopyFn(beam.DoFn):
+    """Batch de-duplication: one copy of each grouped id, back at its own event time."""
+
+    def __init__(self) -> None:
+        self._passed = Metrics.counter("dedup", "unique_events")
+        self._duplicates = Metrics.counter("dedup", "duplicates_dropped")
+
+    def process(self, grouped: tuple[int, Iterable[EngagementEvent]]) -> Iterator[EngagementEvent]:
+        copies = list(grouped[1])
+        self._duplicates.inc(len(copies) - 1)
+        self._passed.inc()
+        # The group is stamped with its earliest copy's event time (see GroupCopies); keep that copy.
+        yield min(copies, key=lambda event: event.event_ts)
+
+
 class DeduplicateEvents(beam.PTransform):
     """Drops repeated event ids until the watermark is ``horizon_seconds`` past the first copy's event time.
 
-    In batch (``streaming=False``) ids are remembered for the whole run instead: the input is finite and its
-    state is released when the run ends, so one timer per id would be work for nothing.
+    In batch (``streaming=False``) ids are grouped instead: the input is finite, so a GroupByKey sees every
+    copy of an id at once, and runs far faster than a state read and write per element (on Prism, per-id
+    state round trips capped the backfill at about 2,000 rows/s).
     """
 
     def __init__(self, horizon_seconds: float, streaming: bool = True) -> None:
         super().__init__()
         if horizon_seconds <= 0:
             raise ValueError("the de-duplication horizon must be positive")
-        self._horizon_seconds = horizon_seconds if streaming else None
+        self._horizon_seconds = horizon_seconds
+        self._streaming = streaming
 
     def expand(self, events: beam.PCollection[EngagementEvent]) -> beam.PCollection[EngagementEvent]:
-        return (
+        keyed = (
             events
-            # State is per key and window; one global window makes "the same id" mean the same
+            # State and groups are per key and window; one global window makes "the same id" mean the same
             # whatever its event time, so a duplicate with a different event_ts is still caught.
             | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
             | "KeyByEventId" >> beam.Map(lambda event: (event.id, event)).with_output_types(tuple[int, EngagementEvent])
-            | "FirstCopyWins" >> beam.ParDo(DeduplicateByIdFn(self._horizon_seconds))
         )
+        if not self._streaming:
+            return (
+                keyed
+                # Stamping each group with its earliest copy keeps events at their event time for the windows
+                # downstream; moving them back after the GroupByKey would make them late, and dropped.
+                | "StampGroupsEarliest"
+                >> beam.WindowInto(GlobalWindows(), timestamp_combiner=TimestampCombiner.OUTPUT_AT_EARLIEST)
+                | "GroupCopies" >> beam.GroupByKey()
+                | "KeepOneCopy" >> beam.ParDo(KeepOneCopyFn())
+            )
+        return keyed | "FirstCopyWins" >> beam.ParDo(DeduplicateByIdFn(self._horizon_seconds))
