@@ -28,7 +28,9 @@ from google.cloud import bigquery
 from google.cloud.bigquery_storage_v1 import BigQueryReadClient, BigQueryWriteClient, types
 from google.cloud.bigquery_storage_v1.services.big_query_read.transports import BigQueryReadGrpcTransport
 from google.cloud.bigquery_storage_v1.services.big_query_write.transports import BigQueryWriteGrpcTransport
-from google.protobuf import descriptor_pb2, descriptor_pool, message, message_factory
+from google.protobuf import descriptor_pb2, message
+
+from transforms.sinks.bigquery_local import build_message_class, writer_schema
 
 # BigQuery accepts append requests of up to 10 MB; gRPC's default 4 MB limit would reject large batches first.
 _MAX_MESSAGE_BYTES = 20 * 1024 * 1024
@@ -65,34 +67,18 @@ def read_client(grpc_target: str) -> BigQueryReadClient:
 
 
 def proto_message_class(name: str, fields: Mapping[str, FieldType]) -> type[message.Message]:
-    """A protobuf message class with one field per ``fields`` item, numbered in order.
-
-    The fields are proto2 ``optional`` so that an unset field is written as NULL; proto3 scalars without
-    presence would be written as 0 or "". Map BigQuery types as the Storage Write API expects: INT64 ->
-    TYPE_INT64, TIMESTAMP -> TYPE_INT64 (microseconds since the epoch), DATE -> TYPE_INT32 (days since the
-    epoch), NUMERIC/BIGNUMERIC -> TYPE_STRING (decimal text, exact), JSON/STRING -> TYPE_STRING,
-    BOOL -> TYPE_BOOL, FLOAT64 -> TYPE_DOUBLE.
+    """A protobuf message class with one optional field per ``fields`` item, numbered in order (the
+    pipeline's own builder). Map BigQuery types as the Storage Write API expects: INT64 -> TYPE_INT64,
+    TIMESTAMP -> TYPE_INT64 (microseconds since the epoch), DATE -> TYPE_INT32 (days since the epoch),
+    NUMERIC/BIGNUMERIC -> TYPE_STRING (decimal text, exact), JSON/STRING -> TYPE_STRING, BOOL -> TYPE_BOOL,
+    FLOAT64 -> TYPE_DOUBLE.
     """
-    file_proto = descriptor_pb2.FileDescriptorProto(name=f"{name}.proto", package="devstack", syntax="proto2")
-    message_proto = file_proto.message_type.add(name=name)
-    for number, (field_name, field_type) in enumerate(fields.items(), start=1):
-        message_proto.field.add(
-            name=field_name,
-            number=number,
-            type=field_type,
-            label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
-        )
-    # A private pool per class: the default pool rejects a second definition of the same name.
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(file_proto)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"devstack.{name}"))
+    return build_message_class(name, fields.items(), package="devstack")
 
 
 def proto_schema(message_class: type[message.Message]) -> types.ProtoSchema:
     """The ``writer_schema`` that describes rows serialized from ``message_class``."""
-    descriptor = descriptor_pb2.DescriptorProto()
-    message_class.DESCRIPTOR.CopyToProto(descriptor)
-    return types.ProtoSchema(proto_descriptor=descriptor)
+    return writer_schema(message_class)
 
 
 def append_request(

@@ -104,27 +104,35 @@ class TableSpec:
 # --- rows as protobuf -----------------------------------------------------------------------------------------
 
 
-def proto_message_class(spec: TableSpec) -> type[message.Message]:
-    """A proto2 message class with one optional field per column, in table order.
+def build_message_class(name: str, fields: Iterable[tuple[str, int]], package: str = "sink") -> type[message.Message]:
+    """A proto2 message class named ``name`` with one optional field per (field name, proto type), in order.
 
     proto2 ``optional`` gives every field presence, so None is written as NULL; proto3 scalars would be
-    written as 0 or "". REQUIRED columns are optional here too: the table, not the encoder, enforces them,
-    and its row error is what the dead letter reports.
+    written as 0 or "".
     """
-    name = "".join(part.capitalize() for part in spec.table.split("_")) + "Row"
-    file_proto = descriptor_pb2.FileDescriptorProto(name=f"{name}.proto", package="sink", syntax="proto2")
+    file_proto = descriptor_pb2.FileDescriptorProto(name=f"{name}.proto", package=package, syntax="proto2")
     message_proto = file_proto.message_type.add(name=name)
-    for number, column in enumerate(spec.columns, start=1):
+    for number, (field_name, field_type) in enumerate(fields, start=1):
         message_proto.field.add(
-            name=column.name,
+            name=field_name,
             number=number,
-            type=_PROTO_TYPES[column.type],
+            type=field_type,
             label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
         )
     # A private pool per class: the default pool refuses a second definition of the same name.
     pool = descriptor_pool.DescriptorPool()
     pool.Add(file_proto)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"sink.{name}"))
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.{name}"))
+
+
+def proto_message_class(spec: TableSpec) -> type[message.Message]:
+    """The message class of ``spec``'s rows: one optional field per column, in table order.
+
+    REQUIRED columns are optional here too: the table, not the encoder, enforces them, and its row error is
+    what the dead letter reports.
+    """
+    name = "".join(part.capitalize() for part in spec.table.split("_")) + "Row"
+    return build_message_class(name, ((column.name, _PROTO_TYPES[column.type]) for column in spec.columns))
 
 
 def writer_schema(message_class: type[message.Message]) -> types.ProtoSchema:
