@@ -18,12 +18,12 @@ from typing import Any
 
 import apache_beam as beam
 import redis
-import requests
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.core import CoreSettings, build_core
 from pipelines.local_runner import prism_args
 from pipelines.outputs import SinkSettings, write_outputs
+from tests.integration.external_api import ExternalApiClient
 from transforms.content import PostgresContentLoader, PostgresContentLookup, ReadContentOnce
 from transforms.model import RawRecord, SourceCoordinates
 from transforms.sinks.bigquery import LOCAL_STORAGE_WRITE, BigQuerySinkSettings
@@ -135,16 +135,17 @@ def test_every_event_once_at_every_sink_through_retries_and_a_replay(stack, pg_c
             )
             write_outputs(core, sinks)
 
-    session = requests.Session()
-    failures_before = session.get(f"{api_url}/v1/stats", timeout=10).json()["failures_injected"]
-    session.post(f"{api_url}/admin/faults", json={"error_rate": 0.5, "seed": 7}, timeout=10).raise_for_status()
+    api = ExternalApiClient(stack)
+    failures_before = api.get("/v1/stats")["failures_injected"]
+    api.set_faults(error_rate=0.5, seed=7)
     try:
         run_once()
-        first = snapshot_sinks(stack, bq, dataset, prefix, ids, session)
+        first = snapshot_sinks(stack, bq, dataset, prefix, ids, api)
         run_once()  # the same input again, as a restarted job re-reading Kafka would see it
-        second = snapshot_sinks(stack, bq, dataset, prefix, ids, session)
+        second = snapshot_sinks(stack, bq, dataset, prefix, ids, api)
     finally:
-        session.post(f"{api_url}/admin/faults", json={}, timeout=10).raise_for_status()
+        api.set_faults()
+        api.close()
 
     expected_seconds = defaultdict(Decimal)
     expected_counts = defaultdict(int)
@@ -176,7 +177,7 @@ def test_every_event_once_at_every_sink_through_retries_and_a_replay(stack, pg_c
     assert first["http_failures_injected"] > failures_before, "the HTTP sink rode out injected 503s"
 
 
-def snapshot_sinks(stack, bq, dataset, prefix, ids, session) -> dict[str, Any]:
+def snapshot_sinks(stack, bq, dataset, prefix, ids, api) -> dict[str, Any]:
     table = f"`{stack.bq_project}.{dataset}"
     id_list = ", ".join(str(i) for i in ids)
     unique = bq.query(f"SELECT event_id FROM {table}.enriched_events_unique` WHERE event_id IN ({id_list})").result()
@@ -189,15 +190,8 @@ def snapshot_sinks(stack, bq, dataset, prefix, ids, session) -> dict[str, Any]:
         f" FROM {table}.window_aggregates_current`"
     ).result()
     letters = bq.query(f"SELECT stage, reason FROM {table}.dead_letters`").result()
-    stored = session.get(f"{stack.http_api_url}/v1/events/ids", timeout=10).json()
-    receipts = dict.fromkeys(ids, 0)
-    for event_id in stored["ids"]:
-        if event_id in receipts:
-            receipts[event_id] = 1
-    for duplicate in stored["duplicates"]:
-        if duplicate["id"] in receipts:
-            receipts[duplicate["id"]] = duplicate["count"]
-    stats = session.get(f"{stack.http_api_url}/v1/stats", timeout=10).json()
+    receipts = api.receipts(ids)
+    stats = api.get("/v1/stats")
     client = redis.Redis.from_url(stack.redis_url)
     top = read_top_content(client, prefix=prefix)
     client.close()

@@ -22,13 +22,13 @@ from uuid import uuid4
 
 import apache_beam as beam
 import pytest
-import requests
 from apache_beam.metrics import MetricsFilter
 from apache_beam.runners.direct.direct_runner import DirectRunner
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.runners.runner import PipelineRunner
 
 from devstack.config import StackConfig
+from tests.integration.external_api import ExternalApiClient
 from transforms.model import DeadLetter, EngagementEvent, EnrichedEvent, Stage
 from transforms.sinks.http_api import (
     KEY_PREFIX,
@@ -122,13 +122,8 @@ def ids_of(events: list[EnrichedEvent]) -> list[int]:
     return [enriched.event.id for enriched in events]
 
 
-class Api:
-    """The stand-in API's introspection and fault endpoints (no token needed there)."""
-
-    def __init__(self, cfg: StackConfig) -> None:
-        self.url = cfg.http_api_url
-        self.token = cfg.http_api_token
-        self.session = requests.Session()
+class Api(ExternalApiClient):
+    """The stand-in API, plus the sink settings that point at it."""
 
     def settings(self, **overrides: Any) -> HttpSinkSettings:
         defaults: dict[str, Any] = {
@@ -144,32 +139,12 @@ class Api:
         }
         return HttpSinkSettings(**{**defaults, **overrides})
 
-    def set_faults(self, **faults: Any) -> None:
-        self.session.post(f"{self.url}/admin/faults", json=faults, timeout=TIMEOUT).raise_for_status()
-
-    def get(self, path: str) -> Any:
-        response = self.session.get(f"{self.url}{path}", timeout=TIMEOUT)
-        response.raise_for_status()
-        return response.json()
-
-    def receipts(self, ids: list[int]) -> dict[int, int]:
-        """How many times the API stored each of ``ids`` (0 if never)."""
-        stored = self.get("/v1/events/ids")
-        counts = dict.fromkeys(ids, 0)
-        for event_id in stored["ids"]:
-            if event_id in counts:
-                counts[event_id] = 1
-        for duplicate in stored["duplicates"]:
-            if duplicate["id"] in counts:
-                counts[duplicate["id"]] = duplicate["count"]
-        return counts
-
 
 @pytest.fixture
 def api(stack: StackConfig) -> Iterator[Api]:
     client = Api(stack)
     yield client
-    client.session.close()
+    client.close()
 
 
 def assert_exactly_once(api: Api, events: list[EnrichedEvent]) -> None:

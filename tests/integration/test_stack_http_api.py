@@ -12,48 +12,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import requests
 
 from devstack.config import StackConfig
+from tests.integration.external_api import ExternalApiClient
 
 TIMEOUT = 10
 
 
-class Api:
-    """A thin client for the test server, holding the base URL and token."""
-
-    def __init__(self, cfg: StackConfig) -> None:
-        self.url = cfg.http_api_url
-        self.token = cfg.http_api_token
-        self.session = requests.Session()
-
-    def post_events(self, events: list[dict[str, Any]], key: str, token: str | None = None) -> requests.Response:
-        return self.session.post(
-            f"{self.url}/v1/events",
-            json={"events": events},
-            headers={"Authorization": f"Bearer {token or self.token}", "Idempotency-Key": key},
-            timeout=TIMEOUT,
-        )
-
-    def set_faults(self, **faults: Any) -> None:
-        self.session.post(f"{self.url}/admin/faults", json=faults, timeout=TIMEOUT).raise_for_status()
-
-    def get(self, path: str) -> Any:
-        response = self.session.get(f"{self.url}{path}", timeout=TIMEOUT)
-        response.raise_for_status()
-        return response.json()
-
-    def receipts(self, ids: list[str]) -> dict[str, int]:
-        """How many times the server stored each of ``ids`` (0 if never)."""
-        stored = self.get("/v1/events/ids")
-        counts = dict.fromkeys(ids, 0)
-        for event_id in stored["ids"]:
-            if event_id in counts:
-                counts[event_id] = 1
-        for duplicate in stored["duplicates"]:
-            if duplicate["id"] in counts:
-                counts[duplicate["id"]] = duplicate["count"]
-        return counts
+Api = ExternalApiClient
 
 
 @pytest.fixture
@@ -62,7 +28,7 @@ def api(stack: StackConfig) -> Iterator[Api]:
     client.set_faults()
     yield client
     client.set_faults()
-    client.session.close()
+    client.close()
 
 
 def new_events(count: int) -> list[dict[str, Any]]:
