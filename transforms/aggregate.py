@@ -8,8 +8,10 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import apache_beam as beam
+from apache_beam.coders import PickleCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger
+from apache_beam.transforms.userstate import ReadModifyWriteRuntimeState, ReadModifyWriteStateSpec
 from apache_beam.transforms.window import FixedWindows, IntervalWindow
 from apache_beam.utils.timestamp import Duration
 from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming
@@ -166,12 +168,49 @@ def window_trigger(settings: WindowSettings, streaming: bool) -> trigger.Trigger
     return trigger.AfterWatermark(early=early, late=trigger.AfterCount(1))
 
 
+class AccumulatePanesFn(beam.DoFn):
+    """Adds each discarding pane's delta to the window's running totals and emits the totals so far.
+
+    Keyed state is per key *and window* and is committed atomically with the outputs, so every delta is
+    added exactly once; the runner drops the state when the window expires (end + allowed lateness).
+    """
+
+    TOTALS = ReadModifyWriteStateSpec("totals", PickleCoder())
+
+    def __init__(self) -> None:
+        self._panes = {
+            name: Metrics.counter("aggregate", f"panes_{name.lower()}") for name in _PANE_TIMING_NAMES.values()
+        }
+
+    def process(
+        self,
+        keyed: tuple[AggregateKey, EngagementTotals],
+        window: IntervalWindow = beam.DoFn.WindowParam,
+        pane: PaneInfo = beam.DoFn.PaneInfoParam,
+        totals_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(TOTALS),
+    ) -> Iterator[WindowAggregate]:
+        key, delta = keyed
+        totals = totals_state.read() or EngagementTotals()
+        totals.merge(delta)
+        totals_state.write(totals)
+        aggregate = to_window_aggregate(key, totals, window, pane, datetime.now(UTC))
+        self._panes[aggregate.pane_timing].inc()
+        yield aggregate
+
+
 class AggregateWindows(beam.PTransform):
-    """EnrichedEvent -> WindowAggregate: one row per (window, content) per fired pane, accumulating.
+    """EnrichedEvent -> WindowAggregate: one row per (window, content) per fired pane, accumulated.
 
     Early panes fire about ``early_firing_seconds`` after data arrives, the on-time pane when the
     watermark passes the window's end, and a late pane for each bundle of late data within allowed
-    lateness. Each pane carries the window's full value so far, so sinks overwrite and never add.
+    lateness. Each row carries the window's full value so far, so sinks overwrite and never add.
+
+    In streaming, panes are fired DISCARDING (each carries only what is new) and a stateful step adds
+    them up. That is the accumulating result, computed so that the aggregation does not keep every
+    element of an open window pending: on Prism, pending elements hold the aggregation's watermark until
+    the window expires, and Prism moves a stage's output downstream only when its watermark advances,
+    so accumulating early panes reached the sinks minutes late (docs/local-streaming.md, "Early panes").
+    Batch fires one pane per window, where the two modes are the same, and skips the stateful step.
     """
 
     def __init__(self, settings: WindowSettings, streaming: bool = True) -> None:
@@ -181,16 +220,20 @@ class AggregateWindows(beam.PTransform):
 
     def expand(self, events: beam.PCollection[EnrichedEvent]) -> beam.PCollection[WindowAggregate]:
         settings = self._settings
-        return (
+        panes = (
             events
             | "FixedWindows"
             >> beam.WindowInto(
                 FixedWindows(settings.window_seconds),
                 trigger=window_trigger(settings, self._streaming),
-                accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
+                accumulation_mode=(
+                    trigger.AccumulationMode.DISCARDING if self._streaming else trigger.AccumulationMode.ACCUMULATING
+                ),
                 allowed_lateness=Duration.of(settings.allowed_lateness_seconds),
             )
             | "KeyByContent" >> beam.Map(lambda event: (aggregate_key(event), event))
             | "SumPerContent" >> beam.CombinePerKey(EngagementTotalsFn())
-            | "ToRows" >> beam.ParDo(ToWindowAggregateFn())
         )
+        if self._streaming:
+            return panes | "AccumulatePanes" >> beam.ParDo(AccumulatePanesFn())
+        return panes | "ToRows" >> beam.ParDo(ToWindowAggregateFn())
