@@ -12,7 +12,9 @@ PostgreSQL rows -> build_core (decode, de-duplicate, enrich with a content snaps
 
 So a backfill never duplicates what streaming (or an earlier backfill) wrote, and running it twice leaves
 every sink as after the first run. Every check that needs no pipeline (dates, database, tables) runs
-before anything is written; a failed check exits with status 2 and a one-line message. See docs/backfill.md.
+before anything is written; a failed check exits with status 2 and a one-line message. A range with more
+than --chunk_rows rows runs as consecutive jobs over window-aligned sub-ranges, because local runners hold
+all of a batch job's data in memory. See docs/backfill.md.
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import logging
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, _BeamArgumentParser
@@ -60,6 +65,9 @@ from transforms.sinks.redis_top import RedisSinkConfig, RedisSinkOptions, WriteT
 LOG = logging.getLogger(__name__)
 
 PREFLIGHT_EXIT_STATUS = 2
+DEFAULT_CHUNK_ROWS = 100_000
+LOCAL_RUNNERS = frozenset({"direct", "bundlebaseddirect", "switchingdirect", "prism", "fnapi"})
+"""Runners that hold a batch job's data in the launching machine's memory (names lower-cased, no "Runner")."""
 
 
 class BackfillOptions(PipelineOptions):
@@ -95,11 +103,15 @@ class BackfillOptions(PipelineOptions):
             ),
         )
         parser.add_argument(
-            "--bigquery_rest_endpoint",
+            "--chunk_rows",
+            type=int,
             default=None,
             help=(
-                "REST URL of the BigQuery emulator (e.g. http://127.0.0.1:59050), where the backfill reads "
-                "the ids and window values the tables hold. Unset: Google BigQuery with default credentials."
+                "Run the range as consecutive jobs over window-aligned sub-ranges of at most about this many "
+                "rows each (a window is never split: one with more rows is a chunk of its own). Local runners "
+                "hold all of a batch job's data in memory (on Prism about 26 KiB per event), so this bounds "
+                f"the memory of a long range. 0: the whole range in one job. Default: {DEFAULT_CHUNK_ROWS} on "
+                "the local runners (Prism, Direct), 0 on the others (Dataflow)."
             ),
         )
         parser.add_argument(
@@ -126,6 +138,9 @@ class BackfillPlan:
     sinks: SinkSettings
     bigquery_read: BigQueryReadSettings
     content_lookup: bool
+    chunk_rows: int = 0
+    chunks: tuple[TimeRange, ...] = ()
+    """The sub-ranges run one after another (one job each); empty before the preflight has counted them."""
 
 
 def _one_line(error: BaseException) -> str:
@@ -143,6 +158,11 @@ def plan_from_options(options: PipelineOptions) -> BackfillPlan:
         check_window_aligned(time_range, core_options.window_seconds)
         if backfill.read_splits < 1:
             raise ValueError("--read_splits must be at least 1")
+        chunk_rows = backfill.chunk_rows
+        if chunk_rows is None:
+            chunk_rows = DEFAULT_CHUNK_ROWS if runs_locally(options) else 0
+        if chunk_rows < 0:
+            raise ValueError("--chunk_rows must be 0 (one job) or positive")
         core = CoreSettings.from_options(options, streaming=False)
         bigquery = BigQuerySinkSettings.from_options(options)
         redis_config = RedisSinkConfig.from_options(options, window_seconds=core.windows.window_seconds)
@@ -151,7 +171,7 @@ def plan_from_options(options: PipelineOptions) -> BackfillPlan:
         raise PreflightError(_one_line(error)) from error
     if backfill.send_to_http_api and http is None:
         raise PreflightError("--send_to_http_api contradicts --http_api_sink=disabled")
-    if bigquery.write_method == LOCAL_STORAGE_WRITE and not backfill.bigquery_rest_endpoint:
+    if bigquery.write_method == LOCAL_STORAGE_WRITE and not options.view_as(BigQuerySinkOptions).bigquery_rest_endpoint:
         raise PreflightError("--bigquery_write_method=local_storage_write needs --bigquery_rest_endpoint")
     plan = BackfillPlan(
         time_range=time_range,
@@ -165,11 +185,24 @@ def plan_from_options(options: PipelineOptions) -> BackfillPlan:
             dataset=bigquery.dataset,
             events_table=bigquery.events_table,
             aggregates_table=bigquery.aggregates_table,
-            rest_endpoint=backfill.bigquery_rest_endpoint,
+            rest_endpoint=options.view_as(BigQuerySinkOptions).bigquery_rest_endpoint,
         ),
         content_lookup=core_options.content_lookup == "postgres",
+        chunk_rows=chunk_rows,
     )
     return plan
+
+
+def runs_locally(options: PipelineOptions) -> bool:
+    """Whether the runner keeps the job's data in this machine's memory (Beam's default runner is local).
+
+    Elsewhere (Dataflow) a job's size is the workers' concern, and chunks would only start more jobs.
+    """
+    runner = options.view_as(StandardOptions).runner
+    if runner is None:
+        return True
+    name = runner if isinstance(runner, str) else type(runner).__name__
+    return name.lower().removesuffix("runner") in LOCAL_RUNNERS
 
 
 def preflight(options: PipelineOptions) -> BackfillPlan:
@@ -190,10 +223,60 @@ def _check_postgres(plan: BackfillPlan, timeout: int) -> BackfillPlan:
         if missing:
             raise PreflightError(f"PostgreSQL has no table {', '.join(missing)} (apply sql/postgres/001_schema.sql)")
         summary = summarize_range(plan.dsn, plan.time_range, connect_timeout_seconds=timeout)
+        chunks: tuple[TimeRange, ...] = (plan.time_range,)
+        if plan.chunk_rows and summary.rows > plan.chunk_rows:
+            window_seconds = plan.core.windows.window_seconds
+            counts = rows_per_window(plan.dsn, plan.time_range, window_seconds, connect_timeout_seconds=timeout)
+            chunks = tuple(split_into_chunks(plan.time_range, window_seconds, counts, plan.chunk_rows))
     except psycopg2.Error as error:
         # libpq's message names host and port, never the password.
         raise PreflightError(f"cannot use PostgreSQL: {_one_line(error)}") from error
-    return dataclasses.replace(plan, summary=summary)
+    return dataclasses.replace(plan, summary=summary, chunks=chunks)
+
+
+def rows_per_window(
+    dsn: str, time_range: TimeRange, window_seconds: int, connect_timeout_seconds: int = 10
+) -> list[tuple[int, int]]:
+    """``(window start in epoch seconds, rows)`` for each window of the range that has rows, in order."""
+    import psycopg2
+
+    connection = psycopg2.connect(dsn, connect_timeout=connect_timeout_seconds)
+    try:
+        with connection.cursor() as cursor:
+            # Beam's fixed windows start at multiples of their size since the epoch; so does this bucket.
+            cursor.execute(
+                "SELECT (floor(extract(epoch FROM event_ts) / %(w)s) * %(w)s)::bigint AS window_start, count(*)"
+                " FROM engagement_events WHERE event_ts >= %(start)s AND event_ts < %(end)s"
+                " GROUP BY 1 ORDER BY 1",
+                {"w": window_seconds, "start": time_range.start, "end": time_range.end},
+            )
+            return [(int(start), int(rows)) for start, rows in cursor.fetchall()]
+    finally:
+        connection.close()
+
+
+def split_into_chunks(
+    time_range: TimeRange, window_seconds: int, rows_per_window: Sequence[tuple[int, int]], max_rows: int
+) -> list[TimeRange]:
+    """Consecutive window-aligned sub-ranges covering ``time_range``, each of at most ``max_rows`` rows
+    unless a single window holds more (a window is never split: its value must come from all its events).
+
+    ``rows_per_window`` is ``(window start in epoch seconds, rows)`` in order; windows without rows may be
+    left out, and fall into whichever chunk spans them.
+    """
+    if max_rows < 1:
+        raise ValueError("max_rows must be positive")
+    cuts: list[datetime] = []
+    in_chunk = 0
+    for start, rows in rows_per_window:
+        if in_chunk and in_chunk + rows > max_rows:
+            cut = datetime.fromtimestamp(start - start % window_seconds, UTC)
+            if time_range.start < cut < time_range.end:
+                cuts.append(cut)
+                in_chunk = 0
+        in_chunk += rows
+    bounds = [time_range.start, *cuts, time_range.end]
+    return [TimeRange(first, last) for first, last in itertools.pairwise(bounds)]
 
 
 def _check_bigquery(plan: BackfillPlan) -> None:
@@ -237,7 +320,8 @@ def _check_redis(plan: BackfillPlan, timeout: int) -> None:
 
 
 def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions, plan: BackfillPlan | None = None) -> None:
-    """Adds the backfill to ``pipeline``; runs the preflight checks unless given their ``plan``."""
+    """Adds the backfill of ``plan.time_range`` to ``pipeline`` as one job, whatever its chunks (``run_chunks``
+    runs one job per chunk); runs the preflight checks unless given their ``plan``."""
     plan = plan or preflight(options)
     dsn = plan.dsn
     run = uuid.uuid4().hex
@@ -287,10 +371,17 @@ _SUMMARY_COUNTERS = (
     ("backfill", "aggregates_changed"),
     ("backfill", "aggregates_unchanged"),
     ("sink.bigquery", "enriched_events.rows_written"),
+    # Rows a retried bundle found written by its failed attempt: written once, counted here instead.
+    ("sink.bigquery", "enriched_events.rows_already_written"),
     ("sink.bigquery", "window_aggregates.rows_written"),
+    ("sink.bigquery", "window_aggregates.rows_already_written"),
     ("sink.redis", "written"),
     ("sink.redis", "skipped_expired"),
     ("sink.http", "events_sent"),
+    ("sink.bigquery", "enriched_events.dead_lettered"),
+    ("sink.bigquery", "window_aggregates.dead_lettered"),
+    ("sink.redis", "dead_lettered"),
+    ("sink.http", "dead_lettered"),
 )
 
 
@@ -311,22 +402,76 @@ def configure_logging() -> None:
         logging.getLogger(name).setLevel(logging.INFO)
 
 
-def log_summary(result: beam.runners.runner.PipelineResult) -> None:
+def counter_totals(result: beam.runners.runner.PipelineResult) -> dict[tuple[str, str], int]:
+    """The job's counters by (namespace, name); empty when the runner reports none."""
     try:
         counters = result.metrics().query()["counters"]
     except (NotImplementedError, AttributeError, KeyError):
-        return
+        return {}
     totals: dict[tuple[str, str], int] = {}
     for counter in counters:
         key = (counter.key.metric.namespace, counter.key.metric.name)
         value = counter.committed if counter.committed is not None else counter.attempted
         totals[key] = totals.get(key, 0) + (value or 0)
+    return totals
+
+
+def log_summary(totals: dict[tuple[str, str], int]) -> None:
     parts = [
         f"{namespace}/{name}={totals[namespace, name]}"
         for namespace, name in _SUMMARY_COUNTERS
         if (namespace, name) in totals
     ]
     LOG.info("backfill done: %s", ", ".join(parts))
+
+
+def run_chunks(options: PipelineOptions, plan: BackfillPlan) -> dict[tuple[str, str], int]:
+    """Runs one job per chunk of ``plan``, in order; returns the counters summed over all of them.
+
+    Each job is the whole backfill of its sub-range (reads, filters against BigQuery, sinks), so a run
+    that stops part-way leaves the finished chunks complete, and re-running the range skips them.
+    """
+    totals: dict[tuple[str, str], int] = {}
+    started = time.monotonic()
+    chunks = plan.chunks or (plan.time_range,)
+    for index, chunk in enumerate(chunks, start=1):
+        chunk_plan = plan
+        if len(chunks) > 1:
+            # The chunk's own id span keeps its read splits even; the count is cheap (index on event_ts).
+            summary = summarize_range(plan.dsn, chunk)
+            chunk_plan = dataclasses.replace(plan, time_range=chunk, summary=summary, chunks=(chunk,))
+            LOG.info(
+                "backfill: chunk %d of %d, [%s, %s): %d rows",
+                index,
+                len(chunks),
+                chunk.start.isoformat(),
+                chunk.end.isoformat(),
+                summary.rows,
+            )
+        pipeline = beam.Pipeline(options=options)
+        build_pipeline(pipeline, options, chunk_plan)
+        result = pipeline.run()
+        result.wait_until_finish()
+        for key, value in counter_totals(result).items():
+            totals[key] = totals.get(key, 0) + value
+        if len(chunks) > 1:
+            done = totals.get(("backfill", "rows_read"), 0)
+            LOG.info(
+                "backfill: %d of %d chunks done, %s",
+                index,
+                len(chunks),
+                progress_text(done, plan.summary.rows, time.monotonic() - started),
+            )
+    return totals
+
+
+def progress_text(done: int, total: int, elapsed_seconds: float) -> str:
+    """``read 300000 of 1000000 rows (30.0%), 1850 rows/s, about 378s left``, for the chunks' progress."""
+    rate = done / elapsed_seconds if elapsed_seconds > 0 else 0.0
+    left = max(total - done, 0)
+    eta = f"about {left / rate:.0f}s left" if rate > 0 else "time left unknown"
+    share = 100.0 * done / total if total else 100.0
+    return f"read {done} of {total} rows ({share:.1f}%), {rate:.0f} rows/s, {eta}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -348,20 +493,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             "use --runner=PrismRunner (scripts/backfill does)"
         )
     LOG.info(
-        "backfill [%s, %s): %d rows in PostgreSQL (ids %s..%s), %d read splits, HTTP API %s",
+        "backfill [%s, %s): %d rows in PostgreSQL (ids %s..%s), %d chunk(s), %d read splits, HTTP API %s",
         plan.time_range.start.isoformat(),
         plan.time_range.end.isoformat(),
         plan.summary.rows,
         plan.summary.min_id,
         plan.summary.max_id,
+        len(plan.chunks),
         plan.read_splits,
         "on" if plan.sinks.http is not None else "off",
     )
-    pipeline = beam.Pipeline(options=options)
-    build_pipeline(pipeline, options, plan)
-    result = pipeline.run()
-    result.wait_until_finish()
-    log_summary(result)
+    log_summary(run_chunks(options, plan))
     return 0
 
 

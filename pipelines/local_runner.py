@@ -36,6 +36,9 @@ def prism_args(streaming: bool) -> list[str]:
         # process that ran a DirectRunner pipeline first (which may try Prism without our binary) it is
         # unusable, so every run here gets its own.
         "--experiments=disable_prism_server_singleton",
+        # Beam's portable runner gives the job's status stream this deadline (default 300 s): without it a
+        # streaming or long batch job fails with DEADLINE_EXCEEDED after five minutes, while still running.
+        "--job_server_timeout=86400",
     ]
     if streaming:
         args.append("--streaming")

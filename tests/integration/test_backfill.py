@@ -12,7 +12,8 @@ import random
 import re
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -27,11 +28,13 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from devstack.config import StackConfig
 from devstack.postgres import ROLE, psql
-from pipelines.backfill import build_pipeline, main
+from pipelines.backfill import main, preflight, run_chunks
 from pipelines.core import CoreSettings, build_core
 from pipelines.outputs import SinkSettings, write_outputs
+from tests.integration.external_api import ExternalApiClient
 from transforms.content import PostgresContentLoader, PostgresContentLookup, ReadContentOnce
 from transforms.model import RawRecord, SourceCoordinates
+from transforms.postgres_source import TimeRange
 from transforms.rows import enriched_event_row, window_aggregate_row
 from transforms.sinks.bigquery import LOCAL_STORAGE_WRITE, BigQuerySinkSettings
 from transforms.sinks.redis_top import RedisKeys, RedisSinkConfig
@@ -135,10 +138,22 @@ def backfill_options(stack: StackConfig, dataset: str, prefix: str, start: datet
     ]
 
 
-def run_backfill(stack: StackConfig, dataset: str, prefix: str, start: datetime, end: datetime) -> None:
-    options = PipelineOptions(backfill_options(stack, dataset, prefix, start, end))
-    with beam.Pipeline(options=options) as pipeline:
-        build_pipeline(pipeline, options)
+@dataclass(frozen=True)
+class BackfillRun:
+    chunks: tuple[TimeRange, ...]
+    """The sub-ranges run, one job each."""
+    counters: dict[str, int]
+    """Summed over the jobs, as ``{"namespace/name": total}``."""
+
+
+def run_backfill(
+    stack: StackConfig, dataset: str, prefix: str, start: datetime, end: datetime, extra: Sequence[str] = ()
+) -> BackfillRun:
+    """Runs a backfill as the command does: the preflight, then one job per chunk."""
+    options = PipelineOptions([*backfill_options(stack, dataset, prefix, start, end), *extra])
+    plan = preflight(options)
+    totals = run_chunks(options, plan)
+    return BackfillRun(plan.chunks, {f"{namespace}/{name}": value for (namespace, name), value in totals.items()})
 
 
 class Collected:
@@ -248,7 +263,12 @@ def test_backfill_equals_streaming_and_a_second_run_changes_nothing(
     assert len(expected_events) == 12
     assert len(expected_aggregates) == 9  # 3 minutes x (long, no length, missing content)
 
-    run_backfill(stack, dataset, prefix, start, end)
+    # In chunks of one minute (4 rows each): one job per chunk must give what one job over the range gives,
+    # which the second, unchunked run below confirms by changing nothing.
+    first_run = run_backfill(stack, dataset, prefix, start, end, ["--chunk_rows=4"])
+    minutes = [start + timedelta(minutes=m) for m in range(4)]
+    assert first_run.chunks == tuple(map(TimeRange, minutes, minutes[1:]))
+    assert first_run.counters["backfill/rows_read"] == len(ids)
 
     events = table_rows(
         bq, dataset, "enriched_events", f"event_ts >= TIMESTAMP '{start}' AND event_ts < TIMESTAMP '{end}'"
@@ -275,7 +295,8 @@ def test_backfill_equals_streaming_and_a_second_run_changes_nothing(
         )
 
     first = snapshot()
-    run_backfill(stack, dataset, prefix, start, end)
+    second_run = run_backfill(stack, dataset, prefix, start, end, ["--chunk_rows=0"])
+    assert second_run.chunks == (TimeRange(start, end),)
     assert snapshot() == first
 
 
@@ -330,6 +351,61 @@ def test_overlapping_streaming_and_backfills_write_no_duplicates(
 
 def _before(record: RawRecord, instant: datetime) -> bool:
     return datetime.fromisoformat(json.loads(record.value)["after"]["event_ts"]) < instant
+
+
+@pytest.fixture(scope="module")
+def uncaptured_db(stack: StackConfig) -> Iterator[tuple[str, Any]]:
+    """A database of its own with the project's schema but no CDC publication, and an autocommit connection.
+
+    Streaming jobs of other sessions read the shared database's CDC topic and send what they read to the
+    HTTP API too; events here reach the API only through the backfill. Ids start at a random point far
+    above any the shared database hands out and below 2**53 (JSON-safe), so no other sender's ids collide.
+    """
+    name = f"backfill_http_{uuid.uuid4().hex[:8]}"
+    first_id = random.SystemRandom().randrange(2**50, 2**53 - 2**20)
+    psql(stack, f"CREATE DATABASE {name} OWNER {ROLE}")
+    schema = (ROOT / "sql" / "postgres" / "001_schema.sql").read_text()
+    psql(stack, f"{schema}\nALTER SEQUENCE engagement_events_id_seq RESTART WITH {first_id};", database=name, role=ROLE)
+    dsn = stack.pg_dsn.replace("dbname=engagement", f"dbname={name}")
+    connection = psycopg2.connect(dsn)
+    connection.autocommit = True
+    yield dsn, connection
+    connection.close()
+    psql(stack, f"DROP DATABASE IF EXISTS {name}")
+
+
+def test_send_to_http_api_delivers_the_range_once_and_a_rerun_sends_nothing(
+    stack, uncaptured_db, dataset, prefix, day, monkeypatch
+) -> None:
+    dsn, db = uncaptured_db
+    start, end = day + timedelta(hours=3), day + timedelta(hours=3, minutes=2)
+    ids = sample_events(db, start, minutes=2)
+    outside = insert_events(db, [(None, None, end, 1_000), (None, None, start - timedelta(microseconds=1), 1_000)])
+    # The sink reads its token from the environment, never from an option (docs/backfill.md).
+    monkeypatch.setenv("HTTP_API_TOKEN", stack.http_api_token)
+    to_api = [
+        f"--postgres_dsn={dsn}",
+        "--send_to_http_api",
+        f"--http_api_url={stack.http_api_url}/v1/events",
+        "--http_api_shards=2",
+    ]
+    api = ExternalApiClient(stack)
+    try:
+        first = run_backfill(stack, dataset, prefix, start, end, to_api).counters
+        # The API keeps every id it ever stored, from every test: only this test's ids are looked at.
+        assert api.receipts([*ids, *outside]) == {**dict.fromkeys(ids, 1), **dict.fromkeys(outside, 0)}
+        assert first["sink.http/events_sent"] == len(ids) == 8
+        assert first.get("sink.http/dead_lettered", 0) == 0
+
+        second = run_backfill(stack, dataset, prefix, start, end, to_api).counters
+        # Every event is in BigQuery now, so none is new and no batch is formed: nothing reaches the API,
+        # not even a replay under a known key (the sink counts replayed batches as sent too).
+        assert second.get("sink.http/events_sent", 0) == 0
+        assert second.get("backfill/events_new", 0) == 0
+        assert second.get("backfill/events_already_in_bigquery", 0) == len(ids)
+        assert api.receipts([*ids, *outside]) == {**dict.fromkeys(ids, 1), **dict.fromkeys(outside, 0)}
+    finally:
+        api.close()
 
 
 # --- preflight --------------------------------------------------------------------------------------------

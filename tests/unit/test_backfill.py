@@ -12,7 +12,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.backfill import PreflightError, main, plan_from_options
+from pipelines.backfill import PreflightError, main, plan_from_options, progress_text, split_into_chunks
 from tests.unit.helpers import PODCAST, plain_event
 from transforms.backfill_filters import (
     CHANGED,
@@ -71,6 +71,7 @@ def aggregate(**changes) -> WindowAggregate:
         (["--start=2026-11-22T10:00:00Z", "--end=2026-13-40"], "--end '2026-13-40' is not an ISO-8601"),
         (["--start=2026-11-22T10:00:30Z", "--end=2026-11-22T11:00:00Z"], "not on a 60-second window boundary"),
         (["--start=2026-11-22T10:00:00Z", "--end=2026-11-22T11:00:00Z", "--read_splits=0"], "at least 1"),
+        (["--start=2026-11-22T10:00:00Z", "--end=2026-11-22T11:00:00Z", "--chunk_rows=-1"], "--chunk_rows must be"),
         (
             [
                 "--start=2026-11-22T10:00:00Z",
@@ -125,6 +126,58 @@ def test_window_range_starts_at_the_window_holding_start():
     offset = timezone(timedelta(hours=2))
     time_range = TimeRange(datetime(2026, 11, 22, 12, 0, 30, tzinfo=offset), MINUTE + timedelta(minutes=3))
     assert window_range(time_range, 60) == (MINUTE, MINUTE + timedelta(minutes=3))
+
+
+# --- chunks -----------------------------------------------------------------------------------------------
+
+
+def at(minutes: int) -> datetime:
+    return MINUTE + timedelta(minutes=minutes)
+
+
+def counts(*rows: int) -> list[tuple[int, int]]:
+    """Rows per minute window from MINUTE on (0: a window without rows, left out as the query leaves it)."""
+    return [(int(at(index).timestamp()), n) for index, n in enumerate(rows) if n]
+
+
+def test_chunks_cover_the_range_in_whole_windows_of_at_most_max_rows():
+    chunks = split_into_chunks(TimeRange(at(0), at(6)), 60, counts(40, 40, 30, 0, 50, 10), max_rows=100)
+    assert chunks == [TimeRange(at(0), at(2)), TimeRange(at(2), at(6))]  # 80 rows (110 with the third), then 90
+
+
+def test_a_window_larger_than_a_chunk_is_a_chunk_of_its_own_never_split():
+    chunks = split_into_chunks(TimeRange(at(0), at(4)), 60, counts(10, 250, 10, 10), max_rows=100)
+    assert chunks == [TimeRange(at(0), at(1)), TimeRange(at(1), at(2)), TimeRange(at(2), at(4))]
+
+
+def test_a_range_within_max_rows_is_one_chunk_even_with_empty_windows_at_its_ends():
+    time_range = TimeRange(at(0), at(10))
+    assert split_into_chunks(time_range, 60, counts(0, 0, 5, 5), max_rows=10) == [time_range]
+    assert split_into_chunks(time_range, 60, [], max_rows=10) == [time_range]
+
+
+def test_chunks_follow_the_window_size():
+    start = MINUTE
+    per_window = [(int(start.timestamp()) + 30 * i, 10) for i in range(4)]
+    chunks = split_into_chunks(TimeRange(start, start + timedelta(minutes=2)), 30, per_window, max_rows=20)
+    assert [chunk.start for chunk in chunks] == [start, start + timedelta(minutes=1)]
+
+
+def test_ranges_are_chunked_by_default_only_on_runners_that_hold_the_job_in_local_memory():
+    argv = [*LOCAL, "--start=2026-11-22T10:00:00Z", "--end=2026-11-22T11:00:00Z"]
+
+    def chunk_rows(*extra: str) -> int:
+        return plan_from_options(PipelineOptions([*argv, *extra])).chunk_rows
+
+    assert chunk_rows() == chunk_rows("--runner=PrismRunner") == chunk_rows("--runner=DirectRunner") == 100_000
+    assert chunk_rows("--runner=DataflowRunner") == 0
+    assert chunk_rows("--runner=DataflowRunner", "--chunk_rows=500") == 500
+    assert chunk_rows("--runner=PrismRunner", "--chunk_rows=0") == 0
+
+
+def test_chunk_progress_reports_rows_rate_and_time_left():
+    assert progress_text(300, 1_000, 10.0) == "read 300 of 1000 rows (30.0%), 30 rows/s, about 23s left"
+    assert progress_text(0, 1_000, 0.0) == "read 0 of 1000 rows (0.0%), 0 rows/s, time left unknown"
 
 
 def test_queries_read_only_the_range_of_the_configured_tables():

@@ -60,6 +60,15 @@ class BigQuerySinkOptions(PipelineOptions):
             default=None,
             help="Project of the BigQuery dataset; defaults to --project.",
         )
+        parser.add_argument(
+            "--bigquery_rest_endpoint",
+            default=None,
+            help=(
+                "REST URL of the BigQuery emulator (e.g. http://127.0.0.1:59050), where the pipeline reads what "
+                "the tables hold (the backfill: ids and window values; streaming with --start_offset=resume: "
+                "where the last run stopped). Unset: Google BigQuery with default credentials."
+            ),
+        )
         parser.add_argument("--bigquery_dataset", default="engagement", help="Dataset holding the pipeline's tables.")
         parser.add_argument(
             "--bigquery_events_table",
