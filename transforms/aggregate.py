@@ -11,8 +11,15 @@ import apache_beam as beam
 from apache_beam.coders import PickleCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger
-from apache_beam.transforms.userstate import ReadModifyWriteRuntimeState, ReadModifyWriteStateSpec
-from apache_beam.transforms.window import FixedWindows, IntervalWindow
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import (
+    ReadModifyWriteRuntimeState,
+    ReadModifyWriteStateSpec,
+    RuntimeTimer,
+    TimerSpec,
+    on_timer,
+)
+from apache_beam.transforms.window import FixedWindows, GlobalWindows, IntervalWindow
 from apache_beam.utils.timestamp import Duration
 from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming
 
@@ -168,34 +175,60 @@ def window_trigger(settings: WindowSettings, streaming: bool) -> trigger.Trigger
     return trigger.AfterWatermark(early=early, late=trigger.AfterCount(1))
 
 
-class AccumulatePanesFn(beam.DoFn):
-    """Adds each discarding pane's delta to the window's running totals and emits the totals so far.
+PaneDelta = tuple[IntervalWindow, int, int, EngagementTotals]
+"""(window, pane timing, pane index, what the pane adds): a discarding pane, taken out of its window."""
 
-    Keyed state is per key *and window* and is committed atomically with the outputs, so every delta is
-    added exactly once; the runner drops the state when the window expires (end + allowed lateness).
+
+def pane_delta(
+    keyed: tuple[AggregateKey, EngagementTotals],
+    window: IntervalWindow = beam.DoFn.WindowParam,
+    pane: PaneInfo = beam.DoFn.PaneInfoParam,
+) -> Iterator[tuple[tuple[AggregateKey, int], PaneDelta]]:
+    """Keys a pane by (key, window start) and carries its window and pane along into the global window."""
+    key, delta = keyed
+    yield (key, window.start.micros), (window, pane.timing, pane.index, delta)
+
+
+class AccumulatePanesFn(beam.DoFn):
+    """Adds each discarding pane's delta to its window's running totals and emits the totals so far.
+
+    Keyed state (the totals and the number of panes emitted) is committed atomically with the outputs, so
+    every delta is added exactly once. The state
+    lives in the global window, keyed by (key, window start), and an event-time timer drops it once the
+    window can no longer change (end + allowed lateness): Prism 2.73.0 gives a stateful ParDo no allowed
+    lateness and would drop per-window state at the window's end, before its late panes.
     """
 
     TOTALS = ReadModifyWriteStateSpec("totals", PickleCoder())
+    EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
 
-    def __init__(self) -> None:
+    def __init__(self, allowed_lateness_seconds: int) -> None:
+        self._lateness = Duration.of(allowed_lateness_seconds)
         self._panes = {
             name: Metrics.counter("aggregate", f"panes_{name.lower()}") for name in _PANE_TIMING_NAMES.values()
         }
 
     def process(
         self,
-        keyed: tuple[AggregateKey, EngagementTotals],
-        window: IntervalWindow = beam.DoFn.WindowParam,
-        pane: PaneInfo = beam.DoFn.PaneInfoParam,
+        keyed: tuple[tuple[AggregateKey, int], PaneDelta],
         totals_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(TOTALS),
+        expiry: RuntimeTimer = beam.DoFn.TimerParam(EXPIRY),
     ) -> Iterator[WindowAggregate]:
-        key, delta = keyed
-        totals = totals_state.read() or EngagementTotals()
+        (key, _), (window, timing, _, delta) = keyed
+        totals, index = totals_state.read() or (EngagementTotals(), 0)
         totals.merge(delta)
-        totals_state.write(totals)
+        totals_state.write((totals, index + 1))
+        expiry.set(window.end + self._lateness)
+        # The pane's index is counted here: sinks keep the highest, and Prism's pane indices are not in
+        # firing order (docs/local-streaming.md, "Pane labels").
+        pane = PaneInfo(index == 0, False, timing, index, -1)
         aggregate = to_window_aggregate(key, totals, window, pane, datetime.now(UTC))
         self._panes[aggregate.pane_timing].inc()
         yield aggregate
+
+    @on_timer(EXPIRY)
+    def expire(self, totals_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(TOTALS)) -> None:
+        totals_state.clear()
 
 
 class AggregateWindows(beam.PTransform):
@@ -206,8 +239,8 @@ class AggregateWindows(beam.PTransform):
     lateness. Each row carries the window's full value so far, so sinks overwrite and never add.
 
     In streaming, panes are fired DISCARDING (each carries only what is new) and a stateful step adds
-    them up. That is the accumulating result, computed so that the aggregation does not keep every
-    element of an open window pending: on Prism, pending elements hold the aggregation's watermark until
+    them up (``AccumulatePanesFn``). That is the accumulating result, computed so that the aggregation does
+    not keep every element of an open window pending: on Prism, pending elements hold the aggregation's watermark until
     the window expires, and Prism moves a stage's output downstream only when its watermark advances,
     so accumulating early panes reached the sinks minutes late (docs/local-streaming.md, "Early panes").
     Batch fires one pane per window, where the two modes are the same, and skips the stateful step.
@@ -235,5 +268,10 @@ class AggregateWindows(beam.PTransform):
             | "SumPerContent" >> beam.CombinePerKey(EngagementTotalsFn())
         )
         if self._streaming:
-            return panes | "AccumulatePanes" >> beam.ParDo(AccumulatePanesFn())
+            return (
+                panes
+                | "PaneDeltas" >> beam.ParDo(pane_delta)
+                | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
+                | "AccumulatePanes" >> beam.ParDo(AccumulatePanesFn(settings.allowed_lateness_seconds))
+            )
         return panes | "ToRows" >> beam.ParDo(ToWindowAggregateFn())
