@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import redis
 import requests
@@ -29,14 +29,14 @@ PIPELINE_LOG = "pipeline.log"
 GENERATOR_LOG = "generator.log"
 
 
-def pipeline_args(cfg: StackConfig, start: datetime, window_seconds: int, lateness_seconds: int) -> list[str]:
+def pipeline_args(cfg: StackConfig, start: datetime | None, window_seconds: int, lateness_seconds: int) -> list[str]:
     """The streaming job's options against the local stack, on Prism (see docs/local-streaming.md)."""
     return [
         *prism_args(streaming=True),
         f"--bootstrap_servers={cfg.kafka_bootstrap}",
         "--cdc_topic=cdc.public.engagement_events",
         "--consumer_group=engagement-local",
-        f"--start_offset={start.isoformat()}",
+        f"--start_offset={start.isoformat() if start else 'resume'}",
         # Prism refuses KafkaIO's commit-in-finalize step (it needs stable input); the consumer commits.
         "--commit_offsets=false",
         "--kafka_consumer_config=enable.auto.commit=true",
@@ -50,6 +50,7 @@ def pipeline_args(cfg: StackConfig, start: datetime, window_seconds: int, latene
         f"--bigquery_dataset={cfg.bq_dataset}",
         "--bigquery_write_method=local_storage_write",
         f"--bigquery_endpoint={cfg.bq_grpc_endpoint}",
+        f"--bigquery_rest_endpoint={cfg.bq_rest_endpoint}",
         f"--redis_url={cfg.redis_url}",
         f"--http_api_url={cfg.http_api_url}/v1/events",
     ]
@@ -158,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    # Read back far enough to rebuild every window that is still open, as a restart must (docs/streaming.md).
-    start = datetime.now(UTC) - timedelta(seconds=args.window_seconds + args.allowed_lateness_seconds)
+    # None: --start_offset=resume, so a second run-local picks up where the first stopped (docs/restarts.md).
+    start = None
     python = sys.executable
     pipeline: subprocess.Popen | None = None
     generator: subprocess.Popen | None = None

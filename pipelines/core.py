@@ -6,6 +6,7 @@ raw records -> decode -> de-duplicate -> enrich (content side input) -> fixed-wi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -18,6 +19,7 @@ from transforms.decode import DEAD_LETTER_TAG, DecodeRecords
 from transforms.dedup import DeduplicateEvents
 from transforms.enrich import ContentLookupFactory, EnrichEvents
 from transforms.model import DeadLetter, EnrichedEvent, RawRecord, WindowAggregate
+from transforms.resume import KeepResumableWindows
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class CoreSettings:
     windows: WindowSettings = field(default_factory=WindowSettings)
     dedup_horizon_seconds: int = 600
     streaming: bool = True
+    windows_from: datetime | None = None
+    """A resumed job's re-read start: earlier windows were final before the restart (transforms/resume.py)."""
 
     def __post_init__(self) -> None:
         # A duplicate arriving after the horizon but while its window is still open would be counted
@@ -65,5 +69,8 @@ def build_core(
     decoded = raw | "Decode" >> DecodeRecords()
     unique = decoded.events | "Deduplicate" >> DeduplicateEvents(settings.dedup_horizon_seconds, settings.streaming)
     enriched = unique | "Enrich" >> EnrichEvents(content, content_lookup)
-    aggregates = enriched | "Aggregate" >> AggregateWindows(settings.windows, settings.streaming)
+    to_aggregate = enriched
+    if settings.windows_from is not None:
+        to_aggregate = enriched | "Resumable windows" >> KeepResumableWindows(settings.windows_from)
+    aggregates = to_aggregate | "Aggregate" >> AggregateWindows(settings.windows, settings.streaming)
     return CoreOutputs(enriched=enriched, aggregates=aggregates, dead_letters=decoded[DEAD_LETTER_TAG])

@@ -16,6 +16,7 @@ from apache_beam.transforms.window import GlobalWindows
 
 from pipelines.core import CoreOutputs
 from transforms.model import DeadLetter
+from transforms.resume import IdLoader, SkipDelivered
 from transforms.sinks.bigquery import (
     BigQuerySinkSettings,
     WriteDeadLetters,
@@ -32,6 +33,9 @@ class SinkSettings:
     redis: RedisSinkConfig
     http: HttpSinkSettings | None
     """None when the HTTP sink is disabled (the backfill's default)."""
+    bigquery_holds: IdLoader | None = None
+    http_holds: IdLoader | None = None
+    """For a resumed job: the ids each sink already holds from the overlap (transforms/resume.py)."""
 
     @classmethod
     def from_options(cls, options: PipelineOptions, window_seconds: int) -> SinkSettings:
@@ -59,11 +63,17 @@ class CountDeadLettersFn(beam.DoFn):
 def write_outputs(core: CoreOutputs, sinks: SinkSettings) -> beam.PCollection[DeadLetter]:
     """Writes every output; returns the dead letters the dead-letter table itself refused (logged)."""
     dead_letters = [core.dead_letters]
-    dead_letters.append(core.enriched | "BigQuery enriched_events" >> WriteEnrichedEvents(sinks.bigquery))
+    to_bigquery = core.enriched
+    if sinks.bigquery_holds is not None:
+        to_bigquery = to_bigquery | "Resume BigQuery" >> SkipDelivered("bigquery", sinks.bigquery_holds)
+    dead_letters.append(to_bigquery | "BigQuery enriched_events" >> WriteEnrichedEvents(sinks.bigquery))
     dead_letters.append(core.aggregates | "BigQuery window_aggregates" >> WriteWindowAggregates(sinks.bigquery))
     dead_letters.append(core.aggregates | "Redis top content" >> WriteTopContentToRedis(sinks.redis))
     if sinks.http is not None:
-        dead_letters.append(core.enriched | "External HTTP API" >> WriteToHttpApi(sinks.http))
+        to_http = core.enriched
+        if sinks.http_holds is not None:
+            to_http = to_http | "Resume HTTP" >> SkipDelivered("http", sinks.http_holds)
+        dead_letters.append(to_http | "External HTTP API" >> WriteToHttpApi(sinks.http))
     return (
         [
             # Stages emit dead letters in their own windows (decode's are in event time); one global

@@ -51,8 +51,10 @@ class KafkaReadOptions(PipelineOptions):
             "--start_offset",
             default="earliest",
             help=(
-                "Where to start when the group has no committed offset: 'earliest', 'latest', or an "
-                "ISO-8601 time with offset (e.g. 2026-11-22T10:00:00Z) to start every partition there."
+                "Where to start reading: 'earliest' or 'latest' (used when the consumer group has no committed "
+                "offset; otherwise the group's offsets), an ISO-8601 time with offset (e.g. "
+                "2026-11-22T10:00:00Z; every partition starts there, whatever the group committed), or, for the "
+                "streaming job, 'resume': restart where the sinks show the last run stopped (docs/restarts.md)."
             ),
         )
         parser.add_argument(

@@ -7,8 +7,10 @@ with ``scripts/stack down``. Tests must therefore tolerate data left by earlier 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,6 +25,7 @@ from google.cloud import bigquery
 from devstack import bigquery_clients
 from devstack.cli import ensure_up
 from devstack.config import REPO_ROOT, StackConfig, load_config
+from devstack.external_api import ApiServer
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -167,3 +170,21 @@ def dataset(stack: StackConfig, bq: bigquery.Client) -> Iterator[str]:
     subprocess.run([*ddl, "--apply-to-emulator", stack.bq_rest_endpoint], check=True, capture_output=True)
     yield name
     bq.delete_dataset(f"{stack.bq_project}.{name}", delete_contents=True, not_found_ok=True)
+
+
+@pytest.fixture
+def private_api(stack: StackConfig) -> Iterator[StackConfig]:
+    """The stack with an HTTP API of the test's own: the stand-in API's code, on a free port.
+
+    Other jobs reading the shared CDC topic (scripts/run-local, other tests) post a test's events to the
+    shared API too, and may inject faults there; a private instance keeps "each event once" exact.
+    """
+    server = ApiServer(("127.0.0.1", 0), stack.http_api_token)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+    thread.start()
+    try:
+        yield dataclasses.replace(stack, http_api_port=server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)

@@ -15,13 +15,14 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from uuid import uuid4
 
 import apache_beam as beam
 import pytest
+import redis
 from apache_beam.metrics import MetricsFilter
 from apache_beam.runners.direct.direct_runner import DirectRunner
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
@@ -41,6 +42,7 @@ from transforms.sinks.http_api import (
     event_document,
     shard_of,
 )
+from transforms.sinks.http_ledger import DeliveryLedger
 
 TIMEOUT = 10
 # The issue's 30-second outage; HTTP_SINK_OUTAGE_SECONDS tries others (SPEC: "down for minutes").
@@ -356,3 +358,26 @@ def test_without_the_checkpoint_the_sink_runs_on_the_plain_direct_runner(api: Ap
 
     assert run.dead_letters == []
     assert_exactly_once(api, events)
+
+
+def test_acknowledged_events_are_recorded_in_the_delivery_ledger_for_restarts(api: Api, stack: StackConfig) -> None:
+    """The ledger (transforms/sinks/http_ledger.py) is what lets a resumed job skip what the API already has."""
+    prefix = f"ledger-{uuid4().hex[:10]}"
+    ledger = DeliveryLedger(prefix, ttl_seconds=120)
+    events = new_events(250)
+    before = datetime.now(UTC) - timedelta(minutes=1)
+
+    run = run_sink(events, api.settings(ledger=ledger, ledger_redis_url=stack.redis_url))
+
+    assert run.dead_letters == []
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        assert ledger.load_since(client, before, datetime.now(UTC)) == frozenset(ids_of(events))
+        # Nothing is recorded for a time after the deliveries, and keys expire with the ledger's TTL.
+        assert ledger.load_since(client, datetime.now(UTC) + timedelta(minutes=2), datetime.now(UTC)) == frozenset()
+        ttls = [client.ttl(key) for key in client.scan_iter(f"{prefix}:http:delivered:*")]
+        assert ttls
+        assert all(0 < ttl <= 120 + 120 for ttl in ttls)
+    finally:
+        client.delete(*client.scan_iter(f"{prefix}:*"))
+        client.close()

@@ -48,6 +48,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from requests.adapters import HTTPAdapter
 
 from transforms.model import DeadLetter, EnrichedEvent, SourceCoordinates, Stage
+from transforms.sinks.http_ledger import DeliveryLedger
 
 log = logging.getLogger(__name__)
 
@@ -353,6 +354,9 @@ class HttpSinkSettings:
     # False only for Python's DirectRunner (see docs/http-sink.md): it completes a GroupByKey before
     # GroupIntoBatches' end-of-window flush, and fails the pipeline when that flush arrives.
     checkpoint_batches: bool = True
+    ledger: DeliveryLedger | None = None
+    """Where acknowledged ids are recorded for restarts (transforms/resume.py); None: not recorded."""
+    ledger_redis_url: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.endpoint)
@@ -365,11 +369,16 @@ class HttpSinkSettings:
             raise ValueError("max_wait_seconds must be positive")
         if self.connect_timeout_seconds <= 0 or self.read_timeout_seconds <= 0:
             raise ValueError("timeouts must be positive")
+        if self.ledger is not None and not self.ledger_redis_url:
+            raise ValueError("the delivery ledger needs a Redis URL")
 
     @classmethod
     def from_options(cls, options: PipelineOptions) -> HttpSinkSettings | None:
         """The settings, or None when the sink is disabled."""
+        from transforms.sinks.redis_top import RedisSinkOptions
+
         opts = options.view_as(HttpSinkOptions)
+        redis = options.view_as(RedisSinkOptions)
         if opts.http_api_sink == "disabled":
             return None
         if not opts.http_api_url:
@@ -395,6 +404,12 @@ class HttpSinkSettings:
                 retry_after_cap_seconds=opts.http_api_retry_after_cap_seconds,
             ),
             checkpoint_batches=opts.http_api_checkpoint_batches == "true",
+            ledger=(
+                DeliveryLedger(redis.redis_key_prefix, opts.http_api_ledger_ttl_seconds)
+                if opts.http_api_ledger_ttl_seconds > 0
+                else None
+            ),
+            ledger_redis_url=redis.redis_url,
         )
 
 
@@ -508,6 +523,16 @@ class HttpSinkOptions(PipelineOptions):
                 "'false' only on Python's DirectRunner, which cannot run that checkpoint (docs/http-sink.md)."
             ),
         )
+        parser.add_argument(
+            "--http_api_ledger_ttl_seconds",
+            type=int,
+            default=3600,
+            help=(
+                "Record the ids of acknowledged events in Redis (--redis_url, under --redis_key_prefix) for this "
+                "many seconds, so a job restarted with --start_offset=resume within that time does not send them "
+                "again in differently keyed batches. 0 disables the ledger. About 8 bytes per event."
+            ),
+        )
 
 
 # --- the transform --------------------------------------------------------------------------------------
@@ -534,6 +559,7 @@ class PostBatchesFn(beam.DoFn):
         self._replayed = Metrics.counter(METRICS_NAMESPACE, "replayed")
         self._dead_lettered = Metrics.counter(METRICS_NAMESPACE, "dead_lettered")
         self._batch_seconds = Metrics.distribution(METRICS_NAMESPACE, "batch_delivery_ms")
+        self._ledger_failed = Metrics.counter(METRICS_NAMESPACE, "ledger_failed")
 
     def setup(self) -> None:
         settings = self._settings
@@ -548,6 +574,11 @@ class PostBatchesFn(beam.DoFn):
         self._pool = ThreadPoolExecutor(max_workers=settings.max_in_flight, thread_name_prefix="http-sink")
         self._stopping = threading.Event()
         self._endpoint = display_url(settings.endpoint)
+        self._ledger_client = None
+        if settings.ledger is not None:
+            from transforms.sinks.redis_top import connect
+
+            self._ledger_client = connect(settings.ledger_redis_url)
 
     def start_bundle(self) -> None:
         self._pending: deque[tuple[Batch, Timestamp, float, Future[Delivery]]] = deque()
@@ -581,6 +612,8 @@ class PostBatchesFn(beam.DoFn):
             self._stopping.set()  # wakes batches sleeping between retries; they fail, and so does the bundle
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._session.close()
+            if self._ledger_client is not None:
+                self._ledger_client.close()
 
     def _complete(
         self, batch: Batch, timestamp: Timestamp, started: float, future: Future[Delivery]
@@ -594,6 +627,7 @@ class PostBatchesFn(beam.DoFn):
             self._written.inc(len(batch.events))
             if delivery.replayed:
                 self._replayed.inc()
+            self._record_delivered(batch)
             return
         self._dead_lettered.inc(len(batch.events))
         log.warning(
@@ -605,6 +639,23 @@ class PostBatchesFn(beam.DoFn):
             # what identifies it, so an operator can re-send it from there.
             source = SourceCoordinates(kind="postgres", table="engagement_events", row_id=event_id)
             yield DeadLetter.of(Stage.HTTP, reason, payload, source, event_id=event_id)
+
+    def _record_delivered(self, batch: Batch) -> None:
+        """Best effort: the batch *is* delivered; a missing ledger entry only means a restart may resend it."""
+        if self._ledger_client is None:
+            return
+        import redis
+
+        for attempt in range(3):
+            try:
+                self._settings.ledger.record(self._ledger_client, batch.event_ids, time.time())
+                return
+            except redis.RedisError as error:
+                if attempt == 2:
+                    self._ledger_failed.inc(len(batch.events))
+                    log.warning("HTTP API sink: could not record batch %s in the ledger: %s", batch.key, error)
+                else:
+                    time.sleep(0.2 * (attempt + 1))
 
     def _deliver(self, batch: Batch) -> Delivery:
         key, body = batch.key, batch.body()
