@@ -56,7 +56,9 @@ def pipeline_args(cfg: StackConfig, start: datetime | None, window_seconds: int,
     ]
 
 
-def _start(cfg: StackConfig, argv: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+def start_logged(
+    cfg: StackConfig, argv: list[str], log_name: str, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
     log = open(cfg.log_dir / log_name, "ab")  # noqa: SIM115 - handed to the child, closed when it ends
     return subprocess.Popen(
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     generator: subprocess.Popen | None = None
     client: redis.Redis | None = None
     try:
-        pipeline = _start(
+        pipeline = start_logged(
             cfg,
             [
                 python,
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"run-local: pipeline starting on Prism (log: {cfg.log_dir / PIPELINE_LOG})")
         if not args.no_generator:
-            generator = _start(
+            generator = start_logged(
                 cfg,
                 [
                     python,

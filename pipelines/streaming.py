@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, StandardOptions
@@ -122,9 +122,25 @@ def resolve_resume(options: PipelineOptions, settings: CoreSettings) -> ResumePl
         settings.windows.allowed_lateness_seconds,
         options.view_as(ResumeOptions).resume_margin_seconds,
     )
+    now = datetime.now(UTC)
+    # Without a usable plan the job starts with the windows that are still open; older data is the backfill's.
+    fresh_start = now - timedelta(seconds=settings.windows.open_seconds)
+    max_gap = options.view_as(ResumeOptions).resume_max_gap_seconds
     if plan is None:
-        _LOG.info("resume: enriched_events is empty, so this is a first run; reading from the earliest offset")
-        kafka.start_offset = "earliest"
+        _LOG.info("resume: enriched_events is empty (a first run); reading from %s", fresh_start.isoformat())
+        kafka.start_offset = fresh_start.isoformat()
+        return None
+    if (now - plan.last_processed_at).total_seconds() > max_gap:
+        _LOG.warning(
+            "resume: the last run stopped at %s, more than --resume_max_gap_seconds=%d ago; reading from %s. "
+            "Fill the gap with: scripts/backfill --start %s --end %s",
+            plan.last_processed_at.isoformat(),
+            max_gap,
+            fresh_start.isoformat(),
+            plan.read_from.isoformat(),
+            fresh_start.isoformat(),
+        )
+        kafka.start_offset = fresh_start.isoformat()
         return None
     _LOG.info(plan.describe())
     kafka.start_offset = plan.read_from.isoformat()

@@ -64,6 +64,7 @@ _GROUPS = {
     "BigQuerySinkOptions": "BigQuery sink",
     "RedisSinkOptions": "Redis sink",
     "HttpSinkOptions": "External HTTP API sink",
+    "ResumeOptions": "Restarts",
 }
 
 

@@ -17,6 +17,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipelines import backfill
 from pipelines.options import CoreOptions
 from transforms.kafka_source import KafkaReadOptions
+from transforms.resume import ResumeOptions
 from transforms.sinks.bigquery import BigQuerySinkOptions
 from transforms.sinks.http_api import HttpSinkOptions
 from transforms.sinks.redis_top import RedisSinkOptions
@@ -50,6 +51,7 @@ STREAMING_OPTIONS: tuple[type[PipelineOptions], ...] = (
     BigQuerySinkOptions,
     RedisSinkOptions,
     HttpSinkOptions,
+    ResumeOptions,
 )
 # The backfill's own list, so a class it adds is a template parameter (and in its metadata) at once.
 BACKFILL_OPTIONS: tuple[type[PipelineOptions], ...] = (TemplateLaunchOptions, *backfill._OPTION_CLASSES)

@@ -225,3 +225,13 @@ class ResumeOptions(PipelineOptions):
                 "allowed lateness."
             ),
         )
+        parser.add_argument(
+            "--resume_max_gap_seconds",
+            type=int,
+            default=900,
+            help=(
+                "With --start_offset=resume: the longest stop that is caught up by re-reading Kafka, in seconds. "
+                "After a longer one (or on a first run) the job starts with the windows still open and logs the "
+                "scripts/backfill command that fills the gap: batch is much faster at history than the stream."
+            ),
+        )
