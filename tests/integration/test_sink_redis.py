@@ -27,6 +27,7 @@ from transforms.sinks.redis_top import (
     RedisSinkConfig,
     TopEntry,
     WriteTopContentToRedis,
+    from_score,
     read_top_content,
 )
 
@@ -235,3 +236,24 @@ def test_a_rejected_write_is_dead_lettered_without_retrying(stack, prefix, clien
     counters = run_sink([row], config, check)
     assert counters["dead_lettered"] == 1
     assert counters.get("retried", 0) == 0
+
+
+def test_an_older_pane_arriving_late_does_not_overwrite_a_newer_one(stack, prefix, client):
+    """Two bundles of writes can reach Redis out of order; the entry keeps the pane emitted last."""
+    config = RedisSinkConfig(url=stack.redis_url, keys=RedisKeys(prefix), top_refresh_seconds=0)
+    start = current_minute()
+    content = (str(uuid.uuid4()), "Out of order")
+    older = pane(content, start, "10.5", 3, pane_index=1)
+    newer = pane(content, start, "42.25", 9, pane_index=2)
+    assert older.emitted_at < newer.emitted_at
+
+    run_sink([newer], config)
+    run_sink([older], config)
+
+    bucket = int(start.timestamp())
+    assert from_score(client.zscore(config.keys.bucket(bucket), content[0])) == Decimal("42.250")
+    assert client.zscore(config.keys.bucket_events(bucket), content[0]) == 9
+
+    # A rewrite emitted later (a backfill) may lower the entry: newer wins, not larger.
+    run_sink([pane(content, start, "7", 2, pane_index=0)], config)
+    assert from_score(client.zscore(config.keys.bucket(bucket), content[0])) == Decimal("7.000")

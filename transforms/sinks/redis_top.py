@@ -74,6 +74,10 @@ class RedisKeys:
         """ZSET content_id -> event_count of the same window."""
         return f"{self.prefix}:bucket:{window_start}:events"
 
+    def bucket_versions(self, window_start: int) -> str:
+        """HASH content_id -> emitted_at (epoch µs) of the pane each bucket entry was written from."""
+        return f"{self.prefix}:bucket:{window_start}:versions"
+
     def content(self, content_id: str) -> str:
         """HASH title, slug, content_type of one content item."""
         return f"{self.prefix}:content:{content_id}"
@@ -171,6 +175,25 @@ def from_score(score: float | str | bytes) -> Decimal:
     if isinstance(score, bytes):
         score = score.decode()
     return Decimal(repr(score) if isinstance(score, float) else score).quantize(_MILLIS)
+
+
+_OVERWRITE_IF_NEWER = """
+for i = 1, #ARGV, 4 do
+  local member, version = ARGV[i], tonumber(ARGV[i + 3])
+  local current = redis.call('HGET', KEYS[3], member)
+  if not current or tonumber(current) <= version then
+    redis.call('ZADD', KEYS[1], ARGV[i + 1], member)
+    redis.call('ZADD', KEYS[2], ARGV[i + 2], member)
+    redis.call('HSET', KEYS[3], member, ARGV[i + 3])
+  end
+end
+return 0
+"""
+"""KEYS: bucket, bucket events, bucket versions; ARGV: (member, score, event count, version) per entry."""
+
+
+def _version(aggregate: WindowAggregate) -> int:
+    return int(aggregate.emitted_at.timestamp() * 1_000_000)
 
 
 def latest_panes(aggregates: Iterable[WindowAggregate]) -> dict[tuple[int, str], WindowAggregate]:
@@ -376,12 +399,16 @@ def queue_writes(
 
     for start, aggregates in sorted(by_bucket.items()):
         expires_at = bucket_expires_at(start, config.bucket_ttl_seconds)
-        # Plain ZADD replaces a member's score: a pane overwrites the previous one. (ZADD GT would also be
-        # idempotent, but would stop a backfill from lowering a bucket it rewrites, SPEC §7.)
-        pipe.zadd(keys.bucket(start), {str(a.content_id): to_score(a.engagement_seconds_sum) for a in aggregates})
-        pipe.zadd(keys.bucket_events(start), {str(a.content_id): a.event_count for a in aggregates})
-        pipe.expireat(keys.bucket(start), expires_at)
-        pipe.expireat(keys.bucket_events(start), expires_at)
+        # A pane overwrites the entry unless the entry comes from a newer pane: two bundles of writes can
+        # reach Redis out of order. Newer means emitted later, not larger, so a backfill (emitted now) can
+        # still lower a bucket it rewrites (SPEC §7), which ZADD GT would refuse.
+        entries: list[Any] = []
+        for a in aggregates:
+            entries += [str(a.content_id), to_score(a.engagement_seconds_sum), a.event_count, _version(a)]
+        bucket_keys = (keys.bucket(start), keys.bucket_events(start), keys.bucket_versions(start))
+        pipe.eval(_OVERWRITE_IF_NEWER, len(bucket_keys), *bucket_keys, *entries)
+        for key in bucket_keys:
+            pipe.expireat(key, expires_at)
 
     for content_id, aggregates in content_rows.items():
         newest = max(aggregates, key=lambda a: (a.emitted_at, a.window_start))
