@@ -241,12 +241,16 @@ def windows_in(start: datetime, end: datetime) -> str:
 
 
 def redis_state(stack: StackConfig, prefix: str) -> dict[str, Any]:
-    """Every bucket key of the prefix with its members, scores and expiry (the ranking keys refresh with now)."""
+    """Every bucket key of the prefix with its members, scores and expiry (the ranking keys refresh with now).
+
+    The ``:versions`` hashes are left out: they record when each entry was written, which a rewrite changes.
+    """
     client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
     try:
         return {
             key: (client.zrange(key, 0, -1, withscores=True), client.expiretime(key))
             for key in sorted(client.scan_iter(f"{prefix}:bucket:*"))
+            if not key.endswith(":versions")
         }
     finally:
         client.close()
