@@ -161,6 +161,17 @@ def current_aggregates_query(settings: BigQueryReadSettings, time_range: TimeRan
     )
 
 
+def run_query(client: Any, query: Query, page_size: int | None = None) -> Iterator[dict[str, Any]]:
+    """The query's rows as dicts, fetched page by page; its timestamps bound as query parameters."""
+    from google.cloud import bigquery
+
+    config = bigquery.QueryJobConfig(
+        query_parameters=[bigquery.ScalarQueryParameter(name, "TIMESTAMP", value) for name, value in query.timestamps]
+    )
+    for row in client.query_and_wait(query.sql, job_config=config, page_size=page_size):
+        yield dict(row)
+
+
 class RunQueryFn(beam.DoFn):
     """Runs a query and yields its rows as dicts, page by page (memory stays flat for large results)."""
 
@@ -174,16 +185,9 @@ class RunQueryFn(beam.DoFn):
         self._client = bigquery_client(self._settings)
 
     def process(self, query: Query) -> Iterator[dict[str, Any]]:
-        from google.cloud import bigquery
-
-        config = bigquery.QueryJobConfig(
-            query_parameters=[
-                bigquery.ScalarQueryParameter(name, "TIMESTAMP", value) for name, value in query.timestamps
-            ]
-        )
-        for row in self._client.query_and_wait(query.sql, job_config=config, page_size=self._page_size):
+        for row in run_query(self._client, query, self._page_size):
             self._rows_read.inc()
-            yield dict(row)
+            yield row
 
     def teardown(self) -> None:
         if self._client is not None:

@@ -32,7 +32,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from transforms.backfill_filters import BigQueryReadSettings, bigquery_client
+from transforms.backfill_filters import BigQueryReadSettings, Query, bigquery_client, run_query
 from transforms.model import EnrichedEvent
 from transforms.sinks.http_ledger import DeliveryLedger
 from transforms.sinks.redis_top import connect
@@ -146,10 +146,10 @@ class BigQueryProgress:
     settings: BigQueryReadSettings
 
     def last_processed_at(self) -> datetime | None:
+        table = self.settings.table_id(self.settings.events_table)
         client = bigquery_client(self.settings)
         try:
-            table = self.settings.table_id(self.settings.events_table)
-            rows = list(client.query_and_wait(f"SELECT MAX(processed_at) AS last FROM `{table}`"))  # noqa: S608
+            rows = list(run_query(client, Query(f"SELECT MAX(processed_at) AS last FROM `{table}`", ())))  # noqa: S608
         finally:
             client.close()
         last = rows[0]["last"] if rows else None
@@ -164,16 +164,14 @@ class BigQueryIdsSince:
     since: datetime
 
     def __call__(self) -> frozenset[int]:
-        from google.cloud import bigquery
-
-        client = bigquery_client(self.settings)
         table = self.settings.table_id(self.settings.events_table)
-        config = bigquery.QueryJobConfig(
-            query_parameters=[bigquery.ScalarQueryParameter("since", "TIMESTAMP", self.since)]
+        query = Query(
+            f"SELECT DISTINCT event_id FROM `{table}` WHERE processed_at >= @since",  # noqa: S608
+            (("since", self.since),),
         )
+        client = bigquery_client(self.settings)
         try:
-            sql = f"SELECT DISTINCT event_id FROM `{table}` WHERE processed_at >= @since"  # noqa: S608
-            return frozenset(row["event_id"] for row in client.query_and_wait(sql, job_config=config))
+            return frozenset(row["event_id"] for row in run_query(client, query))
         finally:
             client.close()
 
