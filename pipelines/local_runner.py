@@ -39,6 +39,11 @@ def prism_args(streaming: bool) -> list[str]:
         # Beam's portable runner gives the job's status stream this deadline (default 300 s): without it a
         # streaming or long batch job fails with DEADLINE_EXCEEDED after five minutes, while still running.
         "--job_server_timeout=86400",
+        # Prism splits a bundle that makes no progress for two 100 ms ticks, and then frees the residual's
+        # keys while the primary still holds the same keys: a second bundle runs a stateful DoFn's key at once,
+        # on state read before the first commits. That put the BigQuery writer's offsets ahead of its stream
+        # and could pass a duplicate twice (docs/local-streaming.md, "Split bundles ran a key twice at once").
+        "--experiments=prism_disable_sdf_split",
     ]
     if streaming:
         args.append("--streaming")
