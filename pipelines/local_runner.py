@@ -8,17 +8,28 @@ starts.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import apache_beam
 
 CACHE_DIR = Path(os.environ.get("ENGAGEMENT_CACHE_DIR", Path.home() / ".cache" / "engagement-pipeline"))
+PRISM_PATCHES = Path(__file__).resolve().parents[1] / "devstack" / "prism-patches"
+
+
+def prism_patches_digest() -> str:
+    """Names the set of our Prism patches, as ``scripts/fetch-beam-artifacts`` does: a binary built without
+    the current patches is never used."""
+    patches = sorted(PRISM_PATCHES.glob("*.patch"), key=lambda path: str(path).encode())
+    if not patches:
+        return "none"
+    return hashlib.sha256(b"".join(path.read_bytes() for path in patches)).hexdigest()[:12]
 
 
 def prism_binary() -> Path:
-    """The Prism binary of the running Beam version; a clear error if it was never fetched."""
-    binary = CACHE_DIR / "prism" / apache_beam.__version__ / "prism"
+    """The Prism binary of the running Beam version with our patches; a clear error if it was never built."""
+    binary = CACHE_DIR / "prism" / f"{apache_beam.__version__}-{prism_patches_digest()}" / "prism"
     if not binary.is_file():
         raise FileNotFoundError(
             f"Prism {apache_beam.__version__} is not at {binary}; run scripts/fetch-beam-artifacts prism"
@@ -39,11 +50,6 @@ def prism_args(streaming: bool) -> list[str]:
         # Beam's portable runner gives the job's status stream this deadline (default 300 s): without it a
         # streaming or long batch job fails with DEADLINE_EXCEEDED after five minutes, while still running.
         "--job_server_timeout=86400",
-        # Prism splits a bundle that makes no progress for two 100 ms ticks, and then frees the residual's
-        # keys while the primary still holds the same keys: a second bundle runs a stateful DoFn's key at once,
-        # on state read before the first commits. That put the BigQuery writer's offsets ahead of its stream
-        # and could pass a duplicate twice (docs/local-streaming.md, "Split bundles ran a key twice at once").
-        "--experiments=prism_disable_sdf_split",
     ]
     if streaming:
         args.append("--streaming")

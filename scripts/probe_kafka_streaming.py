@@ -51,7 +51,11 @@ _LOG = logging.getLogger("probe")
 
 
 def default_prism() -> Path:
-    return CACHE_DIR / "prism" / beam_version / "prism"
+    """The patched build that pipelines/local_runner.py uses (devstack/prism-patches)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from pipelines.local_runner import prism_binary
+
+    return prism_binary()
 
 
 def default_expansion_jar() -> Path:

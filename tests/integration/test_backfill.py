@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import subprocess
 import uuid
 from collections.abc import Iterator, Sequence
@@ -30,6 +29,7 @@ from devstack.config import StackConfig
 from devstack.postgres import ROLE, psql
 from pipelines.backfill import main, preflight, run_chunks
 from pipelines.core import CoreSettings, build_core
+from pipelines.local_runner import prism_binary
 from pipelines.outputs import SinkSettings, write_outputs
 from tests.integration.external_api import ExternalApiClient
 from transforms.content import PostgresContentLoader, PostgresContentLookup, ReadContentOnce
@@ -41,11 +41,6 @@ from transforms.sinks.redis_top import RedisKeys, RedisSinkConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CDC_TOPIC = "cdc.public.engagement_events"
-
-
-def prism_location() -> str:
-    pin = re.search(r"^apache-beam(?:\[[a-z,]+\])?==(\S+)", (ROOT / "requirements.txt").read_text(), re.M)
-    return str(Path.home() / ".cache" / "engagement-pipeline" / "prism" / pin.group(1) / "prism")
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +113,7 @@ def sample_events(db, start: datetime, minutes: int) -> list[int]:
 def backfill_options(stack: StackConfig, dataset: str, prefix: str, start: datetime, end: datetime) -> list[str]:
     return [
         "--runner=PrismRunner",
-        f"--prism_location={prism_location()}",
+        f"--prism_location={prism_binary()}",
         # Prism's job server is a process-wide singleton made with the options of the first Prism run; a
         # DirectRunner pipeline of another test may have tried Prism first, without --prism_location.
         "--experiments=disable_prism_server_singleton",

@@ -1,8 +1,9 @@
-"""The Prism options of pipelines/local_runner.py keep a stateful DoFn's keys in one bundle at a time.
+"""The Prism the local stack builds runs a stateful DoFn's key in one bundle at a time, even across splits.
 
-Prism splits a bundle that shows no progress for two of its 100 ms ticks and, in Beam 2.73, frees the
-residual's keys even when the primary still processes the same key; the residual then runs at once, on state
-read before the primary commits (docs/local-streaming.md, "Split bundles ran a key twice at once").
+Prism splits a bundle that shows no progress for two of its 100 ms ticks. Unpatched (Beam 2.73 and 2.77), it
+then frees the residual's keys even when the primary still processes the same key; the residual runs at once,
+on state read before the primary commits. devstack/prism-patches fixes that (docs/local-streaming.md, "Split
+bundles ran a key twice at once"); this test fails on the unpatched binary.
 """
 
 from __future__ import annotations

@@ -213,7 +213,8 @@ def wait_for(description: str, check, timeout: float, jobs: list[StreamingJob], 
         for job in jobs:
             assert job.process.poll() is None, f"the job exited early:\n{job.log()[-4000:]}"
         time.sleep(1)
-    pytest.fail(f"timed out waiting for {description}" + (f":\n{show()}" if show else ""))
+    logs = "".join(f"\n--- job log, last lines ---\n{job.log()[-3000:]}" for job in jobs)
+    pytest.fail(f"timed out waiting for {description}" + (f":\n{show()}" if show else "") + logs)
 
 
 def test_stream_with_a_restart_matches_postgres_exactly(private_api, dataset, bq, tmp_path) -> None:
