@@ -16,14 +16,24 @@ whole horizon. Every window downstream then waits the horizon out (ten minutes b
 on-time pane, and on Prism nothing reached a sink at all (docs/local-streaming.md, "De-duplication held
 the watermark"). An event-time timer's hold is its own firing time, which is never behind the window
 it protects.
+
+State is kept per *block* of ``BLOCK_IDS`` consecutive ids, as a bitmap, rather than per id. Ids come from a
+PostgreSQL sequence, so the events of a block arrive close together and mostly in the same bundles: one
+state read, one write and one expiry timer then serve a whole run of ids instead of each event. Runners
+without a state cache (Prism) make every state read a round trip; per id, the de-dup alone cost 0.5 of the
+machine's 2 cores at 300 events/s (docs/benchmarks.md). A block is forgotten once the watermark passes the
+newest first copy's event time plus the horizon, rounded up to ``EXPIRY_GRID_SECONDS`` so that a run of
+events resets the timer once, not per event. Every id is therefore remembered for at least the horizon,
+and at most for the block's spread of event times plus a grid step longer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import apache_beam as beam
-from apache_beam.coders import BooleanCoder
+from apache_beam.coders import BytesCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
@@ -32,21 +42,65 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 from transforms.model import EngagementEvent
 
+BLOCK_IDS = 128
+"""Ids per de-dup state cell: a 16-byte bitmap."""
+
+EXPIRY_GRID_SECONDS = 10
+"""Expiry times are rounded up to this grid, so a run of events in a block sets its timer once."""
+
+_DEADLINE_BYTES = 8
+
 
 def forget_at(event_time: Timestamp, horizon: Duration) -> Timestamp:
-    """When the id of an event with ``event_time`` may be forgotten: the watermark time of its expiry timer.
+    """When an id first seen at ``event_time`` may be forgotten: ``event_time + horizon``, rounded up to the
+    expiry grid, as the watermark time of its block's expiry timer.
 
     Capped at the end of the global window, where the state is released anyway and past which a timer
     cannot be set (an event stamped in the far future would otherwise overflow it).
     """
     end_of_global_window = GlobalWindow().max_timestamp()
-    if event_time >= end_of_global_window - horizon:
+    grid = Duration.of(EXPIRY_GRID_SECONDS).micros
+    if event_time >= end_of_global_window - horizon - Duration(micros=grid):
         return end_of_global_window
-    return event_time + horizon
+    due = (event_time + horizon).micros
+    return Timestamp(micros=-(-due // grid) * grid)
+
+
+def id_block(event_id: int) -> tuple[int, int]:
+    """(block, position in the block) of an event id; negative ids too (floor division)."""
+    return divmod(event_id, BLOCK_IDS)
+
+
+@dataclass(frozen=True)
+class SeenIds:
+    """A block's state: which of its ids were seen, and when the block may be forgotten (µs, watermark)."""
+
+    bitmap: int = 0
+    forget_at_micros: int | None = None
+
+    def has(self, position: int) -> bool:
+        return bool(self.bitmap >> position & 1)
+
+    def add(self, position: int, forget: Timestamp) -> SeenIds:
+        later = forget.micros if self.forget_at_micros is None else max(self.forget_at_micros, forget.micros)
+        return SeenIds(self.bitmap | 1 << position, later)
+
+    def encode(self) -> bytes:
+        deadline = (self.forget_at_micros or 0).to_bytes(_DEADLINE_BYTES, "big", signed=True)
+        return deadline + self.bitmap.to_bytes(BLOCK_IDS // 8, "big")
+
+    @classmethod
+    def decode(cls, data: bytes | None) -> SeenIds:
+        if not data:
+            return cls()
+        deadline = int.from_bytes(data[:_DEADLINE_BYTES], "big", signed=True)
+        return cls(int.from_bytes(data[_DEADLINE_BYTES:], "big"), deadline)
 
 
 class DeduplicateByIdFn(beam.DoFn):
-    SEEN = ReadModifyWriteStateSpec("seen", BooleanCoder())
+    """Input keyed by id block (``id_block``); lets the first copy of each id through."""
+
+    SEEN = ReadModifyWriteStateSpec("seen", BytesCoder())
     # Event time, not processing time: see the module docstring for the watermark hold this avoids.
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
 
@@ -59,20 +113,27 @@ class DeduplicateByIdFn(beam.DoFn):
         self,
         keyed: tuple[int, EngagementEvent],
         event_time: Timestamp = beam.DoFn.TimestampParam,
-        seen: beam.transforms.userstate.ReadModifyWriteRuntimeState = beam.DoFn.StateParam(SEEN),
+        seen_state: beam.transforms.userstate.ReadModifyWriteRuntimeState = beam.DoFn.StateParam(SEEN),
         expiry: beam.transforms.userstate.RuntimeTimer = beam.DoFn.TimerParam(EXPIRY),
     ) -> Iterator[EngagementEvent]:
-        if seen.read():
+        event = keyed[1]
+        _, position = id_block(event.id)
+        seen = SeenIds.decode(seen_state.read())
+        if seen.has(position):
             self._duplicates.inc()
             return
-        seen.write(True)
-        expiry.set(forget_at(event_time, self._horizon))
+        updated = seen.add(position, forget_at(event_time, self._horizon))
+        seen_state.write(updated.encode())
+        if updated.forget_at_micros != seen.forget_at_micros:
+            expiry.set(Timestamp(micros=updated.forget_at_micros))
         self._passed.inc()
-        yield keyed[1]
+        yield event
 
     @on_timer(EXPIRY)
-    def expire(self, seen: beam.transforms.userstate.ReadModifyWriteRuntimeState = beam.DoFn.StateParam(SEEN)) -> None:
-        seen.clear()
+    def expire(
+        self, seen_state: beam.transforms.userstate.ReadModifyWriteRuntimeState = beam.DoFn.StateParam(SEEN)
+    ) -> None:
+        seen_state.clear()
 
 
 class KeepOneCopyFn(beam.DoFn):
@@ -106,16 +167,17 @@ class DeduplicateEvents(beam.PTransform):
         self._streaming = streaming
 
     def expand(self, events: beam.PCollection[EngagementEvent]) -> beam.PCollection[EngagementEvent]:
-        keyed = (
+        in_global_window = (
             events
             # State and groups are per key and window; one global window makes "the same id" mean the same
             # whatever its event time, so a duplicate with a different event_ts is still caught.
             | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
-            | "KeyByEventId" >> beam.Map(lambda event: (event.id, event)).with_output_types(tuple[int, EngagementEvent])
         )
         if not self._streaming:
             return (
-                keyed
+                in_global_window
+                | "KeyByEventId"
+                >> beam.Map(lambda event: (event.id, event)).with_output_types(tuple[int, EngagementEvent])
                 # Stamping each group with its earliest copy keeps events at their event time for the windows
                 # downstream; moving them back after the GroupByKey would make them late, and dropped.
                 | "StampGroupsEarliest"
@@ -123,4 +185,9 @@ class DeduplicateEvents(beam.PTransform):
                 | "GroupCopies" >> beam.GroupByKey()
                 | "KeepOneCopy" >> beam.ParDo(KeepOneCopyFn())
             )
-        return keyed | "FirstCopyWins" >> beam.ParDo(DeduplicateByIdFn(self._horizon_seconds))
+        return (
+            in_global_window
+            | "KeyByIdBlock"
+            >> beam.Map(lambda event: (id_block(event.id)[0], event)).with_output_types(tuple[int, EngagementEvent])
+            | "FirstCopyWins" >> beam.ParDo(DeduplicateByIdFn(self._horizon_seconds))
+        )

@@ -9,13 +9,34 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 from tests.unit.helpers import at, plain_event
 from transforms.decode import DecodeRecords
-from transforms.dedup import DeduplicateEvents, forget_at
+from transforms.dedup import BLOCK_IDS, EXPIRY_GRID_SECONDS, DeduplicateEvents, SeenIds, forget_at, id_block
 
 HORIZON = 600
 
 
-def test_an_id_is_forgotten_a_horizon_after_its_event_time():
-    assert forget_at(Timestamp.of(at(5)), Duration.of(HORIZON)) == Timestamp.of(at(5 + HORIZON))
+def test_an_id_is_forgotten_a_horizon_after_its_event_time_rounded_up_to_the_expiry_grid():
+    forget = forget_at(Timestamp.of(at(5)), Duration.of(HORIZON))
+    assert Timestamp.of(at(5 + HORIZON)) <= forget < Timestamp.of(at(5 + HORIZON + EXPIRY_GRID_SECONDS))
+    assert forget.micros % (EXPIRY_GRID_SECONDS * 1_000_000) == 0
+
+
+def test_ids_fall_into_blocks_of_consecutive_ids_negative_ones_too():
+    assert id_block(0) == (0, 0)
+    assert id_block(BLOCK_IDS - 1) == (0, BLOCK_IDS - 1)
+    assert id_block(BLOCK_IDS) == (1, 0)
+    assert id_block(-1) == (-1, BLOCK_IDS - 1)
+
+
+def test_a_block_remembers_each_seen_id_and_its_latest_expiry_through_its_encoding():
+    early, late = Timestamp.of(at(10)), Timestamp.of(at(70))
+    seen = SeenIds().add(0, late).add(BLOCK_IDS - 1, early)
+    decoded = SeenIds.decode(seen.encode())
+    assert decoded == seen
+    assert decoded.has(0)
+    assert decoded.has(BLOCK_IDS - 1)
+    assert not decoded.has(1)
+    assert decoded.forget_at_micros == late.micros
+    assert SeenIds.decode(None) == SeenIds()
 
 
 def test_an_event_from_the_far_future_is_remembered_until_the_end_of_the_global_window():
@@ -54,15 +75,32 @@ def test_a_copy_within_the_horizon_is_dropped_however_much_processing_time_passe
 
 
 def test_a_copy_after_the_watermark_passes_the_horizon_is_let_through():
+    other_block = BLOCK_IDS + 2
+    forgotten = forget_at(Timestamp.of(at(5)), Duration.of(HORIZON))
     stream = (
         test_stream.TestStream()
         .advance_watermark_to(at(0))
-        .add_elements([plain_event(1, 5), plain_event(2, 400)])
-        .advance_watermark_to(at(5 + HORIZON + 1))  # id 1's horizon is over, id 2's is not
-        .add_elements([plain_event(1, 5), plain_event(2, 400)])
+        .add_elements([plain_event(1, 5), plain_event(other_block, 400)])
+        .advance_watermark_to(forgotten.micros / 1e6 + 1)  # id 1's horizon is over, the other's is not
+        .add_elements([plain_event(1, 5), plain_event(other_block, 400)])
         .advance_watermark_to_infinity()
     )
     pipeline, ids = unique_ids(stream)
     # The second copy of 1 is the sinks' to absorb (SPEC §4: they are idempotent beyond the horizon).
-    assert_that(ids, equal_to([1, 1, 2]))
+    assert_that(ids, equal_to([1, 1, other_block]))
+    pipeline.run()
+
+
+def test_ids_of_one_block_are_remembered_until_its_newest_first_copy_expires():
+    stream = (
+        test_stream.TestStream()
+        .advance_watermark_to(at(0))
+        .add_elements([plain_event(1, 5), plain_event(2, 400), plain_event(2, 400)])
+        .advance_watermark_to(at(5 + HORIZON + EXPIRY_GRID_SECONDS + 1))  # past id 1's own horizon
+        .add_elements([plain_event(1, 5), plain_event(3, 5)])
+        .advance_watermark_to_infinity()
+    )
+    pipeline, ids = unique_ids(stream)
+    # Id 2 keeps the block, so the late copy of 1 is still dropped; a new id of the block passes.
+    assert_that(ids, equal_to([1, 2, 3]))
     pipeline.run()
