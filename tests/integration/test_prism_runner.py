@@ -4,6 +4,12 @@ Prism splits a bundle that shows no progress for two of its 100 ms ticks. Unpatc
 then frees the residual's keys even when the primary still processes the same key; the residual runs at once,
 on state read before the primary commits. devstack/prism-patches fixes that (docs/local-streaming.md, "Split
 bundles ran a key twice at once"); this test fails on the unpatched binary.
+
+The patches' own Go tests (engine/engagement_patches_test.go, added by patch 0002) cover both defects,
+including the second one: a split bundle's commit reverting the state its residual committed. They run
+deterministically when scripts/fetch-beam-artifacts builds Prism. A pipeline-level test of the second defect
+was tried and dropped, because whether Prism splits in time is up to Prism: it caught the defect in only 1 of
+8 runs.
 """
 
 from __future__ import annotations

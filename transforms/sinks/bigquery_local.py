@@ -605,6 +605,15 @@ class AppendBatchesFn(_AppendFn):
         for done, (_, rows) in enumerate(batches):
             position = StreamPosition(stream, offset.read() or 0)
             result = self._appender.append(position, rows)
+            # What showed a runner reverting this state (docs/local-streaming.md); run with DEBUG to see it.
+            LOG.debug(
+                "append %s rows at %s@%d in bundle %s: %s",
+                len(rows),
+                position.stream,
+                position.offset,
+                self._bundle,
+                result.outcome.value,
+            )
             self._retried.inc(result.retries)
             if result.outcome in (Outcome.WRITTEN, Outcome.ALREADY_WRITTEN):
                 # A failure before this state write is committed replays this append, which then finds
