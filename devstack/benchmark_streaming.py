@@ -44,6 +44,7 @@ import redis
 from devstack import bigquery_clients
 from devstack.cli import ensure_up
 from devstack.config import REPO_ROOT, StackConfig, load_config
+from devstack.cpu_usage import cpu_seconds_by_service
 from devstack.run_local import pipeline_args, start_logged
 from transforms.sinks.redis_top import RedisKeys
 
@@ -376,6 +377,8 @@ class Sample:
     job_cpu_seconds: float
     machine_busy_ticks: int
     machine_total_ticks: int
+    cpu_by_service: dict[str, float] = field(default_factory=dict)
+    """CPU seconds of each stack service and job part (devstack.cpu_usage)."""
 
 
 def _machine_ticks() -> tuple[int, int]:
@@ -430,7 +433,7 @@ class ProcessSampler(threading.Thread):
         while not self._stopping.is_set():
             rss, by_name, cpu = session_usage(self._session)
             busy, total = _machine_ticks()
-            self.samples.append(Sample(time.time(), rss, cpu, busy, total))
+            self.samples.append(Sample(time.time(), rss, cpu, busy, total, cpu_seconds_by_service()))
             if rss > self.peak:
                 self.peak, self.peak_breakdown = rss, by_name
             self._stopping.wait(self._interval)
@@ -448,6 +451,18 @@ class ProcessSampler(threading.Thread):
         cores = (b.job_cpu_seconds - a.job_cpu_seconds) / (b.at - a.at)
         busy = (b.machine_busy_ticks - a.machine_busy_ticks) / max(1, b.machine_total_ticks - a.machine_total_ticks)
         return cores, busy, max(s.rss for s in inside)
+
+    def cores_by_service(self, first: float, last: float) -> dict[str, float]:
+        """Cores each stack service and job part used between two wall-clock times, busiest first."""
+        inside = [s for s in self.samples if first <= s.at <= last]
+        if len(inside) < 2:
+            return {}
+        a, b = inside[0], inside[-1]
+        cores = {
+            name: (seconds - a.cpu_by_service.get(name, 0.0)) / (b.at - a.at)
+            for name, seconds in b.cpu_by_service.items()
+        }
+        return dict(sorted(((n, c) for n, c in cores.items() if c >= 0.01), key=lambda item: -item[1]))
 
 
 # --- The run: job, warm-up, steps, drain -----------------------------------------------------------------------
@@ -819,6 +834,12 @@ def run_benchmark(args: argparse.Namespace) -> int:
             offset += size
         print()
         print(format_table(figures))
+        print()
+        for step in steps:
+            by_service = sampler.cores_by_service(float(step.committed.min()), float(step.committed.max()))
+            print(
+                f"cores at {step.rate:,g}/s: " + ", ".join(f"{name} {cores:.2f}" for name, cores in by_service.items())
+            )
         print()
         print(
             f"measured {len(mine):,} events in {len(steps)} steps; {watcher.polls:,} Redis polls "
