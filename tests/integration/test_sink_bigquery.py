@@ -125,7 +125,10 @@ def test_batch_graph_keeps_no_state_and_sets_no_timers(settings: BigQuerySinkSet
         return found
 
     assert stateful_transforms(streaming=False) == []
-    assert stateful_transforms(streaming=True) != []
+    # Streaming: only the offsets are state. Batching per row in state (GroupIntoBatches) cost several
+    # uncached state round trips per row on Prism.
+    (streaming_stateful,) = stateful_transforms(streaming=True)
+    assert streaming_stateful.endswith("/Append at offsets")
 
 
 @pytest.fixture

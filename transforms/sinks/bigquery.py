@@ -128,8 +128,9 @@ class BigQuerySinkOptions(PipelineOptions):
             type=float,
             default=5.0,
             help=(
-                "Streaming only: how often buffered rows are appended/committed, in seconds. Lower means "
-                "fresher tables and more, smaller appends."
+                "Streaming, Beam's Storage Write sink only: how often buffered rows are committed, in seconds. "
+                "Lower means fresher tables and more, smaller appends. The local writer appends each bundle's "
+                "rows when the bundle ends."
             ),
         )
         parser.add_argument(
@@ -349,7 +350,6 @@ class WriteRows(beam.PTransform):
             num_shards=self._settings.num_streams or 4,
             batch_size=self._settings.batch_size,
             streaming=self._settings.streaming,
-            max_buffering_seconds=self._settings.triggering_frequency_seconds if self._settings.streaming else None,
         )
 
 

@@ -16,10 +16,15 @@ On ALREADY_EXISTS the writer learns which rows of the chunk the table refuses fr
 a row that is always refused, sent to a stream that never holds rows), so a replay emits the same dead
 letters and advances by the same number of rows as the attempt it repeats.
 
-Streaming (``GroupIntoBatches`` + ``AppendBatchesFn``): batches are flushed by size or after the triggering
-frequency, and a stateful DoFn keeps each shard's next offset. The global window never closes in streaming.
+Streaming (``BatchWithinBundleFn`` + ``AppendBatchesFn``): each bundle's rows are cut into batches per shard
+(by size, and whatever is left when the bundle ends), and a stateful DoFn keeps each shard's next offset. The
+global window never closes in streaming. Batching within the bundle, not with ``GroupIntoBatches``, keeps
+per-row state out of the path: on a runner without a state cache (Prism) every state access is a round trip,
+and ``GroupIntoBatches`` makes several per row. Batches are no larger than the bundles upstream; under load
+those grow, and at low rates small appends cost little.
 
-1. Batches are stable across retries: the runner commits ``GroupIntoBatches``' output.
+1. Batches are stable across retries: the runner commits the batching bundle's output before the appending
+   stage, keyed by shard behind a shuffle, reads it.
 2. The offset in state advances only with the bundle's commit, so the offset sequence never skips or repeats.
 3. After a refusal, the valid rest of the batch is parked in state and appended by a later bundle, once the
    dead letters are committed (see ``AppendBatchesFn``).
@@ -46,8 +51,9 @@ from apache_beam.coders import BytesCoder, IterableCoder, StrUtf8Coder, TupleCod
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.transforms.window import GlobalWindows
+from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 from google.api_core import exceptions as api_exceptions
 from google.cloud.bigquery_storage_v1 import BigQueryWriteClient, types
 from google.cloud.bigquery_storage_v1.services.big_query_write.transports import BigQueryWriteGrpcTransport
@@ -439,6 +445,40 @@ class EncodeRowsFn(beam.DoFn):
 _PARKED_CODER = TupleCoder([StrUtf8Coder(), IterableCoder(BytesCoder())])
 
 
+class BatchWithinBundleFn(beam.DoFn):
+    """(shard, row) -> (shard, rows): batches of at most ``batch_size`` rows per shard, from one bundle's rows.
+
+    The rows left when the bundle ends go out as a last, smaller batch per shard, stamped with their latest
+    timestamp (in the global window, which is where the writer runs).
+    """
+
+    def __init__(self, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch size must be positive, not {batch_size}")
+        self._batch_size = batch_size
+        self._pending: dict[int, list[bytes]] = {}
+        self._latest: dict[int, Timestamp] = {}
+
+    def start_bundle(self) -> None:
+        self._pending, self._latest = {}, {}
+
+    def process(
+        self, element: tuple[int, bytes], timestamp: Timestamp = beam.DoFn.TimestampParam
+    ) -> Iterator[tuple[int, list[bytes]]]:
+        shard, row = element
+        rows = self._pending.setdefault(shard, [])
+        rows.append(row)
+        self._latest[shard] = max(timestamp, self._latest.get(shard, timestamp))
+        if len(rows) == self._batch_size:
+            del self._pending[shard], self._latest[shard]
+            yield shard, rows
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        for shard, rows in self._pending.items():
+            yield WindowedValue((shard, rows), self._latest[shard], [GlobalWindow()])
+        self._pending, self._latest = {}, {}
+
+
 class _AppendFn(beam.DoFn):
     """Owns a write client per worker and the writer's metrics."""
 
@@ -638,8 +678,6 @@ class LocalWriteSettings:
     num_shards: int = 4
     batch_size: int = 500
     streaming: bool = False
-    max_buffering_seconds: float | None = None
-    """Streaming only: the longest a row waits for its batch to fill."""
 
 
 def create_streams(endpoint: str, spec: TableSpec, count: int) -> list[str]:
@@ -701,7 +739,7 @@ class _AppendBatch(beam.PTransform):
 
 
 class _AppendStreaming(beam.PTransform):
-    """Unbounded runs: batches by size or age, appended at offsets kept in state (see ``AppendBatchesFn``)."""
+    """Unbounded runs: batches cut within bundles, appended at offsets kept in state (see ``AppendBatchesFn``)."""
 
     def __init__(self, spec: TableSpec, settings: LocalWriteSettings) -> None:
         super().__init__()
@@ -710,13 +748,11 @@ class _AppendStreaming(beam.PTransform):
 
     def expand(self, encoded: beam.PCollection[tuple[int, bytes]]) -> beam.PCollection[tuple[bytes, str]]:
         spec, settings = self._spec, self._settings
-        batch_options: dict[str, Any] = {}
-        if settings.max_buffering_seconds:
-            batch_options["max_buffering_duration_secs"] = settings.max_buffering_seconds
         streams = create_streams(settings.endpoint, spec, settings.num_shards)
         return (
             encoded
-            | "Batch per stream" >> beam.GroupIntoBatches(settings.batch_size, **batch_options)
+            | "Batch per stream within bundle"
+            >> beam.ParDo(BatchWithinBundleFn(settings.batch_size)).with_output_types(tuple[int, list[bytes]])
             | "Append at offsets" >> beam.ParDo(AppendBatchesFn(spec, settings.endpoint, streams))
         )
 
