@@ -19,15 +19,9 @@ from dataclasses import dataclass
 
 from confluent_kafka import Consumer, TopicPartition
 
-from devstack.benchmark_streaming import (
-    _machine_ticks,
-    _parse_rates,
-    _sequence_value,
-    generator_argv,
-    stop_process,
-)
+from devstack.benchmark_streaming import generator_argv, parse_rates, sequence_value, stop_process
 from devstack.config import StackConfig, load_config
-from devstack.cpu_usage import cpu_seconds_by_service
+from devstack.cpu_usage import cpu_seconds_by_service, machine_ticks
 
 CDC_TOPIC = "cdc.public.engagement_events"
 
@@ -67,16 +61,16 @@ def measure_step(cfg: StackConfig, topic: TopicEnd, rate: float, seconds: float,
     )
     try:
         time.sleep(settle)
-        start_at, start_ticks, start_cpu = time.monotonic(), _machine_ticks(), cpu_seconds_by_service()
-        start_id, start_records = _sequence_value(cfg.pg_dsn), topic.records()
+        start_at, start_ticks, start_cpu = time.monotonic(), machine_ticks(), cpu_seconds_by_service()
+        start_id, start_records = sequence_value(cfg.pg_dsn), topic.records()
         time.sleep(seconds)
         elapsed = time.monotonic() - start_at
-        end_ticks, end_cpu = _machine_ticks(), cpu_seconds_by_service()
-        end_id, end_records = _sequence_value(cfg.pg_dsn), topic.records()
+        end_ticks, end_cpu = machine_ticks(), cpu_seconds_by_service()
+        end_id, end_records = sequence_value(cfg.pg_dsn), topic.records()
         if generator.poll() not in (None, 0):
             raise SystemExit(f"benchmark-stack-load: the generator exited with status {generator.returncode}")
     finally:
-        stop_process(generator, "the generator")
+        stop_process(generator, "the generator", program="benchmark-stack-load")
     cores = {name: (end_cpu.get(name, 0.0) - start_cpu.get(name, 0.0)) / elapsed for name in end_cpu}
     return StepLoad(
         target_rate=rate,
@@ -107,8 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scripts/benchmark-stack-load", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--rates",
-        type=_parse_rates,
-        default=_parse_rates("1000,2500,5000"),
+        type=parse_rates,
+        default=parse_rates("1000,2500,5000"),
         help="events/s of each step (default 1000,2500,5000)",
     )
     parser.add_argument("--step-seconds", type=float, default=30, help="how long each rate is measured (default 30)")

@@ -44,7 +44,7 @@ import redis
 from devstack import bigquery_clients
 from devstack.cli import ensure_up
 from devstack.config import REPO_ROOT, StackConfig, load_config
-from devstack.cpu_usage import cpu_seconds_by_service
+from devstack.cpu_usage import cpu_seconds_by_service, machine_ticks, session_usage
 from devstack.run_local import pipeline_args, start_logged
 from transforms.sinks.redis_top import RedisKeys
 
@@ -381,42 +381,6 @@ class Sample:
     """CPU seconds of each stack service and job part (devstack.cpu_usage)."""
 
 
-def _machine_ticks() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs since boot, from the first line of /proc/stat."""
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return sum(values) - idle, sum(values)
-
-
-def session_usage(session: int) -> tuple[int, dict[str, int], float]:
-    """RSS (total and per command name) and CPU seconds of every live process of a session, from /proc.
-
-    A session rather than a parent chain: the Java expansion service and Prism are the launcher's children,
-    and a session still finds them if they outlive it (start_new_session gives the job a session of its own).
-    """
-    page = os.sysconf("SC_PAGE_SIZE")
-    ticks = os.sysconf("SC_CLK_TCK")
-    total, by_name, cpu = 0, {}, 0.0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            statm = (entry / "statm").read_text().split()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[3]) != session:
-            continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        name = "python" if name.startswith("python") else name
-        rss = int(statm[1]) * page
-        total += rss
-        by_name[name] = by_name.get(name, 0) + rss
-        cpu += (int(fields[11]) + int(fields[12])) / ticks
-    return total, by_name, cpu
-
-
 class ProcessSampler(threading.Thread):
     """Samples the job's RSS and CPU time, and the machine's CPU, every ``interval`` seconds."""
 
@@ -432,7 +396,7 @@ class ProcessSampler(threading.Thread):
     def run(self) -> None:
         while not self._stopping.is_set():
             rss, by_name, cpu = session_usage(self._session)
-            busy, total = _machine_ticks()
+            busy, total = machine_ticks()
             self.samples.append(Sample(time.time(), rss, cpu, busy, total, cpu_seconds_by_service()))
             if rss > self.peak:
                 self.peak, self.peak_breakdown = rss, by_name
@@ -519,11 +483,13 @@ def generator_argv(
     return argv
 
 
-def stop_process(process: subprocess.Popen, name: str, timeout: float = 30.0) -> None:
+def stop_process(
+    process: subprocess.Popen, name: str, timeout: float = 30.0, program: str = "benchmark-streaming"
+) -> None:
     """SIGINT to the process's group (its own session), SIGKILL if it is still there after ``timeout``."""
     if process.poll() is not None:
         return
-    print(f"benchmark-streaming: stopping {name}", file=sys.stderr)
+    print(f"{program}: stopping {name}", file=sys.stderr)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGINT)
     try:
@@ -534,7 +500,7 @@ def stop_process(process: subprocess.Popen, name: str, timeout: float = 30.0) ->
         process.wait()
 
 
-def _sequence_value(dsn: str) -> int:
+def sequence_value(dsn: str) -> int:
     """The last id the events' sequence handed out: every row committed later has a larger id."""
     with contextlib.closing(psycopg2.connect(dsn)) as connection, connection.cursor() as cursor:
         cursor.execute(
@@ -583,7 +549,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _parse_rates(text: str) -> list[float]:
+def parse_rates(text: str) -> list[float]:
     rates = [float(part) for part in text.split(",") if part.strip()]
     if not rates or any(rate <= 0 for rate in rates):
         raise argparse.ArgumentTypeError("rates must be positive numbers, comma-separated")
@@ -598,7 +564,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--rates",
-        type=_parse_rates,
+        type=parse_rates,
         default=[500, 1000, 2000, 5000],
         help="events/s of each step, comma-separated (default 500,1000,2000,5000)",
     )
@@ -724,7 +690,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     client = redis.Redis.from_url(cfg.redis_url)
     window = args.window_seconds
 
-    floor_id = _sequence_value(cfg.pg_dsn)
+    floor_id = sequence_value(cfg.pg_dsn)
     start = datetime.now(UTC)
     argv = [
         sys.executable,
