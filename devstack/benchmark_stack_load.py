@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -19,9 +18,13 @@ from dataclasses import dataclass
 
 from confluent_kafka import Consumer, TopicPartition
 
-from devstack.benchmark_streaming import generator_argv, parse_rates, sequence_value, stop_process
-from devstack.config import StackConfig, load_config
+from devstack.benchmark_streaming import generator_argv, parse_rates, sequence_value
+from devstack.config import StackConfig, load_config, use_instance
 from devstack.cpu_usage import cpu_seconds_by_service, machine_ticks
+from devstack.process import stop_job
+from devstack.run_local import start_logged
+
+GENERATOR_LOG = "benchmark-stack-load-generator.log"
 
 CDC_TOPIC = "cdc.public.engagement_events"
 
@@ -54,11 +57,7 @@ class StepLoad:
 
 def measure_step(cfg: StackConfig, topic: TopicEnd, rate: float, seconds: float, settle: float) -> StepLoad:
     """Runs the generator at ``rate`` and measures the middle of its run (``settle`` seconds cut at each end)."""
-    generator = subprocess.Popen(
-        generator_argv(cfg, rate, seconds + 2 * settle, None, None),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-    )
+    generator = start_logged(cfg, generator_argv(cfg, rate, seconds + 2 * settle, None, None), GENERATOR_LOG)
     try:
         time.sleep(settle)
         start_at, start_ticks, start_cpu = time.monotonic(), machine_ticks(), cpu_seconds_by_service()
@@ -70,7 +69,7 @@ def measure_step(cfg: StackConfig, topic: TopicEnd, rate: float, seconds: float,
         if generator.poll() not in (None, 0):
             raise SystemExit(f"benchmark-stack-load: the generator exited with status {generator.returncode}")
     finally:
-        stop_process(generator, "the generator", program="benchmark-stack-load")
+        stop_job(cfg, generator, "the generator", GENERATOR_LOG, "benchmark-stack-load")
     cores = {name: (end_cpu.get(name, 0.0) - start_cpu.get(name, 0.0)) / elapsed for name in end_cpu}
     return StepLoad(
         target_rate=rate,
@@ -115,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+    # The benchmarks' own stack: their load, rows and requests never reach the one scripts/run-local shows.
+    use_instance("bench")
     cfg = load_config()
     topic = TopicEnd(cfg.kafka_bootstrap, CDC_TOPIC)
     steps = []

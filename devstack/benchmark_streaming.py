@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -43,10 +42,13 @@ import redis
 
 from devstack import bigquery_clients
 from devstack.cli import ensure_up
-from devstack.config import REPO_ROOT, StackConfig, load_config
+from devstack.config import REPO_ROOT, StackConfig, load_config, use_instance
 from devstack.cpu_usage import cpu_seconds_by_service, machine_ticks, session_usage
+from devstack.process import stop_job
 from devstack.run_local import pipeline_args, start_logged
 from transforms.sinks.redis_top import RedisKeys
+
+PROGRAM = "benchmark-streaming"
 
 PROGRESS_EVERY_SECONDS = 5.0
 # Buckets keep changing until their window closes (end + allowed lateness); a little more covers the
@@ -483,23 +485,6 @@ def generator_argv(
     return argv
 
 
-def stop_process(
-    process: subprocess.Popen, name: str, timeout: float = 30.0, program: str = "benchmark-streaming"
-) -> None:
-    """SIGINT to the process's group (its own session), SIGKILL if it is still there after ``timeout``."""
-    if process.poll() is not None:
-        return
-    print(f"{program}: stopping {name}", file=sys.stderr)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGINT)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 def sequence_value(dsn: str) -> int:
     """The last id the events' sequence handed out: every row committed later has a larger id."""
     with contextlib.closing(psycopg2.connect(dsn)) as connection, connection.cursor() as cursor:
@@ -679,6 +664,8 @@ def _warnings(watcher: BucketWatcher, truth: GroundTruth, window_seconds: int) -
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
+    # The benchmarks' own stack: their load, rows and requests never reach the one scripts/run-local shows.
+    use_instance("bench")
     cfg = load_config()
     print("benchmark-streaming: starting the local stack (idempotent)", file=sys.stderr)
     ensure_up(cfg)
@@ -743,7 +730,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         while time.monotonic() < settle_until:
             _check(pipeline, log)
             time.sleep(0.2)
-        stop_process(warmup, "the warm-up generator")
+        stop_job(cfg, warmup, "the warm-up generator", f"{resources.name}-warmup.log", PROGRAM)
 
         for step in steps:
             print(f"benchmark-streaming: step {step.rate:g} events/s for {step.seconds:g}s", file=sys.stderr)
@@ -826,15 +813,17 @@ def run_benchmark(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for step in steps:
             if step.process is not None:
-                stop_process(step.process, f"the {step.rate:g}/s generator")
+                stop_job(
+                    cfg, step.process, f"the {step.rate:g}/s generator", f"{resources.name}-generator.log", PROGRAM
+                )
         if warmup is not None:
-            stop_process(warmup, "the warm-up generator")
+            stop_job(cfg, warmup, "the warm-up generator", f"{resources.name}-warmup.log", PROGRAM)
         if watcher is not None:
             watcher.stop()
         if sampler is not None:
             sampler.stop()
         if pipeline is not None:
-            stop_process(pipeline, "the streaming job", timeout=60)
+            stop_job(resources.stack, pipeline, "the streaming job", log_name, PROGRAM, timeout=60)
         if not args.keep:
             resources.remove(client)
             shutil.rmtree(directory, ignore_errors=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 from devstack.config import StackConfig
 from devstack.process import StackError, refuse_foreign_port, running_pid, spawn, wait_for_service
 from devstack.process import stop as stop_process
+from transforms import artifacts
 
 NAME = "bigquery-emulator"
 
@@ -39,7 +40,7 @@ _INSTALLED_MARKER = ".devstack-installed"
 
 
 def _root(cfg: StackConfig) -> Path:
-    return cfg.cache_dir / "bigquery-emulator"
+    return artifacts.bigquery_emulator_dir()
 
 
 def _home(cfg: StackConfig) -> Path:

@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 
-from devstack.config import StackConfig, load_config
-from devstack.process import StackError, log_file, running_pid, say
+from devstack.config import INSTANCE_ENV, INSTANCES, StackConfig, instance, load_config, use_instance
+from devstack.process import StackError, log_file, running_pid, say, stop_orphaned_jobs
 
 # Start order; `down` stops in reverse. Each entry is a module under devstack/ with the service interface.
 SERVICE_MODULES = ("postgres", "redis_server", "kafka", "connect", "bigquery_emulator", "external_api")
@@ -158,6 +158,7 @@ def ensure_up(cfg: StackConfig, services: list[str] | None = None) -> None:
 
 def _cmd_up(cfg: StackConfig, args: argparse.Namespace) -> int:
     started = time.monotonic()
+    stop_orphaned_jobs(cfg)
     ensure_up(cfg, args.services or None)
     print(f"stack up in {time.monotonic() - started:.1f}s ({cfg.stack_dir})")
     _print_status(cfg, _select(load_services(), args.services or None))
@@ -165,6 +166,7 @@ def _cmd_up(cfg: StackConfig, args: argparse.Namespace) -> int:
 
 
 def _cmd_down(cfg: StackConfig, args: argparse.Namespace) -> int:
+    stop_orphaned_jobs(cfg)
     with _stack_lock(cfg):
         for service in reversed(load_services()):
             if service.module is None:
@@ -246,6 +248,7 @@ def stack_env(cfg: StackConfig) -> dict[str, str]:
     }
     if "STACK_PORT_OFFSET" in os.environ:
         env["STACK_PORT_OFFSET"] = os.environ["STACK_PORT_OFFSET"]
+    env[INSTANCE_ENV] = instance()[0]
     return env
 
 
@@ -259,7 +262,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scripts/stack",
         description="Local development stack (PostgreSQL, Kafka + Debezium, Redis, BigQuery emulator, HTTP API).",
-        epilog="Environment: STACK_DIR, STACK_PORT_OFFSET, STACK_CACHE_DIR, STACK_CDC_SCHEMAS; see docs/local-stack.md",
+        epilog="Environment: STACK_INSTANCE, STACK_DIR, STACK_PORT_OFFSET, ENGAGEMENT_CACHE_DIR, STACK_CDC_SCHEMAS; "
+        "see docs/local-stack.md",
+    )
+    parser.add_argument(
+        "--instance",
+        choices=sorted(INSTANCES),
+        help="which stack: dev (scripts/run-local's, the default), test (the test suite's) or bench (the "
+        "benchmarks'); the same as STACK_INSTANCE",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="install, start and wait for the services (idempotent)")
@@ -280,6 +290,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.instance:
+        use_instance(args.instance)
     cfg = load_config()
     try:
         return args.handler(cfg, args)

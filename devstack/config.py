@@ -1,7 +1,14 @@
 """Where the local stack lives and which ports it listens on.
 
-Every value can be overridden through an environment variable so two checkouts can run side by side
-(give the second one its own ``STACK_DIR`` and ``STACK_PORT_OFFSET``).
+A checkout runs up to three instances of the stack side by side, chosen by ``STACK_INSTANCE``:
+
+- ``dev`` (the default): what ``scripts/run-local`` and ``scripts/backfill`` use, in ``.stack``;
+- ``test``: the test suite's own (``scripts/test`` and ``tests/conftest.py`` select it), in ``.stack-test``;
+- ``bench``: the benchmarks' own, in ``.stack-bench``.
+
+So a test or a benchmark never writes a row, a key or a request into the stack a person watches. Every value
+can be overridden through an environment variable so two checkouts can run side by side (give the second one
+its own ``STACK_DIR`` and ``STACK_PORT_OFFSET``; an instance adds its own offset to that one).
 """
 
 from __future__ import annotations
@@ -10,11 +17,46 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from transforms import artifacts
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+INSTANCE_ENV = "STACK_INSTANCE"
+
+
+@dataclass(frozen=True)
+class Instance:
+    directory: str
+    port_offset: int
+
+
+INSTANCES = {
+    "dev": Instance(".stack", 0),
+    "test": Instance(".stack-test", 100),
+    "bench": Instance(".stack-bench", 200),
+}
+
+
+def instance() -> tuple[str, Instance]:
+    name = os.environ.get(INSTANCE_ENV, "dev") or "dev"
+    if name not in INSTANCES:
+        raise ValueError(f"{INSTANCE_ENV}={name!r}: expected one of {', '.join(INSTANCES)}")
+    return name, INSTANCES[name]
+
+
+def use_instance(name: str) -> None:
+    """Selects a stack instance for this process and every process it starts.
+
+    A ``STACK_DIR`` set for another instance names that instance's directory, so it is dropped.
+    """
+    if name not in INSTANCES:
+        raise ValueError(f"unknown stack instance {name!r}: expected one of {', '.join(INSTANCES)}")
+    if os.environ.get(INSTANCE_ENV, "dev") != name:
+        os.environ.pop("STACK_DIR", None)
+    os.environ[INSTANCE_ENV] = name
 
 
 def _port(env_name: str, default: int) -> int:
-    offset = int(os.environ.get("STACK_PORT_OFFSET", "0"))
+    offset = int(os.environ.get("STACK_PORT_OFFSET", "0")) + instance()[1].port_offset
     return int(os.environ.get(env_name, default + offset))
 
 
@@ -50,8 +92,8 @@ class StackConfig:
 
     @property
     def cache_dir(self) -> Path:
-        """Downloaded artefacts (jars, virtualenvs); survives ``down``."""
-        return Path(os.environ.get("STACK_CACHE_DIR", Path.home() / ".cache" / "engagement-pipeline"))
+        """Downloaded artefacts (jars, virtualenvs); survives ``down``. The project's one cache root."""
+        return artifacts.cache_root()
 
     # Endpoints, as clients use them.
     @property
@@ -81,7 +123,7 @@ class StackConfig:
 
 def load_config() -> StackConfig:
     return StackConfig(
-        stack_dir=Path(os.environ.get("STACK_DIR", REPO_ROOT / ".stack")).resolve(),
+        stack_dir=Path(os.environ.get("STACK_DIR", REPO_ROOT / instance()[1].directory)).resolve(),
         pg_port=_port("STACK_PG_PORT", 55432),
         kafka_port=_port("STACK_KAFKA_PORT", 59092),
         kafka_controller_port=_port("STACK_KAFKA_CONTROLLER_PORT", 59093),

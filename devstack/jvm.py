@@ -17,6 +17,7 @@ from pathlib import Path
 from devstack.apt import ensure_apt_packages
 from devstack.config import StackConfig
 from devstack.process import StackError, run_logged, say
+from transforms import artifacts as artifact_paths
 
 POM = Path(__file__).resolve().parent / "maven" / "pom.xml"
 MIN_JAVA = 17
@@ -90,7 +91,7 @@ def ensure_artifacts(cfg: StackConfig) -> JvmArtifacts:
     """Resolve the jars once per pom content; later calls (and later `up`s) return the cached directory."""
     props = pom_properties()
     digest = hashlib.sha256(POM.read_bytes()).hexdigest()[:12]
-    root = cfg.cache_dir / "jvm" / f"kafka-{props['kafka.version']}-debezium-{props['debezium.version']}-{digest}"
+    root = artifact_paths.jvm_dir() / f"kafka-{props['kafka.version']}-debezium-{props['debezium.version']}-{digest}"
     artifacts = JvmArtifacts(root, props["kafka.version"], props["debezium.version"])
     with _resolve_lock:
         if (root / ".complete").exists():

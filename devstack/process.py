@@ -237,3 +237,84 @@ def wait_for_service(
         if time.monotonic() >= deadline:
             raise StackError(f"{what} was not ready after {timeout:.0f}s; see {log}:\n{tail_text(log)}")
         time.sleep(interval)
+
+
+# --- jobs started by a driver (scripts/run-local, the benchmarks) --------------------------------------------
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot: with the pid, an identity that reuse cannot fake."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()[19]
+
+
+def record_job(cfg: StackConfig, name: str, session: int) -> None:
+    """Remembers that this process (the driver) started the job whose processes are in ``session``.
+
+    The job's Prism and Java processes are its launcher's children and stay in its session even when the
+    launcher dies, so the session finds them; the driver's pid and start time tell whether anyone still
+    owns them.
+    """
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    driver = os.getpid()
+    (cfg.run_dir / f"job-{name}.session").write_text(f"{session} {driver} {_start_time(driver)}\n")
+
+
+def forget_job(cfg: StackConfig, name: str) -> None:
+    (cfg.run_dir / f"job-{name}.session").unlink(missing_ok=True)
+
+
+def stop_orphaned_jobs(cfg: StackConfig, timeout: float = 10.0) -> list[str]:
+    """Stops the processes of jobs whose driver died without stopping them (e.g. SIGKILL), and says so.
+
+    Returns "command (pid)" for each process stopped. A job whose driver still runs is left alone.
+    """
+    from devstack.cpu_usage import processes
+
+    stopped: list[str] = []
+    for record in sorted(cfg.run_dir.glob("job-*.session")) if cfg.run_dir.is_dir() else []:
+        try:
+            session_text, driver_text, driver_start = record.read_text().split()
+            session, driver = int(session_text), int(driver_text)
+        except (OSError, ValueError):
+            record.unlink(missing_ok=True)
+            continue
+        if _start_time(driver) == driver_start:
+            continue  # its driver is alive and stops it itself
+        members = {int(entry.name): command for entry, command, fields in processes() if int(fields[3]) == session}
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(_start_time(pid) and not _is_zombie(pid) for pid in members):
+            time.sleep(0.1)
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if members:
+            names = ", ".join(f"{command} ({pid})" for pid, command in sorted(members.items()))
+            say(f"stopped what a job started by a driver that died left running: {names}")
+            stopped += [f"{command} ({pid})" for pid, command in sorted(members.items())]
+        record.unlink(missing_ok=True)
+    return stopped
+
+
+def stop_job(
+    cfg: StackConfig, process: subprocess.Popen, name: str, log_name: str, program: str, timeout: float = 30.0
+) -> None:
+    """SIGINT to the job's process group (its own session), SIGKILL if it is still there after ``timeout``;
+    then its record goes, as nothing is left to stop."""
+    if process.poll() is None:
+        print(f"{program}: stopping {name}", file=sys.stderr)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    forget_job(cfg, log_name)

@@ -22,6 +22,7 @@ import requests
 from devstack import bigquery_clients
 from devstack.cli import ensure_up
 from devstack.config import REPO_ROOT, StackConfig, load_config
+from devstack.process import record_job, stop_job, stop_orphaned_jobs
 from pipelines.local_runner import prism_args
 from transforms.sinks.redis_top import read_top_content
 
@@ -59,9 +60,11 @@ def pipeline_args(cfg: StackConfig, start: datetime | None, window_seconds: int,
 def start_logged(
     cfg: StackConfig, argv: list[str], log_name: str, env: dict[str, str] | None = None
 ) -> subprocess.Popen:
+    """Starts ``argv`` in a session of its own, logged to ``log_name``; recorded so that, should this driver
+    die without stopping it, the next run-local or scripts/stack stops what it left (stop_orphaned_jobs)."""
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
     log = open(cfg.log_dir / log_name, "ab")  # noqa: SIM115 - handed to the child, closed when it ends
-    return subprocess.Popen(
+    process = subprocess.Popen(
         argv,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -69,23 +72,13 @@ def start_logged(
         env={**os.environ, **(env or {})},
         start_new_session=True,
     )
+    record_job(cfg, log_name, process.pid)
+    return process
 
 
 def _interrupt(signum: int, frame: object) -> None:
     """SIGTERM takes Ctrl-C's path: the children run in sessions of their own, so only we can stop them."""
     raise KeyboardInterrupt
-
-
-def _stop(process: subprocess.Popen, name: str) -> None:
-    if process.poll() is not None:
-        return
-    print(f"run-local: stopping {name}")
-    os.killpg(process.pid, signal.SIGINT)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def _counts(cfg: StackConfig, bq) -> dict[str, str]:  # noqa: ANN001 - a google.cloud.bigquery.Client
@@ -147,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config()
     print("run-local: starting the local stack (the first time installs it: a few minutes)")
+    # A run-local killed with SIGKILL leaves its job (Python, Prism, Java) running, reading Kafka and writing
+    # the sinks beside the new one: stop it first.
+    stop_orphaned_jobs(cfg)
     ensure_up(cfg)
     subprocess.run(
         [
@@ -210,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if generator is not None:
-            _stop(generator, "the generator")
+            stop_job(cfg, generator, "the generator", GENERATOR_LOG, "run-local", timeout=20)
         if pipeline is not None:
-            _stop(pipeline, "the pipeline")
+            stop_job(cfg, pipeline, "the pipeline", PIPELINE_LOG, "run-local", timeout=20)
         if client is not None:
             client.close()
     print("run-local: stopped; the stack is still up (scripts/stack down stops it)")

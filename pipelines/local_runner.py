@@ -8,31 +8,18 @@ starts.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
-import apache_beam
-
-CACHE_DIR = Path(os.environ.get("ENGAGEMENT_CACHE_DIR", Path.home() / ".cache" / "engagement-pipeline"))
-PRISM_PATCHES = Path(__file__).resolve().parents[1] / "devstack" / "prism-patches"
-
-
-def prism_patches_digest() -> str:
-    """Names the set of our Prism patches, as ``scripts/fetch-beam-artifacts`` does: a binary built without
-    the current patches is never used."""
-    patches = sorted(PRISM_PATCHES.glob("*.patch"), key=lambda path: str(path).encode())
-    if not patches:
-        return "none"
-    return hashlib.sha256(b"".join(path.read_bytes() for path in patches)).hexdigest()[:12]
+from transforms import artifacts
 
 
 def prism_binary() -> Path:
-    """The Prism binary of the running Beam version with our patches; a clear error if it was never built."""
-    binary = CACHE_DIR / "prism" / f"{apache_beam.__version__}-{prism_patches_digest()}" / "prism"
+    """The Prism binary of the pinned Beam version with our patches; a clear error if it was never built."""
+    binary = artifacts.prism_binary()
     if not binary.is_file():
         raise FileNotFoundError(
-            f"Prism {apache_beam.__version__} is not at {binary}; run scripts/fetch-beam-artifacts prism"
+            f"Prism {artifacts.beam_version()} with our patches is not at {binary}; "
+            "run scripts/fetch-beam-artifacts prism"
         )
     return binary
 

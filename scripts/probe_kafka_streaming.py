@@ -43,8 +43,6 @@ from apache_beam.utils.timestamp import Duration
 from apache_beam.version import __version__ as beam_version
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-CACHE_DIR = Path(os.environ.get("ENGAGEMENT_CACHE_DIR", Path.home() / ".cache" / "engagement-pipeline"))
-DEFAULT_JAVA_VERSION = os.environ.get("BEAM_JAVA_VERSION", "2.73.0")
 PANE_TIMINGS = {0: "EARLY", 1: "ON_TIME", 2: "LATE", 3: "UNKNOWN"}
 
 _LOG = logging.getLogger("probe")
@@ -59,14 +57,14 @@ def default_prism() -> Path:
 
 
 def default_expansion_jar() -> Path:
-    """The released shaded jar of this Beam version if cached, else the one fetch-beam-artifacts assembled."""
-    released = (
-        Path.home() / ".apache_beam" / "cache" / "jars" / f"beam-sdks-java-io-expansion-service-{beam_version}.jar"
-    )
-    if released.exists():
-        return released
-    assembled = CACHE_DIR / "beam-java" / DEFAULT_JAVA_VERSION / "kafka"
-    return assembled / f"beam-kafka-expansion-service-{DEFAULT_JAVA_VERSION}.jar"
+    """The KafkaIO expansion service that scripts/fetch-beam-artifacts put in place for this Beam version."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from transforms.expansion import fetched_jar
+
+    jar = fetched_jar("kafka", beam_version)
+    if jar is None:
+        raise SystemExit("probe: no KafkaIO expansion service; run scripts/fetch-beam-artifacts kafka")
+    return jar
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

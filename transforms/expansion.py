@@ -7,27 +7,18 @@ anything: by default each transform uses the jar fetched for the running Beam ve
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Literal
 
 import apache_beam
 from apache_beam.transforms.external import JavaJarExpansionService
 
-Component = Literal["kafka", "gcp"]
-
-CACHE_DIR = Path(os.environ.get("ENGAGEMENT_CACHE_DIR", Path.home() / ".cache" / "engagement-pipeline"))
-_SHADED_ARTIFACTS = {
-    "kafka": "beam-sdks-java-io-expansion-service",
-    "gcp": "beam-sdks-java-io-google-cloud-platform-expansion-service",
-}
+from transforms import artifacts
+from transforms.artifacts import Component
 
 
 def fetched_jar(component: Component, version: str = apache_beam.__version__) -> Path | None:
     """The jar scripts/fetch-beam-artifacts put in place for ``version``, if any."""
-    shaded = Path.home() / ".apache_beam" / "cache" / "jars" / f"{_SHADED_ARTIFACTS[component]}-{version}.jar"
-    assembled = CACHE_DIR / "beam-java" / version / component / f"beam-{component}-expansion-service-{version}.jar"
-    for candidate in (shaded, assembled):
+    for candidate in (artifacts.shaded_jar(component, version), artifacts.assembled_jar(component, version)):
         if candidate.is_file():
             return candidate
     return None

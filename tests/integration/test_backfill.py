@@ -459,3 +459,29 @@ def test_the_command_line_exits_2_with_one_line() -> None:
     assert result.stderr.strip().splitlines() == [
         "backfill: error: --end (2029-01-01T00:00:00+00:00) must be after --start (2030-01-01T00:00:00+00:00)"
     ]
+
+
+def test_the_backfill_command_runs_quietly_from_the_suites_cache(stack: StackConfig, dataset: str, prefix: str, day):
+    """The README's command, as a user runs it: it finds the Prism that scripts/fetch-beam-artifacts built into
+    this run's cache (CI builds a fresh one) and says nothing about artifacts that are in place."""
+    start = day.replace(hour=23)
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "backfill"), f"--start={start.isoformat()}",
+         f"--end={(start + timedelta(minutes=2)).isoformat()}", f"--bigquery_dataset={dataset}",
+         f"--redis_key_prefix={prefix}"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "backfill done" in output
+    assert "fetch-beam-artifacts" not in output
+    assert "bootstrap:" not in output
+
+
+def test_run_local_answers_help_without_fetch_noise() -> None:
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "run-local"), "--help"], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: scripts/run-local")
+    assert result.stderr == ""

@@ -28,7 +28,7 @@ def test_the_loopback_worker_is_asked_for_only_when_wanted(tmp_path):
 
 
 def test_by_default_the_jar_fetched_for_this_beam_version(tmp_path, monkeypatch):
-    monkeypatch.setattr(expansion, "CACHE_DIR", tmp_path)
+    monkeypatch.setenv("ENGAGEMENT_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     version = apache_beam.__version__
     jar = tmp_path / "beam-java" / version / "kafka" / f"beam-kafka-expansion-service-{version}.jar"
