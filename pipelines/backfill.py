@@ -36,7 +36,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.transforms.window import GlobalWindows
 
 from pipelines.core import CoreOutputs, CoreSettings, build_core
-from pipelines.options import CoreOptions
+from pipelines.options import CoreOptions, with_state_cache
 from pipelines.outputs import SinkSettings, write_outputs
 from transforms.backfill_filters import (
     BigQueryReadSettings,
@@ -480,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_help()
         return 0
     configure_logging()
-    options = PipelineOptions(argv)
+    options = PipelineOptions(with_state_cache(argv))
     try:
         plan = preflight(options)
     except PreflightError as error:

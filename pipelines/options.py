@@ -64,3 +64,22 @@ class CoreOptions(PipelineOptions):
                 "id (so content created just before its events is enriched), 'none' trusts the snapshot."
             ),
         )
+
+
+STATE_CACHE_MB = 128
+"""The SDK worker's state cache unless ``--max_cache_memory_usage_mb`` says otherwise.
+
+Beam 2.73 turns the cache off by default (0), and then every read of a stateful DoFn's state (the de-dup
+bitmaps, the pane totals, the local BigQuery writer's offsets) is a round trip to the runner, even twice in one
+bundle. With a cache, a value read or written once in a bundle is served from memory for the rest of it, and
+across bundles where the runner sends cache tokens: Dataflow does, and our patched Prism does
+(devstack/prism-patches/0003). The state is small (16-byte bitmaps, one totals record per open window and
+content), so 128 MB per worker is ample and far below a Dataflow worker's memory.
+"""
+
+
+def with_state_cache(argv: list[str]) -> list[str]:
+    """``argv`` with the project's state cache size unless it sets one (``0`` turns the cache off)."""
+    if any(arg == "--max_cache_memory_usage_mb" or arg.startswith("--max_cache_memory_usage_mb=") for arg in argv):
+        return argv
+    return [*argv, f"--max_cache_memory_usage_mb={STATE_CACHE_MB}"]

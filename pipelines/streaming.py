@@ -18,7 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 from apache_beam.utils.subprocess_server import SubprocessServer
 
 from pipelines.core import CoreSettings, build_core
-from pipelines.options import CoreOptions
+from pipelines.options import CoreOptions, with_state_cache
 from pipelines.outputs import SinkSettings, write_outputs
 from pipelines.preflight import PreflightError, check_postgres
 from transforms.backfill_filters import BigQueryReadSettings
@@ -59,7 +59,11 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
         # once and let the point lookup cover what is created or edited later.
         content = pipeline | "Content snapshot" >> ReadContentOnce(PostgresContentLoader(dsn))
     core = build_core(raw, content, settings, content_lookup=lookup)
-    sinks = SinkSettings.from_options(options, window_seconds=settings.windows.window_seconds)
+    sinks = SinkSettings.from_options(
+        options,
+        window_seconds=settings.windows.window_seconds,
+        allowed_lateness_seconds=settings.windows.allowed_lateness_seconds,
+    )
     if resume is not None:
         sinks = dataclasses.replace(
             sinks,
@@ -148,7 +152,7 @@ def resolve_resume(options: PipelineOptions, settings: CoreSettings) -> ResumePl
 
 
 def run(argv: list[str] | None = None) -> None:
-    options = PipelineOptions(argv)
+    options = PipelineOptions(with_state_cache(list(sys.argv[1:] if argv is None else argv)))
     options.view_as(StandardOptions).streaming = True
     # DoFns refer to module-level code of this package; workers must import it, not unpickle __main__.
     options.view_as(SetupOptions).save_main_session = False
