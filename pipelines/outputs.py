@@ -7,6 +7,7 @@ dead letters (decode, and every sink's undeliverable records) -> BigQuery dead_l
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -38,9 +39,12 @@ class SinkSettings:
     """For a resumed job: the ids each sink already holds from the overlap (transforms/resume.py)."""
 
     @classmethod
-    def from_options(cls, options: PipelineOptions, window_seconds: int) -> SinkSettings:
+    def from_options(
+        cls, options: PipelineOptions, window_seconds: int, allowed_lateness_seconds: int = 300
+    ) -> SinkSettings:
+        bigquery = BigQuerySinkSettings.from_options(options)
         return cls(
-            bigquery=BigQuerySinkSettings.from_options(options),
+            bigquery=dataclasses.replace(bigquery, allowed_lateness_seconds=allowed_lateness_seconds),
             redis=RedisSinkConfig.from_options(options, window_seconds=window_seconds),
             http=HttpSinkSettings.from_options(options),
         )

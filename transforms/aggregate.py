@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import apache_beam as beam
-from apache_beam.coders import PickleCoder
+from apache_beam.coders import PickleCoder, VarIntCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger
 from apache_beam.transforms.timeutil import TimeDomain
@@ -20,7 +21,7 @@ from apache_beam.transforms.userstate import (
     on_timer,
 )
 from apache_beam.transforms.window import FixedWindows, GlobalWindows, IntervalWindow
-from apache_beam.utils.timestamp import Duration
+from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming
 
 from transforms.model import EVENT_TYPES, EnrichedEvent, WindowAggregate
@@ -275,3 +276,99 @@ class AggregateWindows(beam.PTransform):
                 | "AccumulatePanes" >> beam.ParDo(AccumulatePanesFn(settings.allowed_lateness_seconds))
             )
         return panes | "ToRows" >> beam.ParDo(ToWindowAggregateFn())
+
+
+class CoalesceLatePanesFn(beam.DoFn):
+    """Lets through a window's first non-early pane at once, then at most one pane per ``interval``: the newest.
+
+    Input: ON_TIME and LATE panes keyed by (key, window start). Late data fires a pane per bundle, and after a
+    resume or a long backlog a pane per element; each carries the window's full value, so only the newest of
+    a burst matters. Rows per (window, content) are therefore at most 1 + ceil(lateness / interval) + 1.
+    """
+
+    PENDING = ReadModifyWriteStateSpec("pending", PickleCoder())
+    LAST_SENT_MS = ReadModifyWriteStateSpec("last_sent_ms", VarIntCoder())
+    FLUSH = TimerSpec("flush", TimeDomain.REAL_TIME)
+    EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
+
+    def __init__(self, interval_seconds: int, allowed_lateness_seconds: int) -> None:
+        self._interval_ms = interval_seconds * 1000
+        self._lateness = Duration.of(allowed_lateness_seconds)
+        self._passed = Metrics.counter("aggregate", "bigquery_panes_written")
+        self._coalesced = Metrics.counter("aggregate", "bigquery_panes_coalesced")
+
+    def process(
+        self,
+        keyed: tuple[tuple[str | None, bool, datetime], WindowAggregate],
+        pending_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(PENDING),
+        last_sent_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(LAST_SENT_MS),
+        flush: RuntimeTimer = beam.DoFn.TimerParam(FLUSH),
+        expiry: RuntimeTimer = beam.DoFn.TimerParam(EXPIRY),
+    ) -> Iterator[WindowAggregate]:
+        aggregate = keyed[1]
+        expiry.set(Timestamp.from_utc_datetime(aggregate.window_end) + self._lateness)
+        now_ms = int(time.time() * 1000)
+        last_sent = last_sent_state.read()
+        if last_sent is None or now_ms - last_sent >= self._interval_ms:
+            pending_state.clear()
+            last_sent_state.write(now_ms)
+            self._passed.inc()
+            yield aggregate
+            return
+        pending = pending_state.read()
+        if pending is not None:
+            self._coalesced.inc()
+            if pending.pane_index > aggregate.pane_index:
+                return  # the panes of a key arrive out of order on some runners; the higher index is newer
+        else:
+            flush.set(Timestamp(micros=(last_sent + self._interval_ms) * 1000))
+        pending_state.write(aggregate)
+
+    @on_timer(FLUSH)
+    def flush(
+        self,
+        pending_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(PENDING),
+        last_sent_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(LAST_SENT_MS),
+    ) -> Iterator[WindowAggregate]:
+        pending = pending_state.read()
+        if pending is not None:
+            pending_state.clear()
+            last_sent_state.write(int(time.time() * 1000))
+            self._passed.inc()
+            yield pending
+
+    @on_timer(EXPIRY)
+    def expire(
+        self,
+        pending_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(PENDING),
+        last_sent_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(LAST_SENT_MS),
+    ) -> Iterator[WindowAggregate]:
+        # The window can no longer change: what is still waiting is its final value.
+        pending = pending_state.read()
+        pending_state.clear()
+        last_sent_state.clear()
+        if pending is not None:
+            self._passed.inc()
+            yield pending
+
+
+class FinalAndLatePanes(beam.PTransform):
+    """The panes BigQuery keeps: no early panes (they serve Redis), the on-time pane, late panes coalesced.
+
+    Early panes fire every ``early_firing_seconds`` while a window is open, which wrote most of a row per event
+    into window_aggregates though only its final value and corrections are queried (docs/bigquery.md).
+    """
+
+    def __init__(self, interval_seconds: int, allowed_lateness_seconds: int) -> None:
+        super().__init__()
+        self._interval_seconds = interval_seconds
+        self._lateness_seconds = allowed_lateness_seconds
+
+    def expand(self, aggregates: beam.PCollection[WindowAggregate]) -> beam.PCollection[WindowAggregate]:
+        return (
+            aggregates
+            | "DropEarlyPanes" >> beam.Filter(lambda aggregate: aggregate.pane_timing != "EARLY")
+            | "KeyByWindow"
+            >> beam.Map(lambda a: ((str(a.content_id) if a.content_id else None, a.content_missing, a.window_start), a))
+            | "NewestPerInterval" >> beam.ParDo(CoalesceLatePanesFn(self._interval_seconds, self._lateness_seconds))
+        )

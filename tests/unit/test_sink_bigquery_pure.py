@@ -308,7 +308,7 @@ def test_every_option_has_help() -> None:
     parser = argparse.ArgumentParser()
     BigQuerySinkOptions._add_argparse_args(parser)
     actions = [a for a in parser._actions if a.dest != "help"]
-    assert len(actions) == 16
+    assert len(actions) == 17
     assert all(a.help and len(a.help) > 20 for a in actions), [a.dest for a in actions if not a.help]
 
 

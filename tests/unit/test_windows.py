@@ -191,3 +191,40 @@ def test_streaming_fires_early_and_batch_fires_once_per_window():
 def test_settings_reject_a_dedup_horizon_shorter_than_a_window_is_open():
     with pytest.raises(ValueError, match="dedup_horizon_seconds"):
         CoreSettings(windows=WindowSettings(window_seconds=60, allowed_lateness_seconds=600), dedup_horizon_seconds=300)
+
+
+def window_aggregate(timing: str, index: int, count: int):
+    from datetime import UTC, datetime
+
+    from transforms.model import WindowAggregate
+
+    start = datetime.fromtimestamp(at(0), UTC)
+    return WindowAggregate(
+        window_start=start, window_end=datetime.fromtimestamp(at(60), UTC), content_id=None, content_missing=True,
+        title=None, slug=None, content_type=None, event_count=count, play_count=count, pause_count=0,
+        finish_count=0, click_count=0, engagement_seconds_sum=Decimal("0.000"), distinct_users=0,
+        pane_timing=timing, pane_index=index, emitted_at=start,
+    )  # fmt: skip
+
+
+def test_bigquery_gets_no_early_pane_and_one_row_per_burst_of_late_panes():
+    from apache_beam.utils.timestamp import Timestamp
+
+    from transforms.aggregate import FinalAndLatePanes
+
+    panes = [window_aggregate("EARLY", 0, 1), window_aggregate("EARLY", 1, 2), window_aggregate("ON_TIME", 2, 3)]
+    # After a resume, late data fires a pane per element, each with the window's whole value so far.
+    panes += [window_aggregate("LATE", index, index + 1) for index in range(3, 40)]
+    stream = test_stream.TestStream().add_elements([beam.window.TimestampedValue(p, Timestamp(at(59))) for p in panes])
+    pipeline = streaming_pipeline()
+    rows = (
+        pipeline
+        # Past the window's end plus lateness, but not to infinity, where the assertion's own grouping would
+        # count anything the timer emits as late.
+        | stream.advance_watermark_to(Timestamp(at(60 + 121))).advance_watermark_to_infinity()
+        | FinalAndLatePanes(interval_seconds=3600, allowed_lateness_seconds=120)
+        | beam.Map(lambda a: (a.pane_timing, a.event_count))
+    )
+    # The first non-early pane at once; the newest of the burst when the window can no longer change.
+    assert_that(rows, equal_to([("ON_TIME", 3), ("LATE", 40)]))
+    pipeline.run()
