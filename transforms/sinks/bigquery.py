@@ -79,7 +79,7 @@ class BigQuerySinkOptions(PipelineOptions):
         parser.add_argument(
             "--bigquery_aggregates_table",
             default="window_aggregates",
-            help="Table of per-content window aggregates (one row per fired pane).",
+            help="Table of per-content window aggregates (on-time panes and coalesced late corrections).",
         )
         parser.add_argument(
             "--bigquery_late_pane_interval_seconds",
