@@ -278,6 +278,16 @@ class AggregateWindows(beam.PTransform):
         return panes | "ToRows" >> beam.ParDo(ToWindowAggregateFn())
 
 
+CoalesceKey = tuple[str | None, bool, int]
+"""(content id, content_missing, window start in µs): a key the runner can encode deterministically."""
+
+
+def _window_key(aggregate: WindowAggregate) -> tuple[CoalesceKey, WindowAggregate]:
+    content_id = str(aggregate.content_id) if aggregate.content_id is not None else None
+    start = Timestamp.from_utc_datetime(aggregate.window_start).micros
+    return (content_id, aggregate.content_missing, start), aggregate
+
+
 class CoalesceLatePanesFn(beam.DoFn):
     """Lets through a window's first non-early pane at once, then at most one pane per ``interval``: the newest.
 
@@ -299,7 +309,7 @@ class CoalesceLatePanesFn(beam.DoFn):
 
     def process(
         self,
-        keyed: tuple[tuple[str | None, bool, datetime], WindowAggregate],
+        keyed: tuple[CoalesceKey, WindowAggregate],
         pending_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(PENDING),
         last_sent_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(LAST_SENT_MS),
         flush: RuntimeTimer = beam.DoFn.TimerParam(FLUSH),
