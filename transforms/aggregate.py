@@ -378,7 +378,6 @@ class FinalAndLatePanes(beam.PTransform):
         return (
             aggregates
             | "DropEarlyPanes" >> beam.Filter(lambda aggregate: aggregate.pane_timing != "EARLY")
-            | "KeyByWindow"
-            >> beam.Map(lambda a: ((str(a.content_id) if a.content_id else None, a.content_missing, a.window_start), a))
+            | "KeyByWindow" >> beam.Map(_window_key).with_output_types(tuple[CoalesceKey, WindowAggregate])
             | "NewestPerInterval" >> beam.ParDo(CoalesceLatePanesFn(self._interval_seconds, self._lateness_seconds))
         )
