@@ -288,12 +288,13 @@ def _window_key(aggregate: WindowAggregate) -> tuple[CoalesceKey, WindowAggregat
     return (content_id, aggregate.content_missing, start), aggregate
 
 
-class CoalesceLatePanesFn(beam.DoFn):
-    """Lets through a window's first non-early pane at once, then at most one pane per ``interval``: the newest.
+class CoalescePanesFn(beam.DoFn):
+    """Lets through a window's first pane at once, then at most one pane per ``interval``: the newest.
 
-    Input: ON_TIME and LATE panes keyed by (key, window start). Late data fires a pane per bundle, and after a
-    resume or a long backlog a pane per element; each carries the window's full value, so only the newest of
-    a burst matters. Rows per (window, content) are therefore at most 1 + ceil(lateness / interval) + 1.
+    Input: panes keyed by (key, window start). Early panes fire every second or so while a window gets data,
+    late data fires a pane per bundle, and after a resume a pane per element; each carries the window's full
+    value, so only the newest of a burst matters. What is still waiting when the window can no longer change
+    (its end plus the allowed lateness) is let through then: the final value is never held back.
     """
 
     PENDING = ReadModifyWriteStateSpec("pending", PickleCoder())
@@ -362,11 +363,12 @@ class CoalesceLatePanesFn(beam.DoFn):
             yield pending
 
 
-class FinalAndLatePanes(beam.PTransform):
-    """The panes BigQuery keeps: no early panes (they serve Redis), the on-time pane, late panes coalesced.
+class CoalescedPanes(beam.PTransform):
+    """The panes BigQuery keeps: per window and content, at most one per ``interval_seconds``, the newest.
 
-    Early panes fire every ``early_firing_seconds`` while a window is open, which wrote most of a row per event
-    into window_aggregates though only its final value and corrections are queried (docs/bigquery.md).
+    Every early pane was written before: most of a row per event, though only a window's final value and its
+    corrections are queried. Redis still gets every pane (docs/bigquery.md, "Which panes window_aggregates
+    gets").
     """
 
     def __init__(self, interval_seconds: int, allowed_lateness_seconds: int) -> None:
@@ -377,7 +379,6 @@ class FinalAndLatePanes(beam.PTransform):
     def expand(self, aggregates: beam.PCollection[WindowAggregate]) -> beam.PCollection[WindowAggregate]:
         return (
             aggregates
-            | "DropEarlyPanes" >> beam.Filter(lambda aggregate: aggregate.pane_timing != "EARLY")
             | "KeyByWindow" >> beam.Map(_window_key).with_output_types(tuple[CoalesceKey, WindowAggregate])
-            | "NewestPerInterval" >> beam.ParDo(CoalesceLatePanesFn(self._interval_seconds, self._lateness_seconds))
+            | "NewestPerInterval" >> beam.ParDo(CoalescePanesFn(self._interval_seconds, self._lateness_seconds))
         )

@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS `${PROJECT}.${DATASET}.window_aggregates` (
 )
 PARTITION BY DATE(window_start)
 CLUSTER BY content_id
-OPTIONS (description = 'The on-time and (coalesced) late panes of the per-content fixed windows, each with the full value so far; the backfill writes final panes. Query window_aggregates_current.');
+OPTIONS (description = 'Per-content fixed windows, each row the full value so far: streaming writes at most one pane per window and content per 10 s and the final one; the backfill writes final panes. Query window_aggregates_current.');
 
 CREATE TABLE IF NOT EXISTS `${PROJECT}.${DATASET}.dead_letters` (
     stage           STRING    NOT NULL OPTIONS (description = 'decode, enrich, bigquery, redis or http'),

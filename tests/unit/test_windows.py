@@ -207,10 +207,10 @@ def window_aggregate(timing: str, index: int, count: int):
     )  # fmt: skip
 
 
-def test_bigquery_gets_no_early_pane_and_one_row_per_burst_of_late_panes():
+def test_bigquery_gets_one_row_per_burst_of_panes_and_the_final_value():
     from apache_beam.utils.timestamp import Timestamp
 
-    from transforms.aggregate import FinalAndLatePanes
+    from transforms.aggregate import CoalescedPanes
 
     panes = [window_aggregate("EARLY", 0, 1), window_aggregate("EARLY", 1, 2), window_aggregate("ON_TIME", 2, 3)]
     # After a resume, late data fires a pane per element, each with the window's whole value so far.
@@ -222,9 +222,9 @@ def test_bigquery_gets_no_early_pane_and_one_row_per_burst_of_late_panes():
         # Past the window's end plus lateness, but not to infinity, where the assertion's own grouping would
         # count anything the timer emits as late.
         | stream.advance_watermark_to(Timestamp(at(60 + 121))).advance_watermark_to_infinity()
-        | FinalAndLatePanes(interval_seconds=3600, allowed_lateness_seconds=120)
+        | CoalescedPanes(interval_seconds=3600, allowed_lateness_seconds=120)
         | beam.Map(lambda a: (a.pane_timing, a.event_count))
     )
-    # The first non-early pane at once; the newest of the burst when the window can no longer change.
-    assert_that(rows, equal_to([("ON_TIME", 3), ("LATE", 40)]))
+    # The first pane at once; the newest of the burst when the window can no longer change.
+    assert_that(rows, equal_to([("EARLY", 1), ("LATE", 40)]))
     pipeline.run()

@@ -30,7 +30,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
 from apache_beam.utils.timestamp import Timestamp
 
-from transforms.aggregate import FinalAndLatePanes
+from transforms.aggregate import CoalescedPanes
 from transforms.expansion import java_expansion_service
 from transforms.model import DeadLetter, EnrichedEvent, SourceCoordinates, Stage, WindowAggregate
 from transforms.rows import Row, dead_letter_row, enriched_event_row, window_aggregate_row
@@ -79,16 +79,15 @@ class BigQuerySinkOptions(PipelineOptions):
         parser.add_argument(
             "--bigquery_aggregates_table",
             default="window_aggregates",
-            help="Table of per-content window aggregates (on-time panes and coalesced late corrections).",
+            help="Table of per-content window aggregates (panes coalesced per --bigquery_pane_interval_seconds).",
         )
         parser.add_argument(
-            "--bigquery_late_pane_interval_seconds",
+            "--bigquery_pane_interval_seconds",
             type=int,
             default=10,
             help=(
-                "Streaming: window_aggregates gets no early panes (Redis shows those), the on-time pane, and at "
-                "most one late correction per window and content per this many seconds, the newest; so at most "
-                "2 + ceil(allowed lateness / this) rows per window and content."
+                "Streaming: window_aggregates gets at most one pane per window and content per this many "
+                "seconds, the newest, and the final value when the window closes (Redis gets every pane)."
             ),
         )
         parser.add_argument(
@@ -293,14 +292,14 @@ class BigQuerySinkSettings:
     write_disposition: str = BigQueryDisposition.WRITE_APPEND
     expansion_service: str | None = None
     streaming: bool = False
-    late_pane_interval_seconds: int = 10
+    pane_interval_seconds: int = 10
     allowed_lateness_seconds: int = 300
     """The windows' allowed lateness: how long the late-pane coalescing keeps a window's state."""
     ddl_path: Path = TABLES_DDL
 
     def __post_init__(self) -> None:
-        if self.late_pane_interval_seconds <= 0:
-            raise ValueError("bigquery_late_pane_interval_seconds must be positive")
+        if self.pane_interval_seconds <= 0:
+            raise ValueError("bigquery_pane_interval_seconds must be positive")
         if self.write_method not in WRITE_METHODS:
             raise ValueError(f"bigquery_write_method must be one of {WRITE_METHODS}, not {self.write_method!r}")
         if self.write_method == LOCAL_STORAGE_WRITE:
@@ -334,7 +333,7 @@ class BigQuerySinkSettings:
             write_disposition=sink.bigquery_write_disposition,
             expansion_service=sink.bigquery_expansion_service,
             streaming=options.view_as(StandardOptions).streaming,
-            late_pane_interval_seconds=sink.bigquery_late_pane_interval_seconds,
+            pane_interval_seconds=sink.bigquery_pane_interval_seconds,
         )
 
     def table_spec(self, ddl_table: str, table: str) -> TableSpec:
@@ -441,8 +440,8 @@ class WriteWindowAggregates(beam.PTransform):
         settings = self._settings
         spec = settings.table_spec("window_aggregates", settings.aggregates_table)
         if settings.streaming:
-            aggregates = aggregates | "Final and late panes" >> FinalAndLatePanes(
-                settings.late_pane_interval_seconds, settings.allowed_lateness_seconds
+            aggregates = aggregates | "Coalesce panes" >> CoalescedPanes(
+                settings.pane_interval_seconds, settings.allowed_lateness_seconds
             )
         return (
             aggregates
