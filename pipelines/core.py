@@ -15,7 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines.options import CoreOptions
 from transforms.aggregate import AggregateWindows, WindowSettings
 from transforms.content import ContentSnapshot
-from transforms.decode import DEAD_LETTER_TAG, DecodeRecords
+from transforms.decode import DEAD_LETTER_TAG, DecodeLimits, DecodeRecords
 from transforms.dedup import DeduplicateEvents
 from transforms.enrich import ContentLookupFactory, EnrichEvents
 from transforms.model import DeadLetter, EnrichedEvent, RawRecord, WindowAggregate
@@ -29,6 +29,7 @@ class CoreSettings:
     streaming: bool = True
     windows_from: datetime | None = None
     """A resumed job's re-read start: earlier windows were final before the restart (transforms/resume.py)."""
+    decode: DecodeLimits = field(default_factory=DecodeLimits)
 
     def __post_init__(self) -> None:
         # A duplicate arriving after the horizon but while its window is still open would be counted
@@ -50,6 +51,7 @@ class CoreSettings:
             ),
             dedup_horizon_seconds=core.dedup_horizon_seconds,
             streaming=streaming,
+            decode=DecodeLimits(max_record_bytes=core.max_record_bytes),
         )
 
 
@@ -66,7 +68,7 @@ def build_core(
     content_lookup: ContentLookupFactory | None = None,
 ) -> CoreOutputs:
     """Applies the shared graph to ``raw``; ``content`` must hold a single (newest) snapshot per pane."""
-    decoded = raw | "Decode" >> DecodeRecords()
+    decoded = raw | "Decode" >> DecodeRecords(settings.decode)
     unique = decoded.events | "Deduplicate" >> DeduplicateEvents(settings.dedup_horizon_seconds, settings.streaming)
     enriched = unique | "Enrich" >> EnrichEvents(content, content_lookup)
     to_aggregate = enriched

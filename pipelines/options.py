@@ -19,6 +19,15 @@ class CoreOptions(PipelineOptions):
             help="libpq connection string of the PostgreSQL database holding the content table.",
         )
         parser.add_argument(
+            "--max_record_bytes",
+            type=int,
+            default=1_000_000,
+            help=(
+                "Largest record value decoded, in bytes (SPEC's 1 MB, as 1,000,000). A larger record is a dead "
+                "letter whose reason gives its size and whose payload keeps only its first 64 KiB."
+            ),
+        )
+        parser.add_argument(
             "--window_seconds",
             type=int,
             default=60,

@@ -2,15 +2,20 @@
 
 Every input is classified by one pure function, ``decode_record``, into exactly one of:
 an event, a counted skip (updates, deletes, tombstones, other tables) or a dead letter with its reason.
+Whatever the bytes, ``decode_record`` raises nothing but ``DecodeError`` (SPEC §3: a record that cannot be
+read, for any reason, is a dead letter): records over a size limit, nested deeper than a depth limit,
+with numbers or timestamps outside what the columns hold, or with text that is not valid Unicode.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from itertools import accumulate
 from typing import Any
 
 import apache_beam as beam
@@ -19,17 +24,30 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 from pydantic import ValidationError
 
+from transforms.dead_letters import DEAD_LETTER_TAG, PAYLOAD_EXCERPT_BYTES, RejectedInputError, reject
 from transforms.model import (
     EVENT_TYPES,
-    DeadLetter,
     EngagementEvent,
     RawRecord,
     Stage,
     canonical_json,
 )
 
+__all__ = ["DEAD_LETTER_TAG", "DecodeError", "DecodeLimits", "DecodeRecords", "Shape", "SkipReason", "decode_record"]
+
 EVENTS_TABLE = "engagement_events"
-DEAD_LETTER_TAG = "dead_letter"
+
+DEFAULT_MAX_RECORD_BYTES = 1_000_000
+"""SPEC §3's "1 MB", in SI bytes (Kafka's own default limit is 1 MiB plus 12 bytes, slightly more)."""
+DEFAULT_MAX_DEPTH = 64
+"""Nesting of arrays and objects. Debezium's schema-wrapped envelope needs 5; the rest is for raw_payload."""
+_DEPTH_CEILING = 500
+"""json.loads recurses once per level; Python's default recursion limit (1,000) must never be the one hit."""
+
+# Column ranges (SPEC §1): id is a BIGSERIAL, duration_ms an INTEGER. Timestamps are bounded by datetime
+# itself (years 1 to 9999), which is also BigQuery's TIMESTAMP range.
+_ID_RANGE = (1, 2**63 - 1)
+_INTEGER_RANGE = (-(2**31), 2**31 - 1)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _COUNTED_OPS = frozenset({"c", "r"})  # insert and snapshot read are engagement events
@@ -62,8 +80,68 @@ _SKIP_FOR_OP = {
 }
 
 
-class DecodeError(ValueError):
+class DecodeError(RejectedInputError):
     """The record cannot become an event; the message is the dead-letter reason."""
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What the decoder refuses to read, whatever the content (SPEC §3, "too large, too deeply nested")."""
+
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    max_depth: int = DEFAULT_MAX_DEPTH
+
+    def __post_init__(self) -> None:
+        if self.max_record_bytes < 1:
+            raise ValueError(f"the maximum record size must be positive, not {self.max_record_bytes}")
+        if not 5 <= self.max_depth <= _DEPTH_CEILING:
+            raise ValueError(f"the maximum nesting depth must be between 5 and {_DEPTH_CEILING}, not {self.max_depth}")
+
+
+_DEFAULT_LIMITS = DecodeLimits()
+# A JSON string (complete), a bracket, or a quote that opens a string never closed.
+_DEPTH_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]|"', re.DOTALL)
+_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def json_depth_exceeds(text: str, max_depth: int) -> bool:
+    """Whether ``text`` nests arrays and objects deeper than ``max_depth``, checked before parsing.
+
+    The common case costs two C-level counts: a document with no more opening brackets than the limit
+    cannot nest deeper. Only beyond that are brackets inside strings told apart from structure.
+    """
+    if text.count("{") + text.count("[") <= max_depth:
+        return False
+    brackets = []
+    for match in _DEPTH_TOKENS.finditer(text):
+        lexeme = match.group()
+        if lexeme == '"':
+            break  # an unterminated string: the parser fails there, having gone no deeper than this
+        if lexeme[0] != '"':
+            brackets.append(lexeme)
+    return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0) > max_depth
+
+
+def _reject_constant(name: str) -> Any:
+    raise DecodeError(f"not JSON: {name} is not a JSON number")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # built once: json.loads(**kw) builds one per call
+
+
+def _load_json(text: str, max_depth: int, what: str) -> Any:
+    """``json.loads`` that raises only DecodeError: depth is checked first, and NaN/Infinity are refused
+    (JSONB and BigQuery JSON cannot hold them)."""
+    if json_depth_exceeds(text, max_depth):
+        raise DecodeError(f"too deeply nested: {what} nests arrays/objects more than {max_depth} levels deep")
+    try:
+        return _DECODER.decode(text)
+    except DecodeError:
+        raise
+    except json.JSONDecodeError as exc:
+        raise DecodeError(f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of more than 4,300 digits
+        raise DecodeError(f"not JSON: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -75,16 +153,21 @@ class Decoded:
     skip: SkipReason | None = None
 
 
-def decode_record(value: bytes | None) -> Decoded:
-    """Classify one record value. Raises ``DecodeError`` for anything that belongs in the dead letter."""
+def decode_record(value: bytes | None, limits: DecodeLimits = _DEFAULT_LIMITS) -> Decoded:
+    """Classify one record value. Raises ``DecodeError``, and nothing else, for what belongs in the dead letter."""
     if value is None or value == b"":
         return Decoded(shape=None, skip=SkipReason.TOMBSTONE)
+    if len(value) > limits.max_record_bytes:
+        raise DecodeError(
+            f"too large: {len(value)} bytes, over the limit of {limits.max_record_bytes} bytes "
+            f"(the dead letter keeps the first {PAYLOAD_EXCERPT_BYTES})"
+        )
     try:
-        document = json.loads(value)
+        # UTF-8 only (RFC 8259 §8.1), decoded strictly: json.loads would also guess UTF-16 and UTF-32.
+        text = value.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DecodeError(f"not UTF-8: {exc.reason} at byte {exc.start}") from exc
-    except json.JSONDecodeError as exc:
-        raise DecodeError(f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    document = _load_json(text.removeprefix("\ufeff"), limits.max_depth, "the record")
     if not isinstance(document, dict):
         raise DecodeError(f"unknown shape: a JSON {type(document).__name__}, not an object")
 
@@ -94,20 +177,20 @@ def decode_record(value: bytes | None) -> Decoded:
             return Decoded(shape=Shape.DEBEZIUM_WITH_SCHEMA, skip=SkipReason.TOMBSTONE)
         if not isinstance(payload, dict):
             raise DecodeError("unknown shape: 'payload' is not an object")
-        inner = _decode_debezium(payload)
+        inner = _decode_debezium(payload, limits)
         return Decoded(shape=Shape.DEBEZIUM_WITH_SCHEMA, event=inner.event, skip=inner.skip)
-    return _decode_debezium(document)
+    return _decode_debezium(document, limits)
 
 
-def _decode_debezium(document: dict[str, Any]) -> Decoded:
+def _decode_debezium(document: dict[str, Any], limits: DecodeLimits) -> Decoded:
     if "op" in document and ("after" in document or "before" in document):
-        return _decode_envelope(document)
+        return _decode_envelope(document, limits)
     if "__op" in document or "__deleted" in document:
-        return _decode_flattened(document)
-    return Decoded(shape=Shape.PLAIN_JSON, event=_validate_plain_event(document))
+        return _decode_flattened(document, limits)
+    return Decoded(shape=Shape.PLAIN_JSON, event=_validate_plain_event(document, limits))
 
 
-def _decode_envelope(envelope: dict[str, Any]) -> Decoded:
+def _decode_envelope(envelope: dict[str, Any], limits: DecodeLimits) -> Decoded:
     shape = Shape.DEBEZIUM_ENVELOPE
     source = envelope.get("source")
     table = source.get("table") if isinstance(source, dict) else None
@@ -121,10 +204,10 @@ def _decode_envelope(envelope: dict[str, Any]) -> Decoded:
     after = envelope.get("after")
     if not isinstance(after, dict):
         raise DecodeError(f"Debezium op {op!r} without an 'after' row")
-    return Decoded(shape=shape, event=_validate_cdc_row(after))
+    return Decoded(shape=shape, event=_validate_cdc_row(after, limits))
 
 
-def _decode_flattened(row: dict[str, Any]) -> Decoded:
+def _decode_flattened(row: dict[str, Any], limits: DecodeLimits) -> Decoded:
     shape = Shape.DEBEZIUM_FLATTENED
     table = row.get("__table")
     if table is not None and table != EVENTS_TABLE:
@@ -138,20 +221,20 @@ def _decode_flattened(row: dict[str, Any]) -> Decoded:
     if op not in _COUNTED_OPS:
         raise DecodeError(f"unknown Debezium op {op!r}")
     fields = {name: value for name, value in row.items() if not name.startswith("__")}
-    return Decoded(shape=shape, event=_validate_cdc_row(fields))
+    return Decoded(shape=shape, event=_validate_cdc_row(fields, limits))
 
 
-def _validate_cdc_row(row: Mapping[str, Any]) -> EngagementEvent:
+def _validate_cdc_row(row: Mapping[str, Any], limits: DecodeLimits) -> EngagementEvent:
     """A row as Debezium serialises it: ISO-8601 timestamps, UUID strings, JSONB as a JSON string."""
     raw_payload = row.get("raw_payload")
     if raw_payload is not None:
         if not isinstance(raw_payload, str):
             raise DecodeError("raw_payload: Debezium sends JSONB as a string")
-        raw_payload = _canonical_json_text(raw_payload)
+        raw_payload = _canonical_json_text(raw_payload, limits.max_depth)
     return _validate(row, event_ts=_parse_event_ts(row.get("event_ts")), raw_payload=raw_payload)
 
 
-def _validate_plain_event(row: Mapping[str, Any]) -> EngagementEvent:
+def _validate_plain_event(row: Mapping[str, Any], limits: DecodeLimits) -> EngagementEvent:
     """An application's event: column names as keys, ``event_ts`` ISO-8601 or epoch milliseconds."""
     if "id" not in row:
         raise DecodeError("unknown shape: an object without 'id' is neither a Debezium record nor an event")
@@ -160,9 +243,9 @@ def _validate_plain_event(row: Mapping[str, Any]) -> EngagementEvent:
         raise DecodeError(f"event_type {event_type!r} is not one of {', '.join(EVENT_TYPES)}")
     raw_payload = row.get("raw_payload")
     if isinstance(raw_payload, str):
-        raw_payload = _canonical_json_text(raw_payload)
+        raw_payload = _canonical_json_text(raw_payload, limits.max_depth)
     elif raw_payload is not None:
-        raw_payload = canonical_json(raw_payload)
+        raw_payload = _canonical(raw_payload)
     return _validate(row, event_ts=_parse_event_ts(row.get("event_ts")), raw_payload=raw_payload)
 
 
@@ -170,9 +253,30 @@ def _validate(row: Mapping[str, Any], event_ts: datetime, raw_payload: str | Non
     if row.get("id") is None:
         raise DecodeError("missing id")
     try:
-        return EngagementEvent.model_validate({**row, "event_ts": event_ts, "raw_payload": raw_payload})
+        event = EngagementEvent.model_validate({**row, "event_ts": event_ts, "raw_payload": raw_payload})
     except ValidationError as exc:
         raise DecodeError(_describe_validation_error(exc)) from exc
+    _check_range("id", event.id, _ID_RANGE, "BIGSERIAL")
+    if event.duration_ms is not None:
+        _check_range("duration_ms", event.duration_ms, _INTEGER_RANGE, "INTEGER")
+    if event.device is not None:
+        _check_unicode("device", event.device)
+    return event
+
+
+def _check_range(name: str, value: int, bounds: tuple[int, int], column_type: str) -> None:
+    low, high = bounds
+    if not low <= value <= high:
+        shown = str(value) if len(str(value)) <= 40 else f"a {len(str(value))}-digit number"
+        raise DecodeError(f"{name}: {shown} is outside the {column_type} range {low}..{high}")
+
+
+def _check_unicode(name: str, text: str) -> None:
+    # JSON's \ud800 escapes decode to lone surrogates, which no UTF-8 sink can write.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DecodeError(f"{name}: invalid text ({exc.reason} at character {exc.start})") from exc
 
 
 def _parse_event_ts(value: Any) -> datetime:
@@ -185,7 +289,10 @@ def _parse_event_ts(value: Any) -> datetime:
             # Integer arithmetic keeps every millisecond exact, which float division would not.
             return _EPOCH + timedelta(milliseconds=value)
         except OverflowError as exc:
-            raise DecodeError(f"event_ts: epoch milliseconds {value} out of range") from exc
+            shown = str(value) if len(str(value)) <= 40 else f"a {len(str(value))}-digit number"
+            raise DecodeError(
+                f"event_ts: epoch milliseconds {shown} out of range (years 1 to 9999, as BigQuery's TIMESTAMP)"
+            ) from exc
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value)
@@ -193,15 +300,27 @@ def _parse_event_ts(value: Any) -> datetime:
             raise DecodeError(f"event_ts: {value!r} is not ISO-8601") from exc
         if parsed.tzinfo is None:
             raise DecodeError(f"event_ts: {value!r} has no UTC offset; refusing to guess its time zone")
-        return parsed.astimezone(UTC)
+        try:
+            return parsed.astimezone(UTC)
+        except OverflowError as exc:  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+            raise DecodeError(f"event_ts: {value!r} is out of range in UTC (years 1 to 9999)") from exc
     raise DecodeError(f"event_ts: a {type(value).__name__} is neither ISO-8601 nor epoch milliseconds")
 
 
-def _canonical_json_text(text: str) -> str:
+def _canonical_json_text(text: str, max_depth: int) -> str:
     try:
-        return canonical_json(json.loads(text))
-    except json.JSONDecodeError as exc:
-        raise DecodeError(f"raw_payload is not valid JSON: {exc.msg}") from exc
+        return _canonical(_load_json(text, max_depth, "raw_payload"))
+    except DecodeError as exc:
+        raise DecodeError(f"raw_payload is not valid JSON: {exc}") from exc
+
+
+def _canonical(value: Any) -> str:
+    try:
+        text = canonical_json(value)
+    except (ValueError, TypeError, RecursionError) as exc:  # NaN or infinity (1e999), too deep
+        raise DecodeError(f"raw_payload cannot be stored as JSON: {exc}") from exc
+    _check_unicode("raw_payload", text)
+    return text
 
 
 def _describe_validation_error(exc: ValidationError) -> str:
@@ -215,19 +334,23 @@ def _describe_validation_error(exc: ValidationError) -> str:
 class DecodeRecordsFn(beam.DoFn):
     """Emits events (timestamped with ``event_ts``) on the main output and dead letters on a tag."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: DecodeLimits = _DEFAULT_LIMITS) -> None:
+        self._limits = limits
         self._parsed = Metrics.counter("decode", "events_parsed")
         self._dead_lettered = Metrics.counter("decode", "dead_lettered")
         self._skipped = {reason: Metrics.counter("decode", f"skipped_{reason.value}") for reason in SkipReason}
         self._shapes = {shape: Metrics.counter("decode", f"shape_{shape.value}") for shape in Shape}
+        self._unexpected = Metrics.counter("decode", "unexpected_errors")
 
     def process(self, record: RawRecord) -> Iterator[Any]:
         try:
-            decoded = decode_record(record.value)
-        except DecodeError as exc:
+            decoded = decode_record(record.value, self._limits)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, or a decoder bug: either way not the job's end
             self._dead_lettered.inc()
+            if not isinstance(exc, DecodeError):
+                self._unexpected.inc()
             yield beam.pvalue.TaggedOutput(
-                DEAD_LETTER_TAG, DeadLetter.of(Stage.DECODE, str(exc), record.value, record.source)
+                DEAD_LETTER_TAG, reject(Stage.DECODE, record, exc, payload_limit=self._limits.max_record_bytes)
             )
             return
         if decoded.shape is not None:
@@ -244,7 +367,11 @@ class DecodeRecordsFn(beam.DoFn):
 class DecodeRecords(beam.PTransform):
     """RawRecord -> EngagementEvent (timestamped by event time), plus dead letters under ``dead_letter``."""
 
+    def __init__(self, limits: DecodeLimits = _DEFAULT_LIMITS) -> None:
+        super().__init__()
+        self._limits = limits
+
     def expand(self, records: beam.PCollection[RawRecord]) -> beam.pvalue.DoOutputsTuple:
-        return records | "ClassifyAndValidate" >> beam.ParDo(DecodeRecordsFn()).with_outputs(
+        return records | "ClassifyAndValidate" >> beam.ParDo(DecodeRecordsFn(self._limits)).with_outputs(
             DEAD_LETTER_TAG, main="events"
         )

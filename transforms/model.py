@@ -26,7 +26,8 @@ def canonical_json(value: Any) -> str:
     Debezium sends JSONB as a string, PostgreSQL drivers return a dict and applications send an object;
     sorting keys and dropping whitespace makes streaming and backfill write byte-identical rows.
     """
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # allow_nan=False: NaN and Infinity are not JSON, and neither JSONB nor BigQuery JSON holds them.
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 class EngagementEvent(BaseModel):

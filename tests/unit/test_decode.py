@@ -9,7 +9,16 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from tests.fixtures.debezium import encode, envelope, event_row, flattened, with_schema
-from transforms.decode import DEAD_LETTER_TAG, DecodeError, DecodeRecords, Shape, SkipReason, decode_record
+from transforms.decode import (
+    DEAD_LETTER_TAG,
+    DecodeError,
+    DecodeLimits,
+    DecodeRecords,
+    Shape,
+    SkipReason,
+    decode_record,
+    json_depth_exceeds,
+)
 from transforms.model import EngagementEvent, RawRecord, SourceCoordinates, Stage
 
 EXPECTED = EngagementEvent(
@@ -190,3 +199,150 @@ def test_decode_transform_routes_events_and_dead_letters_with_coordinates():
 class _EmitWithTimestamp(beam.DoFn):
     def process(self, event, timestamp=beam.DoFn.TimestampParam):
         yield (event.id, float(timestamp))
+
+
+# --- issue 16: records that used to stop the job -------------------------------------------------------------
+
+VALID_PLAIN = {"id": 7, "event_ts": "2026-11-22T10:15:30Z"}
+
+
+def _nested(depth: int) -> bytes:
+    return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+@pytest.mark.parametrize(
+    ("value", "reason_fragment"),
+    [
+        (_nested(1000), "too deeply nested"),
+        (b"[" * 100_000, "too deeply nested"),
+        (bytes(range(256)), "not UTF-8"),
+        (encode(with_schema(envelope(event_row())))[:-40], "not JSON"),
+        (encode({**VALID_PLAIN, "device": "x" * 2_000_000}), "too large: 2000"),
+        (encode({**VALID_PLAIN, "id": "7"}), "id"),
+        (b'{"id":7,"event_ts":0,"device":"\xed\xa0\x80"}', "not UTF-8"),  # a UTF-8-encoded lone surrogate
+        (b'{"id":7,"event_ts":0,"device":"\\ud800"}', "device: invalid text"),  # the same, as a JSON escape
+        (encode({"id": 10**30, "event_ts": 0}), "outside the BIGSERIAL range"),
+        (encode({"id": 0, "event_ts": 0}), "outside the BIGSERIAL range"),
+        (encode({"id": 2**63, "event_ts": 0}), "outside the BIGSERIAL range"),
+        (encode({"id": 1, "event_ts": -(10**20)}), "out of range"),
+        (encode({"id": 1, "event_ts": "0001-01-01T00:00:00+01:00"}), "out of range in UTC"),
+        (encode({"id": 1, "event_ts": 0, "duration_ms": 2**31}), "outside the INTEGER range"),
+        (b'{"id":' + b"9" * 5000 + b',"event_ts":0}', "not JSON"),
+        (b'{"id":1,"event_ts":0,"raw_payload":{"x":NaN}}', "NaN is not a JSON number"),
+        (b'{"id":1,"event_ts":0,"raw_payload":{"x":1e999}}', "raw_payload cannot be stored as JSON"),
+        (encode(envelope(event_row(raw_payload="[" * 100 + "]" * 100))), "raw_payload is not valid JSON: too deeply"),
+        (b'[{"id":1,"event_ts":0}]', "unknown shape"),
+        ('{"id":1,"event_ts":0}'.encode("utf-16"), "not UTF-8"),
+    ],
+    ids=[
+        "nested-1000",
+        "open-brackets",
+        "random-bytes",
+        "truncated-debezium",
+        "2MB",
+        "id-string",
+        "invalid-utf8-in-json",
+        "lone-surrogate-escape",
+        "id-10e30",
+        "id-0",
+        "id-2e63",
+        "event-ts-minus-10e20",
+        "event-ts-before-year-1",
+        "duration-over-int32",
+        "5000-digit-number",
+        "nan",
+        "infinity",
+        "deep-jsonb-string",
+        "json-array",
+        "utf-16",
+    ],
+)
+def test_poison_records_are_decode_errors(value, reason_fragment):
+    with pytest.raises(DecodeError) as raised:
+        decode_record(value)
+    assert reason_fragment in str(raised.value)
+
+
+def test_largest_valid_values_still_decode():
+    event = decode_record(
+        encode({"id": 2**63 - 1, "event_ts": "9999-12-31T23:59:59.999999Z", "duration_ms": 2**31 - 1})
+    )
+    assert event.event is not None
+    assert event.event.id == 2**63 - 1
+    assert event.event.event_ts == datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+
+
+def test_tombstones_null_keys_and_other_tables_are_skips_not_dead_letters():
+    other_table = envelope(event_row())
+    other_table["source"] = {"table": "content"}
+    assert decode_record(None).skip is SkipReason.TOMBSTONE
+    assert decode_record(encode(other_table)).skip is SkipReason.OTHER_TABLE
+
+
+def test_size_limit_is_inclusive_and_configurable():
+    value = encode(VALID_PLAIN)
+    assert decode_record(value, DecodeLimits(max_record_bytes=len(value))).event is not None
+    with pytest.raises(DecodeError, match=f"too large: {len(value)} bytes, over the limit of {len(value) - 1}"):
+        decode_record(value, DecodeLimits(max_record_bytes=len(value) - 1))
+
+
+def test_depth_limit_counts_structure_not_brackets_inside_strings():
+    limits = DecodeLimits(max_depth=10)
+    nested_payload = {"a": {"b": {"c": [[[[[[1]]]]]]}}}  # depth 9, inside the event object: 10 in all
+    assert decode_record(encode({**VALID_PLAIN, "raw_payload": nested_payload}), limits).event is not None
+    with pytest.raises(DecodeError, match="more than 10 levels"):
+        decode_record(encode({**VALID_PLAIN, "raw_payload": {"x": nested_payload}}), limits)
+    brackets_in_text = {**VALID_PLAIN, "device": '[[[[[[[[[[[[{{{{{{{\\"' * 10}
+    assert decode_record(encode(brackets_in_text), limits).event.device == brackets_in_text["device"]
+
+
+@pytest.mark.parametrize(
+    ("text", "depth"),
+    [
+        ("[]", 1),
+        ('{"a":[{"b":[]}]}', 4),
+        ('["]]]]", ["[[["]]', 2),
+        ('["\\\\", [["\\"]"]]]', 3),  # an escaped backslash ends a string; an escaped quote does not
+        ('[[["unterminated [[[[[[', 3),
+    ],
+)
+def test_json_depth_exceeds_matches_the_real_depth(text, depth):
+    assert json_depth_exceeds(text, depth - 1)
+    assert not json_depth_exceeds(text, depth)
+
+
+def test_decode_limits_refuse_depths_python_could_not_parse():
+    with pytest.raises(ValueError, match="between 5 and 500"):
+        DecodeLimits(max_depth=900)
+    with pytest.raises(ValueError, match="positive"):
+        DecodeLimits(max_record_bytes=0)
+
+
+def test_too_large_record_is_dead_lettered_with_an_excerpt_and_its_size():
+    source = SourceCoordinates(kind="kafka", topic="cdc.public.engagement_events", partition=0, offset=9)
+    huge = encode({**VALID_PLAIN, "device": "x" * 200_000})
+    with test_pipeline.TestPipeline() as pipeline:
+        outputs = (
+            pipeline
+            | beam.Create([RawRecord(value=huge, source=source)])
+            | DecodeRecords(DecodeLimits(max_record_bytes=100_000))
+        )
+        assert_that(
+            outputs[DEAD_LETTER_TAG]
+            | beam.Map(lambda d: (d.reason.split(" (")[0], len(d.payload_bytes), d.payload_bytes == huge[:65_536])),
+            equal_to([(f"too large: {len(huge)} bytes, over the limit of 100000 bytes", 65_536, True)]),
+        )
+
+
+def test_an_unexpected_decoder_error_is_a_dead_letter_not_a_failed_bundle(monkeypatch):
+    def broken(value, limits):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr("transforms.decode.decode_record", broken)
+    source = SourceCoordinates(kind="kafka", topic="t", partition=1, offset=5)
+    with test_pipeline.TestPipeline() as pipeline:
+        outputs = pipeline | beam.Create([RawRecord(value=b"{}", source=source)]) | DecodeRecords()
+        assert_that(
+            outputs[DEAD_LETTER_TAG] | beam.Map(lambda d: (d.stage, d.reason, d.payload_bytes, d.source.offset)),
+            equal_to([(Stage.DECODE, "RecursionError: maximum recursion depth exceeded", b"{}", 5)]),
+        )
