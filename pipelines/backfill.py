@@ -33,7 +33,6 @@ from datetime import UTC, datetime
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, _BeamArgumentParser
-from apache_beam.transforms.window import GlobalWindows
 
 from pipelines.core import CoreOutputs, CoreSettings, build_core
 from pipelines.options import CoreOptions, with_state_cache
@@ -49,7 +48,7 @@ from transforms.backfill_filters import (
     check_window_aligned,
 )
 from transforms.content import PostgresContentLoader, PostgresContentLookup, ReadContentOnce
-from transforms.model import DeadLetter
+from transforms.dead_letters import flatten_dead_letters
 from transforms.postgres_source import (
     LogProgressFn,
     RangeSummary,
@@ -347,17 +346,10 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions, plan: Back
     unchanged_to_redis = aggregates.unchanged | "Redis top content (unchanged windows)" >> WriteTopContentToRedis(
         plan.sinks.redis
     )
-    dead_letters = _flatten_globally([core.dead_letters, unchanged_to_redis], "Dead letters before the sinks")
+    dead_letters = flatten_dead_letters("Dead letters before the sinks", core.dead_letters, unchanged_to_redis)
     write_outputs(
         CoreOutputs(enriched=new_events, aggregates=aggregates.changed, dead_letters=dead_letters), plan.sinks
     )
-
-
-def _flatten_globally(collections: list[beam.PCollection[DeadLetter]], label: str) -> beam.PCollection[DeadLetter]:
-    return [
-        collection | f"{label}: global window {index}" >> beam.WindowInto(GlobalWindows())
-        for index, collection in enumerate(collections)
-    ] | label >> beam.Flatten()
 
 
 # --- command line -----------------------------------------------------------------------------------------

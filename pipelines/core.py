@@ -15,7 +15,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines.options import CoreOptions
 from transforms.aggregate import AggregateWindows, WindowSettings
 from transforms.content import ContentSnapshot
-from transforms.decode import DEAD_LETTER_TAG, DecodeLimits, DecodeRecords
+from transforms.dead_letters import DEAD_LETTER_TAG, flatten_dead_letters
+from transforms.decode import DecodeLimits, DecodeRecords
 from transforms.dedup import DeduplicateEvents
 from transforms.enrich import ContentLookupFactory, EnrichEvents
 from transforms.model import DeadLetter, EnrichedEvent, RawRecord, WindowAggregate
@@ -70,9 +71,11 @@ def build_core(
     """Applies the shared graph to ``raw``; ``content`` must hold a single (newest) snapshot per pane."""
     decoded = raw | "Decode" >> DecodeRecords(settings.decode)
     unique = decoded.events | "Deduplicate" >> DeduplicateEvents(settings.dedup_horizon_seconds, settings.streaming)
-    enriched = unique | "Enrich" >> EnrichEvents(content, content_lookup)
+    enrich = unique | "Enrich" >> EnrichEvents(content, content_lookup)
+    enriched = enrich.enriched
     to_aggregate = enriched
     if settings.windows_from is not None:
         to_aggregate = enriched | "Resumable windows" >> KeepResumableWindows(settings.windows_from)
     aggregates = to_aggregate | "Aggregate" >> AggregateWindows(settings.windows, settings.streaming)
-    return CoreOutputs(enriched=enriched, aggregates=aggregates, dead_letters=decoded[DEAD_LETTER_TAG])
+    dead_letters = flatten_dead_letters("Core dead letters", decoded[DEAD_LETTER_TAG], enrich[DEAD_LETTER_TAG])
+    return CoreOutputs(enriched=enriched, aggregates=aggregates, dead_letters=dead_letters)

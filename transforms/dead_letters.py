@@ -63,8 +63,15 @@ def _event_source(event_id: int) -> SourceCoordinates:
     return SourceCoordinates(kind="postgres", table="engagement_events", row_id=event_id)
 
 
+def _repr(element: Any) -> bytes:
+    return repr(element).encode("utf-8", errors="backslashreplace")
+
+
 def _model_json(model: BaseModel) -> bytes:
-    return model.model_dump_json().encode("utf-8", errors="backslashreplace")
+    try:
+        return model.model_dump_json().encode("utf-8")
+    except ValueError:  # the very text that failed the step, e.g. a lone surrogate, may not serialize either
+        return _repr(model)
 
 
 def describe_element(element: Any) -> tuple[bytes | None, SourceCoordinates, int | None]:
@@ -82,11 +89,11 @@ def describe_element(element: Any) -> tuple[bytes | None, SourceCoordinates, int
     if isinstance(element, dict):  # a BigQuery row of transforms/rows.py
         event_id = element.get("event_id")
         text = json.dumps(element, sort_keys=True, default=str, ensure_ascii=False)
-        payload = text.encode("utf-8", errors="backslashreplace")
+        payload = text.encode("utf-8", errors="backslashreplace")  # a lone surrogate shows as \udxxx
         if isinstance(event_id, int) and not isinstance(event_id, bool):
             return payload, _event_source(event_id), event_id
         return payload, _AGGREGATE_SOURCE, None
-    return repr(element).encode("utf-8", errors="backslashreplace"), _AGGREGATE_SOURCE, None
+    return _repr(element), _AGGREGATE_SOURCE, None
 
 
 def reject(stage: Stage, element: Any, error: BaseException, payload_limit: int = 1_000_000) -> DeadLetter:
@@ -94,7 +101,7 @@ def reject(stage: Stage, element: Any, error: BaseException, payload_limit: int 
     try:
         payload, source, event_id = describe_element(element)
     except Exception:  # noqa: BLE001 - the element is broken in a way even describing it shows
-        payload, source, event_id = repr(element).encode("utf-8", errors="backslashreplace"), _AGGREGATE_SOURCE, None
+        payload, source, event_id = _repr(element), _AGGREGATE_SOURCE, None
     return DeadLetter.of(stage, failure_reason(error), excerpt(payload, payload_limit), source, event_id=event_id)
 
 
@@ -133,12 +140,18 @@ class GuardedMap(beam.PTransform):
     ``convert`` must not do I/O: whatever it raises is taken for a property of the element.
     """
 
-    def __init__(self, stage: Stage, step: str, convert: Callable[..., Any], *args: Any) -> None:
+    def __init__(
+        self, stage: Stage, step: str, convert: Callable[..., Any], *args: Any, output_type: Any = None
+    ) -> None:
         super().__init__()
         self._fn = GuardedMapFn(stage, step, convert, *args)
+        self._output_type = output_type
 
     def expand(self, elements: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
-        return elements | "Convert" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTER_TAG, main="converted")
+        convert = beam.ParDo(self._fn)
+        if self._output_type is not None:  # e.g. a key type GroupIntoBatches needs a deterministic coder for
+            convert = convert.with_output_types(self._output_type)
+        return elements | "Convert" >> convert.with_outputs(DEAD_LETTER_TAG, main="converted")
 
 
 def flatten_dead_letters(label: str, *collections: beam.PCollection[DeadLetter]) -> beam.PCollection[DeadLetter]:
@@ -146,10 +159,7 @@ def flatten_dead_letters(label: str, *collections: beam.PCollection[DeadLetter])
 
     Stages emit dead letters in their own windows (decode's are in event time, a sink's in the global one).
     """
-    rewindowed = [
+    return [
         collection | f"{label}: global window {index}" >> beam.WindowInto(GlobalWindows())
         for index, collection in enumerate(collections)
-    ]
-    if len(rewindowed) == 1:
-        return rewindowed[0]
-    return rewindowed | f"{label}: flatten" >> beam.Flatten()
+    ] | label >> beam.Flatten()

@@ -1,15 +1,22 @@
-"""Enrichment of events with content metadata and engagement metrics (SPEC §3)."""
+"""Enrichment of events with content metadata and engagement metrics (SPEC §3).
+
+The content lookup is I/O and fails the bundle on a database outage (retried by the runner); the join and the
+metrics are a pure function of the event and its content, so what that raises is the event's dead letter
+(transforms/dead_letters.py).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from transforms.content import ContentLookup, ContentSnapshot, newest_snapshot
+from transforms.dead_letters import DEAD_LETTER_TAG, RejectCounter
 from transforms.engagement import engagement_pct, engagement_seconds
-from transforms.model import Content, EngagementEvent, EnrichedEvent
+from transforms.model import Content, EngagementEvent, EnrichedEvent, Stage
 
 ContentLookupFactory = Callable[[], ContentLookup]
 """Builds a point lookup on the worker; a factory so the DoFn pickles without an open connection."""
@@ -51,6 +58,7 @@ class EnrichEventsFn(beam.DoFn):
         self._missing = Metrics.counter("enrich", "content_missing")
         self._null_content_id = Metrics.counter("enrich", "content_id_null")
         self._fallback_hits = Metrics.counter("enrich", "fallback_lookup_hits")
+        self._rejects = RejectCounter("enrich")
 
     def setup(self) -> None:
         if self._lookup_factory is not None:
@@ -61,7 +69,7 @@ class EnrichEventsFn(beam.DoFn):
         self._snapshot: ContentSnapshot | None = None
         self._snapshot_chosen = False
 
-    def process(self, event: EngagementEvent, snapshots: Iterable[ContentSnapshot]) -> Iterator[EnrichedEvent]:
+    def process(self, event: EngagementEvent, snapshots: Iterable[ContentSnapshot]) -> Iterator[Any]:
         if not self._snapshot_chosen:
             # The view is fixed for the bundle, so pick the newest snapshot once, not per event.
             self._snapshot = newest_snapshot(snapshots)
@@ -76,11 +84,16 @@ class EnrichEventsFn(beam.DoFn):
                 content = self._lookup.get(event.content_id)
                 if content is not None:
                     self._fallback_hits.inc()
+        try:
+            enriched = enrich(event, content)
+        except Exception as error:  # noqa: BLE001 - a pure function of this event: its failure is the event's
+            yield self._rejects.rejected(Stage.ENRICH, event, error)
+            return
         if content is None:
             self._missing.inc()
         else:
             self._enriched.inc()
-        yield enrich(event, content)
+        yield enriched
 
     def teardown(self) -> None:
         if self._lookup is not None:
@@ -89,7 +102,8 @@ class EnrichEventsFn(beam.DoFn):
 
 
 class EnrichEvents(beam.PTransform):
-    """EngagementEvent -> EnrichedEvent, joined with the newest content snapshot of a side input."""
+    """EngagementEvent -> EnrichedEvent (``enriched``), joined with the newest content snapshot of a side
+    input; events that cannot be enriched go to ``dead_letter``."""
 
     def __init__(
         self,
@@ -100,7 +114,7 @@ class EnrichEvents(beam.PTransform):
         self._content = content
         self._lookup_factory = lookup_factory
 
-    def expand(self, events: beam.PCollection[EngagementEvent]) -> beam.PCollection[EnrichedEvent]:
+    def expand(self, events: beam.PCollection[EngagementEvent]) -> beam.pvalue.DoOutputsTuple:
         return events | "JoinContent" >> beam.ParDo(
             EnrichEventsFn(self._lookup_factory), snapshots=beam.pvalue.AsList(self._content)
-        )
+        ).with_outputs(DEAD_LETTER_TAG, main="enriched")

@@ -91,7 +91,7 @@ def test_enrich_transform_uses_snapshot_then_lookup_and_marks_the_rest_missing()
             pipeline
             | beam.Create(events)
             | EnrichEvents(content, lookup_factory=lambda: InMemoryLookup({VIDEO.id: VIDEO}))
-        )
+        ).enriched
         assert_that(
             _enriched_view(enriched),
             equal_to(
@@ -134,7 +134,7 @@ def test_readers_use_the_newest_of_several_fired_snapshots():
     streams = pipeline | stream
     content = streams["content"] | "Newest" >> KeepNewestSnapshot()
     events = streams["events"] | DecodeRecords()
-    enriched = events.events | beam.WindowInto(beam.window.GlobalWindows()) | EnrichEvents(content)
+    enriched = (events.events | beam.WindowInto(beam.window.GlobalWindows()) | EnrichEvents(content)).enriched
     assert_that(
         enriched | beam.Map(lambda e: (e.event.id, e.title, e.content_missing)),
         equal_to([(1, "Deep Dive #42 (remastered)", False), (2, "Launch video", False)]),
@@ -160,7 +160,7 @@ def test_periodic_refresh_reloads_the_content_table_and_enrichment_sees_the_new_
     with test_pipeline.TestPipeline(options=options) as pipeline:
         content = pipeline | RefreshingContent(_growing_catalogue, interval_seconds=1, stop_timestamp=started + 3)
         events = pipeline | beam.Create([plain_event(1, 1, content=VIDEO)]) | DecodeRecords()
-        enriched = events.events | EnrichEvents(content)
+        enriched = (events.events | EnrichEvents(content)).enriched
         assert_that(
             enriched | beam.Map(lambda e: (e.event.id, e.title, e.content_missing)),
             equal_to([(1, "Launch video", False)]),

@@ -8,7 +8,9 @@ Two routes write the same rows to the same tables (sql/bigquery/001_tables.sql),
 * ``local_storage_write`` (local stack, tests): ``bigquery_local.WriteTableLocally``, the same API from
   Python over plaintext gRPC, exactly once through committed streams with offsets.
 
-Each write returns the rows BigQuery refused as ``DeadLetter(stage=bigquery)`` with BigQuery's reason.
+Each write returns the rows BigQuery refused as ``DeadLetter(stage=bigquery)`` with BigQuery's reason, and
+the records that could not even be turned into rows (transforms/dead_letters.py: only that conversion is
+guarded; a failing append goes through the write's own retries).
 The table schemas are read from the DDL when the pipeline is built, so the SQL stays their only source.
 """
 
@@ -31,6 +33,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms.aggregate import CoalescedPanes
+from transforms.dead_letters import DEAD_LETTER_TAG, GuardedMap, flatten_dead_letters
 from transforms.expansion import java_expansion_service
 from transforms.model import DeadLetter, EnrichedEvent, SourceCoordinates, Stage, WindowAggregate
 from transforms.rows import Row, dead_letter_row, enriched_event_row, window_aggregate_row
@@ -400,16 +403,21 @@ class _BeamStorageWrite(beam.PTransform):
 
     def expand(self, rows: beam.PCollection[Row]) -> beam.PCollection[tuple[str, str]]:
         spec = self._spec
-        result = (
-            rows | "Beam values" >> beam.Map(to_beam_values, spec.columns) | "WriteToBigQuery" >> self.write_transform()
+        values = rows | "Beam values" >> GuardedMap(
+            Stage.BIGQUERY, f"{spec.table}.beam_values", to_beam_values, spec.columns
         )
+        result = values.converted | "WriteToBigQuery" >> self.write_transform()
         dead = Metrics.counter(METRICS_NAMESPACE, f"{spec.table}.dead_lettered")
 
         def refused(failed: dict[str, Any]) -> tuple[str, str]:
             dead.inc()
             return row_as_json(failed["failed_row"]), failed["error_message"]
 
-        return result.failed_rows_with_errors | "Failed rows" >> beam.Map(refused)
+        unconvertible = values[DEAD_LETTER_TAG] | "Unconvertible rows" >> beam.Map(
+            lambda dead_letter: (dead_letter.payload_text, dead_letter.reason)
+        )
+        failed = result.failed_rows_with_errors | "Failed rows" >> beam.Map(refused)
+        return (failed, unconvertible) | "Refused rows" >> beam.Flatten()
 
 
 def _stamp_processed_at(enriched: EnrichedEvent) -> Row:
@@ -424,11 +432,9 @@ class WriteEnrichedEvents(beam.PTransform):
 
     def expand(self, events: beam.PCollection[EnrichedEvent]) -> beam.PCollection[DeadLetter]:
         spec = self._settings.table_spec("enriched_events", self._settings.events_table)
-        return (
-            events
-            | "Event rows" >> beam.Map(_stamp_processed_at)
-            | f"Write {spec.table}" >> WriteRows(spec, self._settings)
-        )
+        rows = events | "Event rows" >> GuardedMap(Stage.BIGQUERY, f"{spec.table}.rows", _stamp_processed_at)
+        refused = rows.converted | f"Write {spec.table}" >> WriteRows(spec, self._settings)
+        return flatten_dead_letters(f"{spec.table} dead letters", rows[DEAD_LETTER_TAG], refused)
 
 
 class WriteWindowAggregates(beam.PTransform):
@@ -443,11 +449,9 @@ class WriteWindowAggregates(beam.PTransform):
             aggregates = aggregates | "Coalesce panes" >> CoalescedPanes(
                 settings.pane_interval_seconds, settings.allowed_lateness_seconds
             )
-        return (
-            aggregates
-            | "Aggregate rows" >> beam.Map(window_aggregate_row)
-            | f"Write {spec.table}" >> WriteRows(spec, self._settings)
-        )
+        rows = aggregates | "Aggregate rows" >> GuardedMap(Stage.BIGQUERY, f"{spec.table}.rows", window_aggregate_row)
+        refused = rows.converted | f"Write {spec.table}" >> WriteRows(spec, settings)
+        return flatten_dead_letters(f"{spec.table} dead letters", rows[DEAD_LETTER_TAG], refused)
 
 
 class WriteDeadLetters(beam.PTransform):
@@ -459,12 +463,10 @@ class WriteDeadLetters(beam.PTransform):
 
     def expand(self, dead_letters: beam.PCollection[DeadLetter]) -> beam.PCollection[DeadLetter]:
         spec = self._settings.table_spec("dead_letters", self._settings.dead_letters_table)
-        return (
-            dead_letters
-            | "Dead-letter rows" >> beam.Map(dead_letter_row)
-            | f"Write {spec.table}" >> WriteRows(spec, self._settings)
-            | "Log unwritable dead letters" >> beam.Map(_log_unwritable)
-        )
+        rows = dead_letters | "Dead-letter rows" >> GuardedMap(Stage.BIGQUERY, f"{spec.table}.rows", dead_letter_row)
+        refused = rows.converted | f"Write {spec.table}" >> WriteRows(spec, self._settings)
+        unwritable = flatten_dead_letters(f"{spec.table} unwritable", rows[DEAD_LETTER_TAG], refused)
+        return unwritable | "Log unwritable dead letters" >> beam.Map(_log_unwritable)
 
 
 def _log_unwritable(dead_letter: DeadLetter) -> DeadLetter:

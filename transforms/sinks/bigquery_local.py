@@ -433,7 +433,7 @@ class EncodeRowsFn(beam.DoFn):
     def process(self, row: dict[str, Any]) -> Iterator[Any]:
         try:
             encoded = encode_row(self._message_class, self._spec, row)
-        except (TypeError, ValueError, OverflowError) as error:
+        except Exception as error:  # noqa: BLE001 - a pure conversion: its failure is the row's (dead_letters.py)
             self._rejected.inc()
             yield beam.pvalue.TaggedOutput(
                 self.REJECTED, (row, f"row cannot be encoded for {self._spec.table}: {error}")

@@ -47,6 +47,7 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 from requests.adapters import HTTPAdapter
 
+from transforms.dead_letters import DEAD_LETTER_TAG, GuardedMap
 from transforms.model import DeadLetter, EnrichedEvent, SourceCoordinates, Stage
 from transforms.sinks.http_ledger import DeliveryLedger
 
@@ -706,18 +707,25 @@ class WriteToHttpApi(beam.PTransform):
 
     def expand(self, events: beam.PCollection[EnrichedEvent]) -> beam.PCollection[DeadLetter]:
         settings = self._settings
-        batches = (
+        encoded = (
             events
             # Batches are cut by count and processing time; an event-time window would only split them.
             | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
-            # Encoded before batching: the state and the checkpoint hold exactly the bytes that are sent.
+            # Encoded before batching: the state and the checkpoint hold exactly the bytes that are sent. An
+            # event that cannot be encoded (e.g. text no UTF-8 can carry) is a dead letter, not a failed batch.
             | "EncodeAndShard"
-            >> beam.Map(_encode_and_shard, settings.shards).with_output_types(tuple[int, tuple[int, bytes]])
-            | "GroupIntoBatches" >> GroupIntoBatches(settings.batch_size, settings.max_wait_seconds)
+            >> GuardedMap(
+                Stage.HTTP, "http.encode", _encode_and_shard, settings.shards, output_type=tuple[int, tuple[int, bytes]]
+            )
+        )
+        batches = encoded.converted | "GroupIntoBatches" >> GroupIntoBatches(
+            settings.batch_size, settings.max_wait_seconds
         )
         if settings.checkpoint_batches:
             # A checkpoint between forming and sending batches: a retried PostBatches bundle reads the
             # batches the runner persisted instead of regrouping. Still keyed by shard, so a streaming runner
             # runs at most `shards` sending bundles at a time, however long an outage lasts.
             batches = batches | "PersistBatches" >> ReshufflePerKey()
-        return batches | "PostBatches" >> beam.ParDo(PostBatchesFn(settings)).with_output_types(DeadLetter)
+        undelivered = batches | "PostBatches" >> beam.ParDo(PostBatchesFn(settings)).with_output_types(DeadLetter)
+        # Both are in the global window already.
+        return (encoded[DEAD_LETTER_TAG], undelivered) | "Dead letters" >> beam.Flatten()

@@ -29,9 +29,9 @@ from apache_beam.utils.windowed_value import WindowedValue
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from transforms.dead_letters import DEAD_LETTER_TAG, RejectCounter
 from transforms.model import DeadLetter, SourceCoordinates, Stage, WindowAggregate
 
-DEAD_LETTER_TAG = "dead_letter"
 METRICS_NAMESPACE = "sink.redis"
 DEFAULT_PREFIX = "engagement"
 
@@ -194,6 +194,20 @@ return 0
 
 def _version(aggregate: WindowAggregate) -> int:
     return int(aggregate.emitted_at.timestamp() * 1_000_000)
+
+
+def bucket_entry(aggregate: WindowAggregate) -> list[Any]:
+    """The ``_OVERWRITE_IF_NEWER`` arguments of one aggregate: member, score, event count, version.
+
+    The sink computes it for each element as it arrives, where a failure is that element's dead letter,
+    and again when the batch is sent, where a failure would fail the whole batch.
+    """
+    return [
+        str(aggregate.content_id),
+        to_score(aggregate.engagement_seconds_sum),
+        aggregate.event_count,
+        _version(aggregate),
+    ]
 
 
 def latest_panes(aggregates: Iterable[WindowAggregate]) -> dict[tuple[int, str], WindowAggregate]:
@@ -404,7 +418,7 @@ def queue_writes(
         # still lower a bucket it rewrites (SPEC §7), which ZADD GT would refuse.
         entries: list[Any] = []
         for a in aggregates:
-            entries += [str(a.content_id), to_score(a.engagement_seconds_sum), a.event_count, _version(a)]
+            entries += bucket_entry(a)
         bucket_keys = (keys.bucket(start), keys.bucket_events(start), keys.bucket_versions(start))
         pipe.eval(_OVERWRITE_IF_NEWER, len(bucket_keys), *bucket_keys, *entries)
         for key in bucket_keys:
@@ -459,6 +473,7 @@ class WriteTopContentFn(beam.DoFn):
         self._skipped_expired = Metrics.counter(METRICS_NAMESPACE, "skipped_expired")
         self._batches = Metrics.counter(METRICS_NAMESPACE, "batches")
         self._top_refreshes = Metrics.counter(METRICS_NAMESPACE, "top_refreshes")
+        self._rejects = RejectCounter("redis")
 
     def setup(self) -> None:
         config = self._config
@@ -473,6 +488,11 @@ class WriteTopContentFn(beam.DoFn):
         timestamp: Timestamp = beam.DoFn.TimestampParam,
         window: BoundedWindow = beam.DoFn.WindowParam,
     ) -> Iterator[Any]:
+        try:
+            bucket_entry(aggregate)
+        except Exception as error:  # noqa: BLE001 - a pure conversion of this aggregate (dead_letters.py)
+            yield self._rejects.rejected(Stage.REDIS, aggregate, error)
+            return
         if not is_ranked(aggregate):
             self._skipped_unranked.inc()
             return
