@@ -58,9 +58,17 @@ def excerpt(payload: bytes | None, limit: int) -> bytes | None:
     return payload if payload is None or len(payload) <= limit else payload[:PAYLOAD_EXCERPT_BYTES]
 
 
+def _storable_id(value: Any) -> int | None:
+    # The dead-letter table's id columns are INT64: an id outside it (the very reason for some dead letters)
+    # stays in the payload only, or the dead letter itself could not be written.
+    if isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63:
+        return value
+    return None
+
+
 def _event_source(event_id: int) -> SourceCoordinates:
     # Past decode an element no longer carries its Kafka position; its row in the source of truth names it.
-    return SourceCoordinates(kind="postgres", table="engagement_events", row_id=event_id)
+    return SourceCoordinates(kind="postgres", table="engagement_events", row_id=_storable_id(event_id))
 
 
 def _repr(element: Any) -> bytes:
@@ -81,16 +89,16 @@ def describe_element(element: Any) -> tuple[bytes | None, SourceCoordinates, int
     if isinstance(element, DeadLetter):
         return element.payload_bytes, element.source, element.event_id
     if isinstance(element, EnrichedEvent):
-        return _model_json(element), _event_source(element.event.id), element.event.id
+        return _model_json(element), _event_source(element.event.id), _storable_id(element.event.id)
     if isinstance(element, EngagementEvent):
-        return _model_json(element), _event_source(element.id), element.id
+        return _model_json(element), _event_source(element.id), _storable_id(element.id)
     if isinstance(element, WindowAggregate):
         return _model_json(element), _AGGREGATE_SOURCE, None
     if isinstance(element, dict):  # a BigQuery row of transforms/rows.py
-        event_id = element.get("event_id")
+        event_id = _storable_id(element.get("event_id"))
         text = json.dumps(element, sort_keys=True, default=str, ensure_ascii=False)
         payload = text.encode("utf-8", errors="backslashreplace")  # a lone surrogate shows as \udxxx
-        if isinstance(event_id, int) and not isinstance(event_id, bool):
+        if event_id is not None:
             return payload, _event_source(event_id), event_id
         return payload, _AGGREGATE_SOURCE, None
     return _repr(element), _AGGREGATE_SOURCE, None
