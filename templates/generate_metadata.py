@@ -54,6 +54,8 @@ _REGEXES = {
     "start": _INSTANT,
     "end": _INSTANT,
     "kafka_consumer_config": r"^(\s*[A-Za-z0-9_.\-]+=[^\n]*\n?)+$",
+    # Empty (the default) or [TOPIC:]PARTITION:OFFSET entries separated by commas.
+    "kafka_start_offsets": r"^(([A-Za-z0-9._\-]+:)?[0-9]+:[0-9]+(,([A-Za-z0-9._\-]+:)?[0-9]+:[0-9]+)*)?$",
 }
 
 _GROUPS = {

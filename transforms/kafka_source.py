@@ -2,24 +2,33 @@
 
 KafkaIO hands over bytes and coordinates only; event time comes from the payload (``DecodeRecords``
 re-timestamps each event with its ``event_ts``), never from Kafka's CreateTime.
+
+``--kafka_start_offsets`` lets an operator start past given offsets, per partition (docs/restarts.md).
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.kafka import ReadFromKafka
+from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.expansion import java_expansion_service
 from transforms.model import RawRecord, SourceCoordinates
 
 _START_KEYWORDS = ("earliest", "latest")
+
+_log = logging.getLogger(__name__)
+
+PartitionOffsets = Mapping[tuple[str, int], int]
+"""(topic, partition) -> the first offset the job processes in that partition."""
 
 
 class KafkaReadOptions(PipelineOptions):
@@ -55,6 +64,17 @@ class KafkaReadOptions(PipelineOptions):
                 "offset; otherwise the group's offsets), an ISO-8601 time with offset (e.g. "
                 "2026-11-22T10:00:00Z; every partition starts there, whatever the group committed), or, for the "
                 "streaming job, 'resume': restart where the sinks show the last run stopped (docs/restarts.md)."
+            ),
+        )
+        parser.add_argument(
+            "--kafka_start_offsets",
+            default="",
+            help=(
+                "Start past given offsets: comma-separated PARTITION:OFFSET (when one topic is read) or "
+                "TOPIC:PARTITION:OFFSET, e.g. 0:1234,1:99. OFFSET is the first one processed; records of that "
+                "partition below it are skipped, counted (kafka/skipped_before_start_offset) and logged with "
+                "their offsets. Reading itself starts as --start_offset says. Partitions not listed are "
+                "unaffected. For a record that must not be processed (docs/restarts.md)."
             ),
         )
         parser.add_argument(
@@ -145,6 +165,8 @@ class KafkaReadSettings:
     expansion_service: str | None = None
     loopback_worker: bool = False
     """Run the Java worker inside the expansion service's JVM: local runners (Prism) only."""
+    start_offsets: PartitionOffsets = field(default_factory=dict)
+    """``--kafka_start_offsets``: records below these offsets are skipped."""
 
     def __post_init__(self) -> None:
         if not self.bootstrap_servers.strip():
@@ -155,6 +177,9 @@ class KafkaReadSettings:
             # KafkaIO polls while its budget is positive: 0 would end every read before its first poll.
             raise ValueError(f"--kafka_poll_timeout_seconds must be at least 1, not {self.poll_timeout_seconds}")
         self.start_read_time_ms()  # validates the start position early, with a clear message
+        unknown = sorted({topic for topic, _ in self.start_offsets} - set(self.topics))
+        if unknown:
+            raise ValueError(f"--kafka_start_offsets names topics the job does not read: {', '.join(unknown)}")
 
     def start_read_time_ms(self) -> int | None:
         if self.start_offset in _START_KEYWORDS:
@@ -197,6 +222,7 @@ class KafkaReadSettings:
             poll_timeout_seconds=kafka.kafka_poll_timeout_seconds,
             expansion_service=kafka.kafka_expansion_service or None,
             loopback_worker=kafka.kafka_java_loopback_worker,
+            start_offsets=parse_start_offsets(kafka.kafka_start_offsets, topics),
         )
 
 
@@ -209,6 +235,73 @@ def parse_consumer_properties(entries: Sequence[str]) -> dict[str, str]:
             raise ValueError(f"--kafka_consumer_config expects KEY=VALUE, got {entry!r}")
         properties[match.group(1)] = match.group(2)
     return properties
+
+
+def parse_start_offsets(text: str, topics: Sequence[str]) -> dict[tuple[str, int], int]:
+    """``"0:1234,1:99"`` (one topic) or ``"topic:0:1234"`` -> {(topic, partition): first offset processed}."""
+    offsets: dict[tuple[str, int], int] = {}
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        fields = entry.rsplit(":", 2)  # topic names cannot contain ':'
+        if len(fields) == 2:
+            if len(topics) != 1:
+                raise ValueError(
+                    f"--kafka_start_offsets entry {entry!r} names no topic, but the job reads {len(topics)} topics: "
+                    "write TOPIC:PARTITION:OFFSET"
+                )
+            topic, (partition_text, offset_text) = topics[0], fields
+        elif len(fields) == 3:
+            topic, partition_text, offset_text = fields
+        else:
+            raise ValueError(f"--kafka_start_offsets expects [TOPIC:]PARTITION:OFFSET, got {entry!r}")
+        if not (partition_text.isdigit() and offset_text.isdigit()):
+            raise ValueError(f"--kafka_start_offsets: partition and offset must be whole numbers, got {entry!r}")
+        key = (topic, int(partition_text))
+        if key in offsets:
+            raise ValueError(f"--kafka_start_offsets gives partition {key[1]} of {topic} twice")
+        offsets[key] = int(offset_text)
+    return offsets
+
+
+def before_start_offset(source: SourceCoordinates, start_offsets: PartitionOffsets) -> bool:
+    """Whether a record lies below the operator's start offset for its partition."""
+    start = start_offsets.get((source.topic, source.partition))
+    return start is not None and source.offset is not None and source.offset < start
+
+
+class SkipBeforeStartOffsetsFn(beam.DoFn):
+    """Drops records below ``--kafka_start_offsets``; logs each bundle's skipped offset ranges per partition."""
+
+    def __init__(self, start_offsets: PartitionOffsets) -> None:
+        self._start_offsets = dict(start_offsets)
+        self._skipped = Metrics.counter("kafka", "skipped_before_start_offset")
+
+    def start_bundle(self) -> None:
+        self._ranges: dict[tuple[str, int], tuple[int, int, int]] = {}
+
+    def process(self, record: RawRecord) -> Iterator[RawRecord]:
+        source = record.source
+        if not before_start_offset(source, self._start_offsets):
+            yield record
+            return
+        self._skipped.inc()
+        key = (source.topic, source.partition)
+        low, high, count = self._ranges.get(key, (source.offset, source.offset, 0))
+        self._ranges[key] = (min(low, source.offset), max(high, source.offset), count + 1)
+
+    def finish_bundle(self) -> None:
+        for (topic, partition), (low, high, count) in sorted(self._ranges.items()):
+            _log.warning(
+                "--kafka_start_offsets: skipped %d record(s) of %s partition %d at offsets %d..%d "
+                "(processing starts at offset %d)",
+                count,
+                topic,
+                partition,
+                low,
+                high,
+                self._start_offsets[(topic, partition)],
+            )
 
 
 def to_raw_record(record: Any) -> RawRecord:
@@ -231,7 +324,7 @@ class ReadRawRecordsFromKafka(beam.PTransform):
 
     def expand(self, begin: beam.pvalue.PBegin) -> beam.PCollection[RawRecord]:
         settings = self._settings
-        return (
+        records = (
             begin
             | "KafkaIO"
             >> ReadFromKafka(
@@ -250,3 +343,10 @@ class ReadRawRecordsFromKafka(beam.PTransform):
             )
             | "ToRawRecord" >> beam.Map(to_raw_record)
         )
+        if not settings.start_offsets:
+            return records
+        for (topic, partition), offset in sorted(settings.start_offsets.items()):
+            _log.warning(
+                "--kafka_start_offsets: skipping offsets below %d of %s partition %d", offset, topic, partition
+            )
+        return records | "SkipBeforeStartOffsets" >> beam.ParDo(SkipBeforeStartOffsetsFn(settings.start_offsets))
