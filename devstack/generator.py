@@ -116,10 +116,26 @@ class Kind(StrEnum):
     MALFORMED_MISSING_ID = "malformed_missing_id"
     MALFORMED_MISSING_EVENT_TS = "malformed_missing_event_ts"
     MALFORMED_BAD_EVENT_TYPE = "malformed_bad_event_type"
+    # fuzz mode only: records that once stopped the job (issue 16); POISON_OUTCOMES says what each becomes.
+    POISON_DEEP_NESTING = "poison_deep_nesting"
+    POISON_RANDOM_BYTES = "poison_random_bytes"
+    POISON_TRUNCATED_DEBEZIUM = "poison_truncated_debezium"
+    POISON_TOO_LARGE = "poison_too_large"
+    POISON_ID_STRING = "poison_id_string"
+    POISON_NULL_VALUE = "poison_null_value"
+    POISON_OTHER_TABLE = "poison_other_table"
+    POISON_INVALID_UTF8 = "poison_invalid_utf8"
+    POISON_OUT_OF_RANGE = "poison_out_of_range"
+    POISON_JSON_ARRAY = "poison_json_array"
+    POISON_NULL_KEY = "poison_null_key"
 
     @property
     def malformed(self) -> bool:
         return self.value.startswith("malformed_")
+
+    @property
+    def poison(self) -> bool:
+        return self.value.startswith("poison_")
 
 
 POSTGRES_KINDS: tuple[Kind, ...] = (
@@ -147,7 +163,26 @@ KAFKA_ONLY_KINDS: tuple[Kind, ...] = (
     Kind.MALFORMED_MISSING_EVENT_TS,
     Kind.MALFORMED_BAD_EVENT_TYPE,
 )
-MODES: tuple[str, ...] = ("postgres", "kafka-json")
+POISON_KINDS: tuple[Kind, ...] = tuple(kind for kind in Kind if kind.poison)
+# What the pipeline makes of each poison kind (SPEC §2-3): a dead letter, a counted skip, or a valid event.
+POISON_OUTCOMES: dict[Kind, str] = {
+    Kind.POISON_DEEP_NESTING: "dead_letter",
+    Kind.POISON_RANDOM_BYTES: "dead_letter",
+    Kind.POISON_TRUNCATED_DEBEZIUM: "dead_letter",
+    Kind.POISON_TOO_LARGE: "dead_letter",
+    Kind.POISON_ID_STRING: "dead_letter",
+    Kind.POISON_NULL_VALUE: "skip",  # a tombstone
+    Kind.POISON_OTHER_TABLE: "skip",  # a Debezium record of the content table
+    Kind.POISON_INVALID_UTF8: "dead_letter",
+    Kind.POISON_OUT_OF_RANGE: "dead_letter",
+    Kind.POISON_JSON_ARRAY: "dead_letter",
+    Kind.POISON_NULL_KEY: "event",  # the key is never read
+}
+POISON_NESTING_DEPTH = 1_000
+POISON_TOO_LARGE_BYTES = 2_000_000
+FUZZ_MAX_MESSAGE_BYTES = 3_000_000
+"""Producer and topic limit in fuzz mode: Kafka's defaults (about 1 MB) would refuse the 2 MB record."""
+MODES: tuple[str, ...] = ("postgres", "kafka-json", "fuzz")
 
 
 def kinds_for_mode(mode: str, with_db: bool = True) -> tuple[Kind, ...]:
@@ -156,6 +191,8 @@ def kinds_for_mode(mode: str, with_db: bool = True) -> tuple[Kind, ...]:
         kinds = POSTGRES_KINDS
     elif mode == "kafka-json":
         kinds = POSTGRES_KINDS + KAFKA_ONLY_KINDS
+    elif mode == "fuzz":
+        kinds = POISON_KINDS
     else:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     return kinds if with_db else tuple(k for k in kinds if k is not Kind.FRESH_CONTENT)
@@ -214,7 +251,7 @@ class KafkaRecord:
 
     kind: Kind
     key: bytes | None
-    value: bytes
+    value: bytes | None  # None: a tombstone
     event_id: int | None
     content_id: str | None
 
@@ -556,6 +593,43 @@ def malformed_value(kind: Kind, obj: dict[str, Any], rng: random.Random) -> tupl
     raise ValueError(f"{kind.value} is not a malformed kind")
 
 
+def _debezium_envelope(table: str, row: dict[str, Any]) -> dict[str, Any]:
+    return {"before": None, "after": row, "source": {"connector": "postgresql", "table": table}, "op": "c"}
+
+
+def poison_record(kind: Kind, obj: dict[str, Any], rng: random.Random) -> tuple[bytes | None, bytes | None, int | None]:
+    """(key, value, id the pipeline will see) of one poison record built from a valid event ``obj``."""
+    event_id = obj["id"]
+    key = str(event_id).encode()
+    cdc_row = {**obj, "event_ts": _EPOCH.isoformat(), "raw_payload": json.dumps(obj["raw_payload"])}
+    if kind is Kind.POISON_DEEP_NESTING:
+        return key, b'{"a":' * POISON_NESTING_DEPTH + b"1" + b"}" * POISON_NESTING_DEPTH, None
+    if kind is Kind.POISON_RANDOM_BYTES:
+        # 0xff never occurs in UTF-8, so no draw can happen to be a valid (or empty) record.
+        return key, b"\xff" + rng.randbytes(rng.randint(1, 200)), None
+    if kind is Kind.POISON_TRUNCATED_DEBEZIUM:
+        whole = _dumps(_debezium_envelope("engagement_events", cdc_row))
+        return key, whole[: rng.randint(len(whole) // 4, len(whole) - 2)], None
+    if kind is Kind.POISON_TOO_LARGE:
+        return key, _dumps({**obj, "device": "x" * POISON_TOO_LARGE_BYTES}), None
+    if kind is Kind.POISON_ID_STRING:
+        return key, _dumps({**obj, "id": str(event_id)}), None
+    if kind is Kind.POISON_NULL_VALUE:
+        return key, None, None
+    if kind is Kind.POISON_OTHER_TABLE:
+        content = {"id": obj["content_id"], "slug": "fuzz", "title": "fuzz", "publish_ts": _EPOCH.isoformat()}
+        return key, _dumps(_debezium_envelope("content", content)), None
+    if kind is Kind.POISON_INVALID_UTF8:
+        return key, _dumps({**obj, "device": "@@"}).replace(b'"@@"', b'"\xc3\x28\xff"'), None
+    if kind is Kind.POISON_OUT_OF_RANGE:
+        return key, _dumps({**obj, "id": 10**30, "event_ts": -(10**20)}), None
+    if kind is Kind.POISON_JSON_ARRAY:
+        return key, _dumps([obj]), None
+    if kind is Kind.POISON_NULL_KEY:
+        return None, _dumps(obj), event_id
+    raise ValueError(f"{kind.value} is not a poison kind")
+
+
 class KafkaJsonEncoder:
     """Turns events into plain-JSON Kafka records, breaking or repeating them as their kind asks.
 
@@ -573,6 +647,9 @@ class KafkaJsonEncoder:
             value, carried_id = malformed_value(event.kind, obj, self._rng)
             key = str(carried_id).encode() if carried_id is not None else None
             return KafkaRecord(event.kind, key, value, carried_id, event.content_id)
+        if event.kind.poison:
+            poison_key, poison_value, carried_id = poison_record(event.kind, obj, self._rng)
+            return KafkaRecord(event.kind, poison_key, poison_value, carried_id, event.content_id)
         record = KafkaRecord(event.kind, str(event_id).encode(), _dumps(obj), event_id, event.content_id)
         self._recent.append(record)
         return record
@@ -828,9 +905,9 @@ class _CopyBuffer:
 class KafkaJsonSink:
     """Produces plain JSON records; a batch counts as committed once every record in it is acknowledged."""
 
-    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
+    def __init__(self, bootstrap: str, topic: str, partitions: int, max_message_bytes: int | None = None) -> None:
         from confluent_kafka import KafkaError, KafkaException, Producer
-        from confluent_kafka.admin import AdminClient, NewTopic
+        from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
 
         self._topic = topic
         admin = AdminClient({"bootstrap.servers": bootstrap})
@@ -840,13 +917,24 @@ class KafkaJsonSink:
             raise GeneratorError(f"cannot reach Kafka at {bootstrap} ({exc}); is the stack up?") from exc
         if topic not in topics:
             # Created here so the generator works on a fresh broker; an existing topic is left as configured.
-            futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+            config = {"max.message.bytes": str(max_message_bytes)} if max_message_bytes else {}
+            futures = admin.create_topics(
+                [NewTopic(topic, num_partitions=partitions, replication_factor=1, config=config)]
+            )
             try:
                 futures[topic].result(timeout=30)
             except KafkaException as exc:
                 # A concurrent creator (or auto-creation) winning the race is fine.
                 if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise
+        elif max_message_bytes:
+            # An existing topic keeps its other settings; only its record size limit is raised.
+            entry = ConfigEntry(
+                "max.message.bytes", str(max_message_bytes), incremental_operation=AlterConfigOpType.SET
+            )
+            resource = ConfigResource("topic", topic, incremental_configs=[entry])
+            for future in admin.incremental_alter_configs([resource]).values():
+                future.result(timeout=30)
         self._producer = Producer(
             {
                 "bootstrap.servers": bootstrap,
@@ -855,6 +943,7 @@ class KafkaJsonSink:
                 # Duplicates must be the generator's deliberate ones only, not accidental retries.
                 "enable.idempotence": True,
                 "compression.type": "lz4",
+                **({"message.max.bytes": max_message_bytes} if max_message_bytes else {}),
             }
         )
         self._errors: list[str] = []
@@ -1049,8 +1138,13 @@ def run(opts: Options, log: IO[str] = sys.stderr) -> Summary:
     planner = BatchPlanner(rng, content_factory, events, KafkaJsonEncoder(rng), opts.mix)
     ids: IdSource = db if db else CounterIds(no_db_id_start())
     kafka = None
-    if opts.mode == "kafka-json":
-        kafka = KafkaJsonSink(opts.bootstrap or cfg.kafka_bootstrap, opts.topic, opts.partitions)
+    if opts.mode in ("kafka-json", "fuzz"):
+        kafka = KafkaJsonSink(
+            opts.bootstrap or cfg.kafka_bootstrap,
+            opts.topic,
+            opts.partitions,
+            max_message_bytes=FUZZ_MAX_MESSAGE_BYTES if opts.mode == "fuzz" else None,
+        )
 
     manifest, commit_log = _JsonLines(opts.manifest), _JsonLines(opts.commit_log)
     manifest.write(_manifest_content(c, _content_kind(c)) for c in new_content)
@@ -1185,7 +1279,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="scripts/generate",
         description="Generate engagement data for the local stack (see docs/generator.md).",
     )
-    p.add_argument("mode", nargs="?", choices=MODES, default="postgres", help="where events go (default: postgres)")
+    p.add_argument(
+        "mode",
+        nargs="?",
+        choices=MODES,
+        default="postgres",
+        help="where events go (default: postgres); fuzz: kafka-json with the poison records of issue 16",
+    )
     p.add_argument("--rate", type=float, default=1000.0, help="records per second; 0 = as fast as possible")
     stop = p.add_mutually_exclusive_group()
     stop.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
@@ -1220,7 +1320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dsn", help="PostgreSQL DSN (default: the local stack's)")
     p.add_argument("--no-db", action="store_true", help="kafka-json without PostgreSQL: in-memory content")
     p.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the local stack's)")
-    p.add_argument("--topic", default="engagement.events.json", help="topic for kafka-json")
+    p.add_argument("--topic", default="engagement.events.json", help="topic for kafka-json and fuzz")
     p.add_argument("--partitions", type=int, default=3, help="partitions if the topic has to be created")
     p.add_argument("--manifest", type=Path, help="JSON-lines log of every record and its kind")
     p.add_argument("--commit-log", type=Path, help="JSON-lines log: first_id, last_id, committed_at per batch")
@@ -1246,6 +1346,8 @@ def options_from_args(argv: Sequence[str] | None = None) -> Options | None:
         parser.error("--content must be at least 1")
     if args.no_db and args.mode == "postgres":
         parser.error("--no-db only applies to kafka-json mode")
+    if args.mode == "fuzz" and not args.awkward and not args.case:
+        args.awkward = 0.1  # fuzz mode exists for its poison; without a share it would send valid events only
     try:
         mix = parse_mix(
             args.mode,

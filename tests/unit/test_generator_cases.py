@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import random
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import ClassVar
@@ -16,8 +17,12 @@ from devstack import generator
 from devstack.generator import (
     CONTENT_TYPES,
     EVENT_TYPES,
+    FUZZ_MAX_MESSAGE_BYTES,
     KAFKA_ONLY_KINDS,
     NO_DB_ID_BASE,
+    POISON_KINDS,
+    POISON_OUTCOMES,
+    POISON_TOO_LARGE_BYTES,
     POSTGRES_KINDS,
     BatchPlanner,
     Catalogue,
@@ -62,6 +67,15 @@ def _event(kind: Kind, seed: int = 3) -> tuple[Event, Catalogue]:
     planner = _planner(seed, awkward=1.0)
     fresh = planner.content_factory.fresh(NOW) if kind is Kind.FRESH_CONTENT else None
     return planner.events.build(kind, NOW, fresh), planner.events.catalogue
+
+
+def _encoded(kind: Kind, seeds: int, first_id: int) -> Iterator[tuple[int, KafkaRecord]]:
+    """(seed, record) of one event of ``kind`` per seed, event ``first_id + seed``, through one encoder."""
+    encoder = KafkaJsonEncoder(random.Random(0))
+    for seed in range(seeds):
+        record = encoder.encode(_event(kind, seed)[0], first_id + seed)
+        assert record.kind is kind
+        yield seed, record
 
 
 def _json(record_value: bytes) -> dict:
@@ -261,11 +275,7 @@ def test_event_ts_formats_denote_the_same_instant() -> None:
 
 @pytest.mark.parametrize("kind", MALFORMED_KINDS)
 def test_malformed_records_are_really_malformed(kind: Kind) -> None:
-    encoder = KafkaJsonEncoder(random.Random(0))
-    for seed in range(25):
-        event, _ = _event(kind, seed)
-        record = encoder.encode(event, 5000 + seed)
-        assert record.kind is kind
+    for seed, record in _encoded(kind, seeds=25, first_id=5000):
         with pytest.raises(DecodeError):
             decode_record(record.value)
         if kind is Kind.MALFORMED_NON_JSON:
@@ -399,8 +409,9 @@ def test_copy_text_escapes_what_copy_would_misread() -> None:
 class _FakeKafka:
     sent: ClassVar[list[KafkaRecord]] = []
 
-    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
+    def __init__(self, bootstrap: str, topic: str, partitions: int, max_message_bytes: int | None = None) -> None:
         self.topic = topic
+        self.max_message_bytes = max_message_bytes
 
     def send(self, records: list[KafkaRecord]) -> float:
         self.sent.extend(records)
@@ -438,3 +449,50 @@ def test_no_db_refuses_fresh_content_and_postgres_mode() -> None:
         options_from_args(["kafka-json", "--no-db", "--case", "fresh_content=0.1"])
     with pytest.raises(SystemExit):
         options_from_args(["postgres", "--no-db"])
+
+
+# --- fuzz mode: the poison records of issue 16 ------------------------------------------------------------------
+
+POISON_REASONS = {
+    Kind.POISON_DEEP_NESTING: "too deeply nested",
+    Kind.POISON_RANDOM_BYTES: "not UTF-8",
+    Kind.POISON_TRUNCATED_DEBEZIUM: "not JSON",
+    Kind.POISON_TOO_LARGE: "too large",
+    Kind.POISON_ID_STRING: "id: Input should be a valid integer",
+    Kind.POISON_INVALID_UTF8: "not UTF-8",
+    Kind.POISON_OUT_OF_RANGE: "out of range",
+    Kind.POISON_JSON_ARRAY: "unknown shape",
+}
+
+
+@pytest.mark.parametrize("kind", POISON_KINDS)
+def test_each_poison_record_becomes_what_the_pipeline_promises(kind: Kind) -> None:
+    for seed, record in _encoded(kind, seeds=5, first_id=7000):
+        outcome = POISON_OUTCOMES[kind]
+        if outcome == "dead_letter":
+            with pytest.raises(DecodeError, match=POISON_REASONS[kind]):
+                decode_record(record.value)
+            assert record.event_id is None
+        else:
+            decoded = decode_record(record.value)
+            assert (decoded.skip is not None) == (outcome == "skip")
+            assert record.event_id == (7000 + seed if outcome == "event" else None)
+            assert (record.key is None) == (kind is Kind.POISON_NULL_KEY)
+
+
+def test_the_poison_records_are_as_large_and_deep_as_the_report_says() -> None:
+    encoder = KafkaJsonEncoder(random.Random(0))
+    too_large = encoder.encode(_event(Kind.POISON_TOO_LARGE)[0], 1).value
+    deep = encoder.encode(_event(Kind.POISON_DEEP_NESTING)[0], 1).value
+    assert POISON_TOO_LARGE_BYTES < len(too_large) < FUZZ_MAX_MESSAGE_BYTES
+    assert deep.count(b"{") == 1_000
+    assert encoder.encode(_event(Kind.POISON_NULL_VALUE)[0], 1).value is None
+
+
+def test_fuzz_mode_sends_poison_only_and_a_tenth_of_it_by_default() -> None:
+    opts = options_from_args(["fuzz", "--no-db"])
+    assert set(opts.mix) == set(POISON_KINDS)
+    assert sum(opts.mix.values()) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="not possible in fuzz mode"):
+        parse_mix("fuzz", explicit={Kind.DUPLICATE: 0.1})
+    assert not set(parse_mix("kafka-json", 1.0)) & set(POISON_KINDS)
