@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta, timezone
 from enum import Enum, StrEnum
+from functools import partial
 from itertools import accumulate
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -905,7 +906,14 @@ class _CopyBuffer:
 class KafkaJsonSink:
     """Produces plain JSON records; a batch counts as committed once every record in it is acknowledged."""
 
-    def __init__(self, bootstrap: str, topic: str, partitions: int, max_message_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        partitions: int,
+        max_message_bytes: int | None = None,
+        record_positions: bool = False,
+    ) -> None:
         from confluent_kafka import KafkaError, KafkaException, Producer
         from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
 
@@ -947,16 +955,22 @@ class KafkaJsonSink:
             }
         )
         self._errors: list[str] = []
+        self.positions: list[tuple[KafkaRecord, int, int]] | None = [] if record_positions else None
+        """(record, partition, offset) of each delivered record, when asked for (tests)."""
 
-    def _on_delivery(self, err: Any, _msg: Any) -> None:
+    def _on_delivery(self, record: KafkaRecord, err: Any, msg: Any) -> None:
         if err is not None:
             self._errors.append(str(err))
+        elif self.positions is not None:
+            self.positions.append((record, msg.partition(), msg.offset()))
 
     def send(self, records: Sequence[KafkaRecord]) -> float:
         for record in records:
             while True:
                 try:
-                    self._producer.produce(self._topic, record.value, record.key, on_delivery=self._on_delivery)
+                    self._producer.produce(
+                        self._topic, record.value, record.key, on_delivery=partial(self._on_delivery, record)
+                    )
                     break
                 except BufferError:  # local queue full: let librdkafka drain it
                     self._producer.poll(0.05)
