@@ -185,3 +185,25 @@ def test_http_events_that_cannot_be_encoded_are_dead_letters_not_failed_batches(
             dead | beam.Map(lambda d: (d.stage, d.event_id, d.reason.split(":")[0])),
             equal_to([(Stage.HTTP, 3, "UnicodeEncodeError")]),
         )
+
+
+class _DatabaseDown:
+    """A content lookup whose database is unreachable."""
+
+    def setup(self) -> None:
+        pass
+
+    def get(self, content_id):
+        raise ConnectionError("database down")
+
+    def teardown(self) -> None:
+        pass
+
+
+def test_a_content_lookup_outage_fails_the_bundle_and_is_not_taken_for_bad_input():
+    # I/O is never inside a guard: the runner retries the bundle, and the events are not dead-lettered.
+    pipeline = test_pipeline.TestPipeline()
+    content = pipeline | "Content" >> beam.Create([snapshot()])
+    _ = pipeline | beam.Create([event(1)]) | EnrichEvents(content, lookup_factory=_DatabaseDown)
+    with pytest.raises(Exception, match="database down"):
+        pipeline.run().wait_until_finish()
