@@ -311,7 +311,7 @@ def _canonical_json_text(text: str, max_depth: int) -> str:
     try:
         return _canonical(_load_json(text, max_depth, "raw_payload"))
     except DecodeError as exc:
-        raise DecodeError(f"raw_payload is not valid JSON: {exc}") from exc
+        raise DecodeError(f"raw_payload is not valid JSON: {str(exc).removeprefix('not JSON: ')}") from exc
 
 
 def _canonical(value: Any) -> str:
