@@ -2,8 +2,8 @@
 
 Prism is the local runner that streams for real and runs cross-language transforms (see
 docs/local-streaming.md). Its binary, like the Java expansion services, is built ahead of time by
-``scripts/fetch-beam-artifacts`` for the pinned Beam version, so nothing is downloaded when a pipeline
-starts.
+``scripts/fetch-beam-artifacts`` (Prism at its own version, ``transforms.artifacts.PRISM_VERSION``; the Java
+services at the pinned Beam version), so nothing is downloaded when a pipeline starts.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from transforms import artifacts
 
 
 def prism_binary() -> Path:
-    """The Prism binary of the pinned Beam version with our patches; a clear error if it was never built."""
+    """The Prism binary of ``artifacts.prism_version()`` with our patches; a clear error if it was never built."""
     binary = artifacts.prism_binary()
     if not binary.is_file():
         raise FileNotFoundError(
-            f"Prism {artifacts.beam_version()} with our patches is not at {binary}; "
+            f"Prism {artifacts.prism_version()} with our patches is not at {binary}; "
             "run scripts/fetch-beam-artifacts prism"
         )
     return binary

@@ -8,11 +8,15 @@ themselves: a second spelling once sent the backfill to a stale, unpatched Prism
 Everything lives under one cache root, ``$ENGAGEMENT_CACHE_DIR`` (default ``~/.cache/engagement-pipeline``):
 
 =====================================================  ===============================================
-``prism/<beam version>-<patches digest>/prism``         Prism, built with ``devstack/prism-patches``
+``prism/<prism version>-<patches digest>/prism``        Prism, built with ``devstack/prism-patches``
 ``beam-java/<beam version>/<service>/``                 a Java expansion service assembled from Maven
 ``bigquery-emulator/``                                  the BigQuery emulator's virtualenv
 ``jvm/``                                                Kafka and Debezium's classpaths
 =====================================================  ===============================================
+
+Prism's version is ``PRISM_VERSION`` below, not the Python SDK's pin: Prism is a separate program the SDK
+starts and talks to over the portable Fn API, so it can run a newer Beam's runner fixes (see
+``devstack/prism-patches/README.md``). Everything else, the Java expansion services included, follows the pin.
 
 Beam's released shaded expansion-service jars, when Maven Central serves them, go where Beam itself looks
 them up: ``~/.apache_beam/cache/jars``.
@@ -39,6 +43,10 @@ SHADED_ARTIFACTS: dict[str, str] = {
     "kafka": "beam-sdks-java-io-expansion-service",
     "gcp": "beam-sdks-java-io-google-cloud-platform-expansion-service",
 }
+# The Beam release whose Prism we build, with our patches (devstack/prism-patches, rebased onto it). It may be
+# newer than the apache-beam pin. Changing it means rebasing the patches; scripts/fetch-beam-artifacts refuses
+# a patch that does not apply.
+PRISM_VERSION = "2.73.0"
 _BEAM_PIN = re.compile(r"^apache-beam(\[[a-z,]+\])?==(?P<version>\S+)\s*$")
 
 
@@ -61,6 +69,11 @@ def beam_version() -> str:
     return version("apache-beam")
 
 
+def prism_version() -> str:
+    """The Beam version of the Prism runner we build: its own declaration, independent of the SDK pin."""
+    return PRISM_VERSION
+
+
 def prism_patches_digest() -> str:
     """Names the set of our Prism patches: a binary built without the current patches is never used."""
     patches = sorted(PRISM_PATCHES.glob("*.patch"), key=lambda path: str(path).encode())
@@ -70,7 +83,7 @@ def prism_patches_digest() -> str:
 
 
 def prism_dir() -> Path:
-    return cache_root() / "prism" / f"{beam_version()}-{prism_patches_digest()}"
+    return cache_root() / "prism" / f"{prism_version()}-{prism_patches_digest()}"
 
 
 def prism_binary() -> Path:
@@ -78,7 +91,7 @@ def prism_binary() -> Path:
 
 
 def stale_prism_builds() -> list[Path]:
-    """Builds for another Beam version or another set of patches: nothing may use them, so they can go."""
+    """Builds of another Prism version or another set of patches: nothing may use them, so they can go."""
     current = prism_dir()
     builds = cache_root() / "prism"
     if not builds.is_dir():
@@ -112,6 +125,7 @@ def jvm_dir() -> Path:
 _COMMANDS = {
     "cache-root": lambda args: cache_root(),
     "beam-version": lambda args: beam_version(),
+    "prism-version": lambda args: prism_version(),
     "prism-dir": lambda args: prism_dir(),
     "prism-binary": lambda args: prism_binary(),
     "stale-prism-builds": lambda args: "\n".join(str(path) for path in stale_prism_builds()),

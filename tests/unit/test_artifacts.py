@@ -1,5 +1,6 @@
 """transforms/artifacts.py names every artifact path, for Python and the shell scripts alike."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +18,20 @@ def test_the_pin_in_requirements_is_the_installed_beam():
     assert artifacts.beam_version() == apache_beam.__version__
 
 
+def test_prism_has_a_version_of_its_own():
+    # Prism is a separate program the SDK talks to over the Fn API: it may run a newer Beam than the pin.
+    assert re.fullmatch(r"\d+\.\d+\.\d+", artifacts.prism_version())
+    script = str(ROOT / "transforms" / "artifacts.py")
+    result = subprocess.run(["python3", script, "prism-version"], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == artifacts.prism_version()
+
+
 def test_every_path_is_under_the_one_cache_root(tmp_path, monkeypatch):
     monkeypatch.setenv("ENGAGEMENT_CACHE_DIR", str(tmp_path))
     version = artifacts.beam_version()
+    prism = f"{artifacts.prism_version()}-{artifacts.prism_patches_digest()}"
     assert artifacts.cache_root() == tmp_path
-    assert artifacts.prism_binary() == tmp_path / "prism" / f"{version}-{artifacts.prism_patches_digest()}" / "prism"
+    assert artifacts.prism_binary() == tmp_path / "prism" / prism / "prism"
     assert artifacts.assembled_jar("kafka").parent == tmp_path / "beam-java" / version / "kafka"
     assert artifacts.bigquery_emulator_dir().parent == tmp_path
     assert artifacts.jvm_dir().parent == tmp_path
@@ -36,11 +46,13 @@ def test_the_prism_path_names_the_patches():
 def test_builds_of_other_patches_or_versions_are_stale(tmp_path, monkeypatch):
     monkeypatch.setenv("ENGAGEMENT_CACHE_DIR", str(tmp_path))
     current = artifacts.prism_dir()
-    old_patches = tmp_path / "prism" / f"{artifacts.beam_version()}-000000000000"
+    old_patches = tmp_path / "prism" / f"{artifacts.prism_version()}-000000000000"
     unpatched = tmp_path / "prism" / artifacts.beam_version()  # the path the backfill once used
-    for directory in (current, old_patches, unpatched):
+    # The same patches built at the SDK's version, as before Prism had a version of its own.
+    other_version = tmp_path / "prism" / f"0.0.0-{artifacts.prism_patches_digest()}"
+    for directory in (current, old_patches, unpatched, other_version):
         directory.mkdir(parents=True)
-    assert artifacts.stale_prism_builds() == sorted([old_patches, unpatched])
+    assert artifacts.stale_prism_builds() == sorted([old_patches, unpatched, other_version])
 
 
 def test_the_shell_gets_the_same_path_as_python(tmp_path):
@@ -50,7 +62,7 @@ def test_the_shell_gets_the_same_path_as_python(tmp_path):
         ["python3", str(ROOT / "transforms" / "artifacts.py"), "prism-binary"],
         capture_output=True, text=True, env=env, check=True,
     )  # fmt: skip
-    expected = tmp_path / "prism" / f"{artifacts.beam_version()}-{artifacts.prism_patches_digest()}" / "prism"
+    expected = tmp_path / "prism" / f"{artifacts.prism_version()}-{artifacts.prism_patches_digest()}" / "prism"
     assert result.stdout.strip() == str(expected)
 
 
