@@ -44,9 +44,10 @@ SHADED_ARTIFACTS: dict[str, str] = {
     "gcp": "beam-sdks-java-io-google-cloud-platform-expansion-service",
 }
 # The Beam release whose Prism we build, with our patches (devstack/prism-patches, rebased onto it). It may be
-# newer than the apache-beam pin. Changing it means rebasing the patches; scripts/fetch-beam-artifacts refuses
-# a patch that does not apply.
-PRISM_VERSION = "2.73.0"
+# newer than the apache-beam pin: 2.77.0 schedules stateful consumers on data alone once something
+# self-checkpoints (apache/beam#39572) and parks SDF residuals until their resume delay (apache/beam#39849).
+# Changing it means rebasing the patches; scripts/fetch-beam-artifacts refuses a patch that does not apply.
+PRISM_VERSION = "2.77.0"
 _BEAM_PIN = re.compile(r"^apache-beam(\[[a-z,]+\])?==(?P<version>\S+)\s*$")
 
 
