@@ -24,8 +24,10 @@ from devstack.cli import ensure_up
 from devstack.config import REPO_ROOT, StackConfig, load_config
 from devstack.process import record_job, stop_job, stop_orphaned_jobs
 from pipelines.local_runner import prism_args
-from transforms.sinks.redis_top import read_top_content
+from transforms.sinks.redis_top import RedisKeys, read_freshness, read_top_content
 
+CONSUMER_GROUP = "engagement-local"
+CDC_TOPIC = "cdc.public.engagement_events"
 PIPELINE_LOG = "pipeline.log"
 GENERATOR_LOG = "generator.log"
 
@@ -35,8 +37,8 @@ def pipeline_args(cfg: StackConfig, start: datetime | None, window_seconds: int,
     return [
         *prism_args(streaming=True),
         f"--bootstrap_servers={cfg.kafka_bootstrap}",
-        "--cdc_topic=cdc.public.engagement_events",
-        "--consumer_group=engagement-local",
+        f"--cdc_topic={CDC_TOPIC}",
+        f"--consumer_group={CONSUMER_GROUP}",
         f"--start_offset={start.isoformat() if start else 'resume'}",
         # Prism refuses KafkaIO's commit-in-finalize step (it needs stable input); the consumer commits.
         "--commit_offsets=false",
@@ -102,7 +104,52 @@ def _counts(cfg: StackConfig, bq) -> dict[str, str]:  # noqa: ANN001 - a google.
     return counts
 
 
-def _draw(cfg: StackConfig, client: redis.Redis, bq, started: float, pipeline: subprocess.Popen) -> None:  # noqa: ANN001
+def freshness_line(client: redis.Redis, now_ms: int) -> str:
+    """p50/p95 of commit -> Redis over the last minute, from the samples the Redis sink keeps."""
+    samples = sorted(read_freshness(client, RedisKeys(), now_ms - 60_000))
+    if not samples:
+        return "no Redis writes in the last minute"
+
+    def percentile(fraction: float) -> float:
+        return samples[min(len(samples) - 1, int(fraction * len(samples)))] / 1000
+
+    return f"p50 {percentile(0.5):.2f} s, p95 {percentile(0.95):.2f} s over {len(samples):,} pane writes"
+
+
+class KafkaLag:
+    """Records of the CDC topic the job has not consumed yet: newest offsets minus the group's committed ones."""
+
+    def __init__(self, bootstrap: str) -> None:
+        from confluent_kafka import Consumer
+
+        # Never subscribes, so it reads the group's offsets without joining the group or moving them.
+        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": CONSUMER_GROUP})
+
+    def records_behind(self) -> int | None:
+        from confluent_kafka import TopicPartition
+
+        topic = self._consumer.list_topics(CDC_TOPIC, timeout=2).topics.get(CDC_TOPIC)
+        if topic is None or topic.error is not None:
+            return None
+        partitions = [TopicPartition(CDC_TOPIC, p) for p in topic.partitions]
+        behind = 0
+        for committed in self._consumer.committed(partitions, timeout=2):
+            _, high = self._consumer.get_watermark_offsets(committed, timeout=2)
+            behind += high - (committed.offset if committed.offset >= 0 else 0)
+        return behind
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def _draw(
+    cfg: StackConfig,
+    client: redis.Redis,
+    bq,  # noqa: ANN001 - a google.cloud.bigquery.Client
+    lag: KafkaLag,
+    started: float,
+    pipeline: subprocess.Popen,
+) -> None:
     now = datetime.now(UTC)
     lines = [
         f"engagement-pipeline, local run: {now:%H:%M:%S} UTC, up {time.monotonic() - started:,.0f}s"
@@ -119,6 +166,12 @@ def _draw(cfg: StackConfig, client: redis.Redis, bq, started: float, pipeline: s
         ] or ["  (nothing yet: the first panes arrive a few seconds after the job starts)"]
     except redis.RedisError as exc:
         lines.append(f"  ? ({exc})")
+    lines += ["", f"Freshness, commit -> Redis: {freshness_line(client, int(time.time() * 1000))}"]
+    try:
+        behind = lag.records_behind()
+        lines.append(f"Kafka lag: {behind:,} records not yet consumed" if behind is not None else "Kafka lag: ?")
+    except Exception as exc:  # noqa: BLE001 - the view keeps drawing whatever one source says
+        lines.append(f"Kafka lag: ? ({type(exc).__name__})")
     lines += ["", "Sinks:"]
     lines += [f"  {name:<20} {value}" for name, value in _counts(cfg, bq).items()]
     if pipeline.poll() is not None:
@@ -163,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     pipeline: subprocess.Popen | None = None
     generator: subprocess.Popen | None = None
     client: redis.Redis | None = None
+    lag: KafkaLag | None = None
     try:
         pipeline = start_logged(
             cfg,
@@ -195,9 +249,10 @@ def main(argv: list[str] | None = None) -> int:
 
         client = redis.Redis.from_url(cfg.redis_url)
         bq = bigquery_clients.rest_client(cfg.bq_rest_endpoint, cfg.bq_project)
+        lag = KafkaLag(cfg.kafka_bootstrap)
         started = time.monotonic()
         while True:
-            _draw(cfg, client, bq, started, pipeline)
+            _draw(cfg, client, bq, lag, started, pipeline)
             time.sleep(args.refresh)
     except KeyboardInterrupt:
         pass
@@ -211,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             stop_job(cfg, pipeline, "the pipeline", PIPELINE_LOG, "run-local", timeout=20)
         if client is not None:
             client.close()
+        if lag is not None:
+            lag.close()
     print("run-local: stopped; the stack is still up (scripts/stack down stops it)")
     return 0
 

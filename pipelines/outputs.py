@@ -8,6 +8,8 @@ dead letters (decode, and every sink's undeliverable records) -> BigQuery dead_l
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -16,7 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.window import GlobalWindows
 
 from pipelines.core import CoreOutputs
-from transforms.model import DeadLetter
+from transforms.model import DeadLetter, EnrichedEvent
 from transforms.resume import IdLoader, SkipDelivered
 from transforms.sinks.bigquery import (
     BigQuerySinkSettings,
@@ -64,17 +66,34 @@ class CountDeadLettersFn(beam.DoFn):
         yield dead_letter
 
 
+class ObserveFreshnessFn(beam.DoFn):
+    """Passes events on, measuring how long each took from its PostgreSQL commit to this sink's input.
+
+    ``sink.<name>/commit_to_sink_ms`` in the job's metrics (the Redis sink measures at its write instead:
+    ``sink.redis/commit_to_write_ms``). Events without a commit time (plain JSON, the backfill) are not measured.
+    """
+
+    def __init__(self, sink: str) -> None:
+        self._latency = Metrics.distribution(f"sink.{sink}", "commit_to_sink_ms")
+
+    def process(self, enriched: EnrichedEvent) -> Iterator[EnrichedEvent]:
+        committed = enriched.event.committed_at_ms
+        if committed is not None:
+            self._latency.update(int(time.time() * 1000) - committed)
+        yield enriched
+
+
 def write_outputs(core: CoreOutputs, sinks: SinkSettings) -> beam.PCollection[DeadLetter]:
     """Writes every output; returns the dead letters the dead-letter table itself refused (logged)."""
     dead_letters = [core.dead_letters]
-    to_bigquery = core.enriched
+    to_bigquery = core.enriched | "Freshness at BigQuery" >> beam.ParDo(ObserveFreshnessFn("bigquery"))
     if sinks.bigquery_holds is not None:
         to_bigquery = to_bigquery | "Resume BigQuery" >> SkipDelivered("bigquery", sinks.bigquery_holds)
     dead_letters.append(to_bigquery | "BigQuery enriched_events" >> WriteEnrichedEvents(sinks.bigquery))
     dead_letters.append(core.aggregates | "BigQuery window_aggregates" >> WriteWindowAggregates(sinks.bigquery))
     dead_letters.append(core.aggregates | "Redis top content" >> WriteTopContentToRedis(sinks.redis))
     if sinks.http is not None:
-        to_http = core.enriched
+        to_http = core.enriched | "Freshness at the HTTP API" >> beam.ParDo(ObserveFreshnessFn("http"))
         if sinks.http_holds is not None:
             to_http = to_http | "Resume HTTP" >> SkipDelivered("http", sinks.http_holds)
         dead_letters.append(to_http | "External HTTP API" >> WriteToHttpApi(sinks.http))

@@ -48,9 +48,12 @@ class EngagementTotals:
     title: str | None = None
     slug: str | None = None
     content_type: str | None = None
+    oldest_commit_ms: int | None = None
+    """The earliest source commit among the events added (freshness metrics only)."""
 
     def add(self, event: EnrichedEvent) -> None:
         self.event_count += 1
+        self.oldest_commit_ms = _earliest(self.oldest_commit_ms, event.event.committed_at_ms)
         if event.event.event_type is not None:
             self.type_counts[event.event.event_type] += 1
         if event.engagement_seconds is not None:
@@ -62,12 +65,19 @@ class EngagementTotals:
 
     def merge(self, other: EngagementTotals) -> None:
         self.event_count += other.event_count
+        self.oldest_commit_ms = _earliest(self.oldest_commit_ms, other.oldest_commit_ms)
         for event_type, count in other.type_counts.items():
             self.type_counts[event_type] += count
         self.engagement_seconds_sum += other.engagement_seconds_sum
         self.users |= other.users
         if other.title is not None:
             self.title, self.slug, self.content_type = other.title, other.slug, other.content_type
+
+
+def _earliest(first: int | None, second: int | None) -> int | None:
+    if first is None:
+        return second
+    return first if second is None else min(first, second)
 
 
 class EngagementTotalsFn(beam.CombineFn):
@@ -121,6 +131,7 @@ def to_window_aggregate(
         pane_timing=_PANE_TIMING_NAMES.get(pane.timing, "UNKNOWN"),
         pane_index=pane.index,
         emitted_at=emitted_at,
+        oldest_commit_ms=totals.oldest_commit_ms,
     )
 
 
@@ -224,6 +235,8 @@ class AccumulatePanesFn(beam.DoFn):
         # firing order (docs/local-streaming.md, "Pane labels").
         pane = PaneInfo(index == 0, False, timing, index, -1)
         aggregate = to_window_aggregate(key, totals, window, pane, datetime.now(UTC))
+        # Freshness is about what this pane adds, not about the window's first event.
+        aggregate = aggregate.model_copy(update={"oldest_commit_ms": delta.oldest_commit_ms})
         self._panes[aggregate.pane_timing].inc()
         yield aggregate
 

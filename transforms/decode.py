@@ -204,7 +204,8 @@ def _decode_envelope(envelope: dict[str, Any], limits: DecodeLimits) -> Decoded:
     after = envelope.get("after")
     if not isinstance(after, dict):
         raise DecodeError(f"Debezium op {op!r} without an 'after' row")
-    return Decoded(shape=shape, event=_validate_cdc_row(after, limits))
+    committed = source.get("ts_ms") if isinstance(source, dict) else None
+    return Decoded(shape=shape, event=_validate_cdc_row(after, limits, _epoch_ms(committed)))
 
 
 def _decode_flattened(row: dict[str, Any], limits: DecodeLimits) -> Decoded:
@@ -221,17 +222,25 @@ def _decode_flattened(row: dict[str, Any], limits: DecodeLimits) -> Decoded:
     if op not in _COUNTED_OPS:
         raise DecodeError(f"unknown Debezium op {op!r}")
     fields = {name: value for name, value in row.items() if not name.startswith("__")}
-    return Decoded(shape=shape, event=_validate_cdc_row(fields, limits))
+    # ExtractNewRecordState adds the commit time as __source_ts_ms when configured with add.fields=source.ts_ms.
+    return Decoded(shape=shape, event=_validate_cdc_row(fields, limits, _epoch_ms(row.get("__source_ts_ms"))))
 
 
-def _validate_cdc_row(row: Mapping[str, Any], limits: DecodeLimits) -> EngagementEvent:
+def _epoch_ms(value: Any) -> int | None:
+    """A plausible epoch-millisecond commit time, or None: it only feeds metrics, so it never rejects a record."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**53:
+        return value
+    return None
+
+
+def _validate_cdc_row(row: Mapping[str, Any], limits: DecodeLimits, committed_at_ms: int | None) -> EngagementEvent:
     """A row as Debezium serialises it: ISO-8601 timestamps, UUID strings, JSONB as a JSON string."""
     raw_payload = row.get("raw_payload")
     if raw_payload is not None:
         if not isinstance(raw_payload, str):
             raise DecodeError("raw_payload: Debezium sends JSONB as a string")
         raw_payload = _canonical_json_text(raw_payload, limits.max_depth)
-    return _validate(row, event_ts=_parse_event_ts(row.get("event_ts")), raw_payload=raw_payload)
+    return _validate(row, _parse_event_ts(row.get("event_ts")), raw_payload, committed_at_ms)
 
 
 def _validate_plain_event(row: Mapping[str, Any], limits: DecodeLimits) -> EngagementEvent:
@@ -246,14 +255,18 @@ def _validate_plain_event(row: Mapping[str, Any], limits: DecodeLimits) -> Engag
         raw_payload = _canonical_json_text(raw_payload, limits.max_depth)
     elif raw_payload is not None:
         raw_payload = _canonical(raw_payload)
-    return _validate(row, event_ts=_parse_event_ts(row.get("event_ts")), raw_payload=raw_payload)
+    return _validate(row, _parse_event_ts(row.get("event_ts")), raw_payload, committed_at_ms=None)
 
 
-def _validate(row: Mapping[str, Any], event_ts: datetime, raw_payload: str | None) -> EngagementEvent:
+def _validate(
+    row: Mapping[str, Any], event_ts: datetime, raw_payload: str | None, committed_at_ms: int | None
+) -> EngagementEvent:
     if row.get("id") is None:
         raise DecodeError("missing id")
     try:
-        event = EngagementEvent.model_validate({**row, "event_ts": event_ts, "raw_payload": raw_payload})
+        event = EngagementEvent.model_validate(
+            {**row, "event_ts": event_ts, "raw_payload": raw_payload, "committed_at_ms": committed_at_ms}
+        )
     except ValidationError as exc:
         raise DecodeError(_describe_validation_error(exc)) from exc
     _check_range("id", event.id, _ID_RANGE, "BIGSERIAL")

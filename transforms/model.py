@@ -43,6 +43,9 @@ class EngagementEvent(BaseModel):
     duration_ms: StrictInt | None = None
     device: str | None = None
     raw_payload: str | None = None
+    committed_at_ms: int | None = None
+    """When the source committed the row (Debezium's ``source.ts_ms``), in epoch ms; for freshness metrics
+    only: no table has it, and it is unknown for plain events and the backfill."""
 
     @field_validator("event_ts")
     @classmethod
@@ -182,3 +185,6 @@ class WindowAggregate(BaseModel):
     pane_timing: str
     pane_index: int
     emitted_at: datetime
+    oldest_commit_ms: int | None = None
+    """The earliest source commit (epoch ms) among the events this pane added; freshness metrics only, not a
+    column (rows.window_aggregate_row leaves it out)."""

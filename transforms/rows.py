@@ -40,7 +40,7 @@ def enriched_event_row(enriched: EnrichedEvent, processed_at: datetime) -> Row:
 
 
 def window_aggregate_row(aggregate: WindowAggregate) -> Row:
-    return {**aggregate.model_dump(), "content_id": _text(aggregate.content_id)}
+    return {**aggregate.model_dump(exclude={"oldest_commit_ms"}), "content_id": _text(aggregate.content_id)}
 
 
 def dead_letter_row(dead_letter: DeadLetter) -> Row:

@@ -30,6 +30,7 @@ EXPECTED = EngagementEvent(
     duration_ms=45000,
     device="ios",
     raw_payload='{"app_version":"5.2.1","position_ms":120000}',
+    committed_at_ms=1795342530125,  # source.ts_ms (or __source_ts_ms): freshness metrics only
 )
 
 
@@ -58,7 +59,7 @@ def test_flattened_record_without_metadata_fields_is_a_plain_row():
     # decoded as, a plain JSON event.
     decoded = decode_record(encode(event_row()))
     assert decoded.shape == Shape.PLAIN_JSON
-    assert decoded.event == EXPECTED
+    assert decoded.event == EXPECTED.model_copy(update={"committed_at_ms": None})
 
 
 def test_every_nullable_column_may_be_null():
@@ -346,3 +347,18 @@ def test_an_unexpected_decoder_error_is_a_dead_letter_not_a_failed_bundle(monkey
             outputs[DEAD_LETTER_TAG] | beam.Map(lambda d: (d.stage, d.reason, d.payload_bytes, d.source.offset)),
             equal_to([(Stage.DECODE, "RecursionError: maximum recursion depth exceeded", b"{}", 5)]),
         )
+
+
+@pytest.mark.parametrize("committed", [None, "1795342530125", True, -1, 2**60, 1.5])
+def test_a_missing_or_odd_commit_time_only_goes_unmeasured(committed):
+    document = envelope(event_row())
+    document["source"]["ts_ms"] = committed
+    event = decode_record(encode(document)).event
+    assert event is not None
+    assert event.committed_at_ms is None
+    assert event.model_copy(update={"committed_at_ms": EXPECTED.committed_at_ms}) == EXPECTED
+
+
+def test_a_plain_event_cannot_claim_a_commit_time():
+    row = {"id": 7, "event_ts": "2026-11-22T10:15:30Z", "committed_at_ms": 1}
+    assert decode_record(encode(row)).event.committed_at_ms is None

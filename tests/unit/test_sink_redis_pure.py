@@ -247,3 +247,25 @@ def test_the_command_rejects_nonsense_arguments():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--watch", "soon"])
     assert build_parser().parse_args(["--watch", "2", "--prefix", "x"]).watch == 2.0
+
+
+def test_freshness_is_measured_from_each_panes_oldest_new_commit():
+    from transforms.sinks.redis_top import freshness_samples
+
+    panes = [
+        aggregate().model_copy(update={"oldest_commit_ms": 1_000}),
+        aggregate(content_id=VIDEO).model_copy(update={"oldest_commit_ms": 4_500}),
+        aggregate(pane_index=1),  # no commit time (plain JSON or backfill): not measured
+    ]
+    assert freshness_samples(panes, written_at_ms=5_000) == [4_000, 500]
+
+
+def test_the_live_view_reads_only_recent_freshness_samples():
+    from transforms.sinks.redis_top import read_freshness
+
+    class Newest:
+        def lrange(self, key, start, stop):
+            assert key == "p:freshness"
+            return [b"9000 120", b"8000 300", b"1000 9999"]  # newest first, as LPUSH leaves them
+
+    assert read_freshness(Newest(), RedisKeys("p"), since_ms=5_000) == [120, 300]

@@ -94,6 +94,11 @@ class RedisKeys:
         """HASH window_seconds, horizon_minutes: how a reader should cut buckets without being told."""
         return f"{self.prefix}:meta"
 
+    def freshness(self) -> str:
+        """LIST of "<written at ms> <commit-to-write ms>", newest first, at most FRESHNESS_SAMPLES: how long the
+        events of recent writes took from their PostgreSQL commit to Redis (``read_freshness``)."""
+        return f"{self.prefix}:freshness"
+
 
 @dataclass(frozen=True)
 class RankingSettings:
@@ -396,6 +401,26 @@ def dead_letter(aggregate: WindowAggregate, reason: str) -> DeadLetter:
     return DeadLetter.of(Stage.REDIS, reason, aggregate.model_dump_json().encode(), AGGREGATE_SOURCE)
 
 
+FRESHNESS_SAMPLES = 2000
+"""Samples kept in the freshness list: a few minutes' worth of writes at hundreds of panes a minute."""
+
+
+def freshness_samples(panes: Iterable[WindowAggregate], written_at_ms: int) -> list[int]:
+    """Commit-to-write milliseconds of each pane's longest-waiting event (panes without a commit time: none)."""
+    return [written_at_ms - pane.oldest_commit_ms for pane in panes if pane.oldest_commit_ms is not None]
+
+
+def read_freshness(client: redis.Redis, keys: RedisKeys, since_ms: int) -> list[int]:
+    """Commit-to-write milliseconds of the writes since ``since_ms``, from the freshness list."""
+    samples = []
+    for entry in client.lrange(keys.freshness(), 0, FRESHNESS_SAMPLES - 1):
+        written_at, latency = (int(part) for part in entry.split())
+        if written_at < since_ms:
+            break
+        samples.append(latency)
+    return samples
+
+
 def queue_writes(
     pipe: redis.client.Pipeline,
     config: RedisSinkConfig,
@@ -473,6 +498,7 @@ class WriteTopContentFn(beam.DoFn):
         self._skipped_expired = Metrics.counter(METRICS_NAMESPACE, "skipped_expired")
         self._batches = Metrics.counter(METRICS_NAMESPACE, "batches")
         self._top_refreshes = Metrics.counter(METRICS_NAMESPACE, "top_refreshes")
+        self._freshness = Metrics.distribution(METRICS_NAMESPACE, "commit_to_write_ms")
         self._rejects = RejectCounter("redis")
 
     def setup(self) -> None:
@@ -550,9 +576,27 @@ class WriteTopContentFn(beam.DoFn):
             return
         self._batches.inc()
         self._written.inc(len(batch))
+        self._record_freshness(panes.values())
         if refresh_top:
             self._top_refreshes.inc()
             self._next_top_refresh = now + self._config.top_refresh_seconds
+
+    def _record_freshness(self, panes: Iterable[WindowAggregate]) -> None:
+        """The Distribution for monitoring, and a capped list in Redis itself for scripts/run-local's view."""
+        samples = freshness_samples(panes, int(self._clock() * 1000))
+        if not samples or self._client is None:
+            return
+        for sample in samples:
+            self._freshness.update(sample)
+        written_at = int(self._clock() * 1000)
+        key = self._config.keys.freshness()
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.lpush(key, *(f"{written_at} {sample}" for sample in samples))
+            pipe.ltrim(key, 0, FRESHNESS_SAMPLES - 1)
+            pipe.execute()
+        except redis.RedisError as exc:  # a metric: never worth a retry or a dead letter
+            _log.debug("Redis sink: freshness samples not written: %s", exc)
 
     def _execute(self, queue: Callable[[redis.client.Pipeline], None], attempts: int) -> None:
         assert self._client is not None, "setup() opens the client"
