@@ -25,6 +25,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming
 
 from transforms.model import EVENT_TYPES, EnrichedEvent, WindowAggregate
+from transforms.state_cache import measure_cached_state_cheaply
 
 AggregateKey = tuple[str | None, bool]
 """(content id as a string or None, content_missing): disjoint groups, so totals add up across rows."""
@@ -220,6 +221,9 @@ class AccumulatePanesFn(beam.DoFn):
             name: Metrics.counter("aggregate", f"panes_{name.lower()}") for name in _PANE_TIMING_NAMES.values()
         }
 
+    def setup(self) -> None:
+        measure_cached_state_cheaply()
+
     def process(
         self,
         keyed: tuple[tuple[AggregateKey, int], PaneDelta],
@@ -320,6 +324,9 @@ class CoalescePanesFn(beam.DoFn):
         self._lateness = Duration.of(allowed_lateness_seconds)
         self._passed = Metrics.counter("aggregate", "bigquery_panes_written")
         self._coalesced = Metrics.counter("aggregate", "bigquery_panes_coalesced")
+
+    def setup(self) -> None:
+        measure_cached_state_cheaply()
 
     def process(
         self,

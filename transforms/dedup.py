@@ -41,6 +41,7 @@ from apache_beam.transforms.window import GlobalWindow, GlobalWindows, Timestamp
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from transforms.model import EngagementEvent
+from transforms.state_cache import measure_cached_state_cheaply
 
 BLOCK_IDS = 128
 """Ids per de-dup state cell: a 16-byte bitmap."""
@@ -108,6 +109,9 @@ class DeduplicateByIdFn(beam.DoFn):
         self._horizon = Duration.of(horizon_seconds)
         self._passed = Metrics.counter("dedup", "unique_events")
         self._duplicates = Metrics.counter("dedup", "duplicates_dropped")
+
+    def setup(self) -> None:
+        measure_cached_state_cheaply()
 
     def process(
         self,

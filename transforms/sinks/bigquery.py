@@ -90,7 +90,8 @@ class BigQuerySinkOptions(PipelineOptions):
             default=10,
             help=(
                 "Streaming: window_aggregates gets at most one pane per window and content per this many "
-                "seconds, the newest, and the final value when the window closes (Redis gets every pane)."
+                "seconds, the newest, and the final value when the window closes (Redis gets every pane); 0 "
+                "writes every pane."
             ),
         )
         parser.add_argument(
@@ -301,8 +302,8 @@ class BigQuerySinkSettings:
     ddl_path: Path = TABLES_DDL
 
     def __post_init__(self) -> None:
-        if self.pane_interval_seconds <= 0:
-            raise ValueError("bigquery_pane_interval_seconds must be positive")
+        if self.pane_interval_seconds < 0:
+            raise ValueError("bigquery_pane_interval_seconds must not be negative")
         if self.write_method not in WRITE_METHODS:
             raise ValueError(f"bigquery_write_method must be one of {WRITE_METHODS}, not {self.write_method!r}")
         if self.write_method == LOCAL_STORAGE_WRITE:
@@ -445,7 +446,7 @@ class WriteWindowAggregates(beam.PTransform):
     def expand(self, aggregates: beam.PCollection[WindowAggregate]) -> beam.PCollection[DeadLetter]:
         settings = self._settings
         spec = settings.table_spec("window_aggregates", settings.aggregates_table)
-        if settings.streaming:
+        if settings.streaming and settings.pane_interval_seconds > 0:
             aggregates = aggregates | "Coalesce panes" >> CoalescedPanes(
                 settings.pane_interval_seconds, settings.allowed_lateness_seconds
             )

@@ -60,6 +60,8 @@ from google.cloud.bigquery_storage_v1.services.big_query_write.transports import
 from google.protobuf import descriptor_pb2, descriptor_pool, message, message_factory
 from google.rpc import code_pb2
 
+from transforms.state_cache import measure_cached_state_cheaply
+
 LOG = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -494,6 +496,7 @@ class _AppendFn(beam.DoFn):
         self._batches = Metrics.distribution(METRICS_NAMESPACE, f"{spec.table}.batch_rows")
 
     def setup(self) -> None:
+        measure_cached_state_cheaply()
         self._client = insecure_write_client(self._endpoint)
         self._appender = TableAppender(self._client, self._spec, proto_message_class(self._spec))
 
