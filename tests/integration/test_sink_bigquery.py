@@ -113,9 +113,12 @@ def test_batch_graph_keeps_no_state_and_sets_no_timers(settings: BigQuerySinkSet
     written. The batch graph must hold neither; the streaming graph does (so this test can tell them apart)."""
     spec = settings.table_spec("enriched_events", "enriched_events")
 
-    def stateful_transforms(streaming: bool) -> list[str]:
+    def stateful_transforms(streaming: bool, triggering_frequency_seconds: float = 5.0) -> list[str]:
         p = beam.Pipeline()
-        _ = p | beam.Create([]) | WriteRows(spec, dataclasses.replace(settings, streaming=streaming))
+        changed = dataclasses.replace(
+            settings, streaming=streaming, triggering_frequency_seconds=triggering_frequency_seconds
+        )
+        _ = p | beam.Create([]) | WriteRows(spec, changed)
         found = []
         for transform in p.to_runner_api().components.transforms.values():
             if transform.spec.urn == common_urns.primitives.PAR_DO.urn:
@@ -125,10 +128,13 @@ def test_batch_graph_keeps_no_state_and_sets_no_timers(settings: BigQuerySinkSet
         return found
 
     assert stateful_transforms(streaming=False) == []
-    # Streaming: only the offsets are state. Batching per row in state (GroupIntoBatches) cost several
-    # uncached state round trips per row on Prism.
-    (streaming_stateful,) = stateful_transforms(streaming=True)
-    assert streaming_stateful.endswith("/Append at offsets")
+    # Streaming: the offsets, and batches held across bundles for at most the triggering frequency (cheap
+    # now that Prism sends state cache tokens, devstack/prism-patches/0003); 0 batches within bundles.
+    offsets, buffered = sorted(stateful_transforms(streaming=True))
+    assert offsets.endswith("/Append at offsets")
+    assert "/Batch per stream/" in buffered
+    (only_offsets,) = stateful_transforms(streaming=True, triggering_frequency_seconds=0)
+    assert only_offsets.endswith("/Append at offsets")
 
 
 @pytest.fixture

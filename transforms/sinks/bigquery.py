@@ -142,9 +142,9 @@ class BigQuerySinkOptions(PipelineOptions):
             type=float,
             default=5.0,
             help=(
-                "Streaming, Beam's Storage Write sink only: how often buffered rows are committed, in seconds. "
-                "Lower means fresher tables and more, smaller appends. The local writer appends each bundle's "
-                "rows when the bundle ends."
+                "Streaming: how often buffered rows are committed, in seconds. Lower means fresher tables and "
+                "more, smaller appends. The local writer holds a stream's rows for at most this long (or until "
+                "--bigquery_batch_size); 0 makes it append each bundle's rows when the bundle ends."
             ),
         )
         parser.add_argument(
@@ -370,6 +370,7 @@ class WriteRows(beam.PTransform):
             num_shards=self._settings.num_streams or 4,
             batch_size=self._settings.batch_size,
             streaming=self._settings.streaming,
+            max_buffering_seconds=self._settings.triggering_frequency_seconds,
         )
 
 

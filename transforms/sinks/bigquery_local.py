@@ -681,6 +681,8 @@ class LocalWriteSettings:
     num_shards: int = 4
     batch_size: int = 500
     streaming: bool = False
+    max_buffering_seconds: float = 0.0
+    """Streaming: how long a stream's rows may wait for more (across bundles); 0 batches within each bundle."""
 
 
 def create_streams(endpoint: str, spec: TableSpec, count: int) -> list[str]:
@@ -752,12 +754,24 @@ class _AppendStreaming(beam.PTransform):
     def expand(self, encoded: beam.PCollection[tuple[int, bytes]]) -> beam.PCollection[tuple[bytes, str]]:
         spec, settings = self._spec, self._settings
         streams = create_streams(settings.endpoint, spec, settings.num_shards)
-        return (
-            encoded
-            | "Batch per stream within bundle"
-            >> beam.ParDo(BatchWithinBundleFn(settings.batch_size)).with_output_types(tuple[int, list[bytes]])
-            | "Append at offsets" >> beam.ParDo(AppendBatchesFn(spec, settings.endpoint, streams))
-        )
+        if settings.max_buffering_seconds > 0:
+            # Every append costs the emulator a fixed ~10 ms whatever its size, and bundles can be a handful of
+            # rows: batching across bundles cut its CPU (docs/benchmarks.md). The batches are persisted
+            # before the append, so a replay re-sends the same rows at the same offset.
+            batches = (
+                encoded
+                | "Batch per stream"
+                >> beam.GroupIntoBatches(
+                    settings.batch_size, max_buffering_duration_secs=settings.max_buffering_seconds
+                )
+                | "Batches as lists"
+                >> beam.MapTuple(lambda shard, rows: (shard, list(rows))).with_output_types(tuple[int, list[bytes]])
+            )
+        else:
+            batches = encoded | "Batch per stream within bundle" >> beam.ParDo(
+                BatchWithinBundleFn(settings.batch_size)
+            ).with_output_types(tuple[int, list[bytes]])
+        return batches | "Append at offsets" >> beam.ParDo(AppendBatchesFn(spec, settings.endpoint, streams))
 
 
 class _RowJsonFn(beam.DoFn):
