@@ -46,7 +46,7 @@ _INSTANT = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)
 # Checks Dataflow can make before launching, where the option's type says too little.
 _REGEXES = {
     "bootstrap_servers": r"^[^,\s]+:[0-9]+(,[^,\s]+:[0-9]+)*$",
-    "start_offset": rf"^(earliest|latest|{_INSTANT[1:-1]})$",
+    "start_offset": rf"^(earliest|latest|resume|{_INSTANT[1:-1]})$",
     "redis_url": r"^rediss?://\S+$",
     "http_api_url": r"^https?://\S+$",
     "http_api_token_env": r"^[A-Za-z_][A-Za-z0-9_]*$",

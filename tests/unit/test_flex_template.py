@@ -100,6 +100,7 @@ def test_defaults_and_choices_satisfy_the_parameter_regexes(file_name):
     [
         ("bootstrap_servers", "b-1.kafka:9092,b-2.kafka:9092", "b-1.kafka"),
         ("start_offset", "2026-11-22T10:00:00Z", "yesterday"),
+        ("start_offset", "resume", "resumed"),
         ("redis_url", "rediss://:pw@redis.internal:6380/0", "redis.internal:6379"),
         ("http_api_token_secret", "projects/p/secrets/token/versions/latest", "token-value"),
         ("window_seconds", "60", "1m"),
