@@ -15,6 +15,7 @@ import importlib
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 
-from devstack.config import INSTANCE_ENV, INSTANCES, StackConfig, instance, load_config, use_instance
+from devstack.config import INSTANCE_ENV, INSTANCES, REPO_ROOT, StackConfig, instance, load_config, use_instance
 from devstack.process import StackError, log_file, running_pid, say, stop_orphaned_jobs
 
 # Start order; `down` stops in reverse. Each entry is a module under devstack/ with the service interface.
@@ -156,10 +157,23 @@ def ensure_up(cfg: StackConfig, services: list[str] | None = None) -> None:
         _start_and_wait(cfg, available)
 
 
+def ensure_tables(cfg: StackConfig) -> None:
+    """The project's tables and views in the emulator's default dataset (scripts/bigquery-ddl; idempotent)."""
+    result = subprocess.run(
+        [str(REPO_ROOT / "scripts" / "bigquery-ddl"), "--project", cfg.bq_project, "--dataset", cfg.bq_dataset,
+         "--apply-to-emulator", cfg.bq_rest_endpoint],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise StackError(f"creating the BigQuery tables failed:\n{result.stdout}{result.stderr}")
+
+
 def _cmd_up(cfg: StackConfig, args: argparse.Namespace) -> int:
     started = time.monotonic()
     stop_orphaned_jobs(cfg)
     ensure_up(cfg, args.services or None)
+    if args.tables:
+        ensure_tables(cfg)
     print(f"stack up in {time.monotonic() - started:.1f}s ({cfg.stack_dir})")
     _print_status(cfg, _select(load_services(), args.services or None))
     return 0
@@ -274,6 +288,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="install, start and wait for the services (idempotent)")
     up.add_argument("services", nargs="*", help="only these services (and what they depend on)")
+    up.add_argument(
+        "--tables", action="store_true", help="also create the BigQuery tables and views in the default dataset"
+    )
     up.set_defaults(handler=_cmd_up)
     down = commands.add_parser("down", help="stop the processes this stack started")
     down.add_argument("--purge", action="store_true", help="also delete the stack's data and logs (not the cache)")

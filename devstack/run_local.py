@@ -20,7 +20,7 @@ import redis
 import requests
 
 from devstack import bigquery_clients
-from devstack.cli import ensure_up
+from devstack.cli import ensure_tables, ensure_up
 from devstack.config import REPO_ROOT, StackConfig, load_config
 from devstack.process import record_job, stop_job, stop_orphaned_jobs
 from pipelines.local_runner import prism_args
@@ -197,19 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     # the sinks beside the new one: stop it first.
     stop_orphaned_jobs(cfg)
     ensure_up(cfg)
-    subprocess.run(
-        [
-            str(REPO_ROOT / "scripts" / "bigquery-ddl"),
-            "--project",
-            cfg.bq_project,
-            "--dataset",
-            cfg.bq_dataset,
-            "--apply-to-emulator",
-            cfg.bq_rest_endpoint,
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
+    ensure_tables(cfg)
     # None: --start_offset=resume, so a second run-local picks up where the first stopped (docs/restarts.md).
     start = None
     python = sys.executable
