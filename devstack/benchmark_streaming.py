@@ -550,8 +550,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rates",
         type=parse_rates,
-        default=[500, 1000, 2000, 5000],
-        help="events/s of each step, comma-separated (default 500,1000,2000,5000)",
+        default=[100, 1000, 3000, 5000],
+        help="events/s of each step, comma-separated (default 100,1000,3000,5000: the SPEC and issue targets)",
     )
     parser.add_argument("--step-seconds", type=float, default=60, help="how long each rate is held (default 60)")
     parser.add_argument("--warmup-rate", type=float, default=20, help="events/s before the steps (default 20)")
