@@ -41,8 +41,8 @@ import psycopg2
 import redis
 
 from devstack import bigquery_clients
-from devstack.cli import ensure_up
-from devstack.config import REPO_ROOT, StackConfig, load_config, use_instance
+from devstack.cli import ensure_tables, ensure_up
+from devstack.config import StackConfig, load_config, use_instance
 from devstack.cpu_usage import cpu_seconds_by_service, machine_ticks, session_usage
 from devstack.process import stop_job
 from devstack.run_local import pipeline_args, start_logged
@@ -597,11 +597,7 @@ class Resources:
         return dataclasses.replace(self.cfg, bq_dataset=self.dataset)
 
     def create(self) -> None:
-        subprocess.run(
-            [str(REPO_ROOT / "scripts" / "bigquery-ddl"), "--project", self.cfg.bq_project, "--dataset",
-             self.dataset, "--apply-to-emulator", self.cfg.bq_rest_endpoint],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        ensure_tables(self.cfg, self.dataset)
 
     def remove(self, client: redis.Redis) -> None:
         """Drops the dataset, this run's Redis keys and its consumer group; best effort, each on its own."""

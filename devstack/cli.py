@@ -157,11 +157,12 @@ def ensure_up(cfg: StackConfig, services: list[str] | None = None) -> None:
         _start_and_wait(cfg, available)
 
 
-def ensure_tables(cfg: StackConfig) -> None:
-    """The project's tables and views in the emulator's default dataset (scripts/bigquery-ddl; idempotent)."""
+def ensure_tables(cfg: StackConfig, dataset: str | None = None) -> None:
+    """The project's tables and views in ``dataset`` (default: the stack's) of the emulator, through
+    scripts/bigquery-ddl; idempotent, silent unless it fails."""
     result = subprocess.run(
-        [str(REPO_ROOT / "scripts" / "bigquery-ddl"), "--project", cfg.bq_project, "--dataset", cfg.bq_dataset,
-         "--apply-to-emulator", cfg.bq_rest_endpoint],
+        [str(REPO_ROOT / "scripts" / "bigquery-ddl"), "--project", cfg.bq_project, "--dataset",
+         dataset or cfg.bq_dataset, "--apply-to-emulator", cfg.bq_rest_endpoint],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     if result.returncode != 0:

@@ -355,17 +355,22 @@ class CoalescePanesFn(beam.DoFn):
             flush.set(Timestamp(micros=(last_sent + self._interval_ms) * 1000))
         pending_state.write(aggregate)
 
+    def _take_pending(self, pending_state: ReadModifyWriteRuntimeState) -> WindowAggregate | None:
+        pending = pending_state.read()
+        if pending is not None:
+            pending_state.clear()
+            self._passed.inc()
+        return pending
+
     @on_timer(FLUSH)
     def flush(
         self,
         pending_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(PENDING),
         last_sent_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(LAST_SENT_MS),
     ) -> Iterator[WindowAggregate]:
-        pending = pending_state.read()
+        pending = self._take_pending(pending_state)
         if pending is not None:
-            pending_state.clear()
             last_sent_state.write(int(time.time() * 1000))
-            self._passed.inc()
             yield pending
 
     @on_timer(EXPIRY)
@@ -375,11 +380,9 @@ class CoalescePanesFn(beam.DoFn):
         last_sent_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(LAST_SENT_MS),
     ) -> Iterator[WindowAggregate]:
         # The window can no longer change: what is still waiting is its final value.
-        pending = pending_state.read()
-        pending_state.clear()
+        pending = self._take_pending(pending_state)
         last_sent_state.clear()
         if pending is not None:
-            self._passed.inc()
             yield pending
 
 

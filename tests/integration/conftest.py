@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import threading
 import time
 import uuid
@@ -23,8 +22,8 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from google.cloud import bigquery
 
 from devstack import bigquery_clients
-from devstack.cli import ensure_up
-from devstack.config import REPO_ROOT, StackConfig, load_config
+from devstack.cli import ensure_tables, ensure_up
+from devstack.config import StackConfig, load_config
 from devstack.external_api import ApiServer
 
 
@@ -166,8 +165,7 @@ def dataset(stack: StackConfig, bq: bigquery.Client) -> Iterator[str]:
     """A fresh dataset with the project's tables and views (scripts/bigquery-ddl), deleted afterwards, so
     each test module starts empty however often the suite runs against the same emulator."""
     name = f"it_{uuid.uuid4().hex[:12]}"
-    ddl = [str(REPO_ROOT / "scripts" / "bigquery-ddl"), "--project", stack.bq_project, "--dataset", name]
-    subprocess.run([*ddl, "--apply-to-emulator", stack.bq_rest_endpoint], check=True, capture_output=True)
+    ensure_tables(stack, name)
     yield name
     bq.delete_dataset(f"{stack.bq_project}.{name}", delete_contents=True, not_found_ok=True)
 
