@@ -1,7 +1,8 @@
 """The data contract (shared/SPEC.md) as typed records.
 
 Pydantic validates what arrives from outside (Kafka, PostgreSQL); once validated, records travel through
-the pipeline as frozen models so every stage sees the same, already-checked shape.
+the pipeline as frozen models so every stage sees the same, already-checked shape. Between stages they
+travel in a compact pickle form (transforms/compact_pickle.py) that is not validated again.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from enum import StrEnum
 from typing import Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, StrictInt, field_validator
+from pydantic import ConfigDict, StrictInt, field_validator
+
+from transforms.compact_pickle import CompactPickleModel
 
 EventType = Literal["play", "pause", "finish", "click"]
 EVENT_TYPES: tuple[str, ...] = ("play", "pause", "finish", "click")
@@ -30,7 +33,7 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-class EngagementEvent(BaseModel):
+class EngagementEvent(CompactPickleModel):
     """One row of ``engagement_events``, validated."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -55,7 +58,7 @@ class EngagementEvent(BaseModel):
         return value.astimezone(UTC)
 
 
-class Content(BaseModel):
+class Content(CompactPickleModel):
     """One row of ``content``: what enrichment adds to an event."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
@@ -68,7 +71,7 @@ class Content(BaseModel):
     publish_ts: datetime | None = None
 
 
-class EnrichedEvent(BaseModel):
+class EnrichedEvent(CompactPickleModel):
     """An event with its content metadata and engagement metrics (SPEC §3)."""
 
     model_config = ConfigDict(frozen=True)
@@ -98,7 +101,7 @@ class Stage(StrEnum):
     HTTP = "http"
 
 
-class SourceCoordinates(BaseModel):
+class SourceCoordinates(CompactPickleModel):
     """Where a record came from: a Kafka position, a PostgreSQL table row, or (``aggregate``) a record the
     pipeline derived itself, such as a window aggregate, which has no single source position."""
 
@@ -119,7 +122,7 @@ class SourceCoordinates(BaseModel):
         return self.kind
 
 
-class RawRecord(BaseModel):
+class RawRecord(CompactPickleModel):
     """What the pipeline reads before any decoding: the bytes and where they came from."""
 
     model_config = ConfigDict(frozen=True)
@@ -129,7 +132,7 @@ class RawRecord(BaseModel):
     source: SourceCoordinates
 
 
-class DeadLetter(BaseModel):
+class DeadLetter(CompactPickleModel):
     """One schema for every stage's rejects, so a single table and query cover all of them."""
 
     model_config = ConfigDict(frozen=True)
@@ -163,7 +166,7 @@ class DeadLetter(BaseModel):
         )
 
 
-class WindowAggregate(BaseModel):
+class WindowAggregate(CompactPickleModel):
     """Per-content totals of one fixed event-time window, as of one fired pane (SPEC §5)."""
 
     model_config = ConfigDict(frozen=True)
