@@ -162,7 +162,8 @@ def plan_from_options(options: PipelineOptions) -> BackfillPlan:
             chunk_rows = DEFAULT_CHUNK_ROWS if runs_locally(options) else 0
         if chunk_rows < 0:
             raise ValueError("--chunk_rows must be 0 (one job) or positive")
-        core = CoreSettings.from_options(options, streaming=False)
+        # engagement_events.id is the primary key and the read splits are disjoint id ranges.
+        core = dataclasses.replace(CoreSettings.from_options(options, streaming=False), ids_unique_at_source=True)
         bigquery = BigQuerySinkSettings.from_options(options)
         redis_config = RedisSinkConfig.from_options(options, window_seconds=core.windows.window_seconds)
         http = HttpSinkSettings.from_options(options) if backfill.send_to_http_api else None
@@ -337,7 +338,10 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions, plan: Back
     current = pipeline | "Windows in BigQuery" >> ReadCurrentAggregates(
         plan.bigquery_read, plan.time_range, plan.core.windows.window_seconds
     )
-    new_events = enriched | "Skip events in BigQuery" >> KeepNewEvents(existing_ids)
+    # A chunk's ids fit in a set on the worker; a whole range in one job (Dataflow) is joined by key instead.
+    new_events = enriched | "Skip events in BigQuery" >> KeepNewEvents(
+        existing_ids, ids_fit_in_memory=plan.chunk_rows > 0
+    )
     final = core.aggregates | "Final pane per window" >> KeepFinalPanes()
     aggregates = final | "Compare windows with BigQuery" >> SplitAggregatesByCurrentValue(current)
 

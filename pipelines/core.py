@@ -31,8 +31,14 @@ class CoreSettings:
     windows_from: datetime | None = None
     """A resumed job's re-read start: earlier windows were final before the restart (transforms/resume.py)."""
     decode: DecodeLimits = field(default_factory=DecodeLimits)
+    ids_unique_at_source: bool = False
+    """True when the source cannot hold two records with one id: the backfill reads PostgreSQL, where ``id``
+    is the primary key and the read splits are disjoint id ranges. The batch de-duplication, a GroupByKey
+    that holds every event in the runner, is then skipped. A stream (Kafka redelivers) always de-duplicates."""
 
     def __post_init__(self) -> None:
+        if self.streaming and self.ids_unique_at_source:
+            raise ValueError("a stream can deliver an id twice: ids_unique_at_source is for bounded sources only")
         # A duplicate arriving after the horizon but while its window is still open would be counted
         # twice in the aggregate, so the horizon must cover a window's whole open life.
         if self.dedup_horizon_seconds < self.windows.open_seconds:
@@ -70,7 +76,9 @@ def build_core(
 ) -> CoreOutputs:
     """Applies the shared graph to ``raw``; ``content`` must hold a single (newest) snapshot per pane."""
     decoded = raw | "Decode" >> DecodeRecords(settings.decode)
-    unique = decoded.events | "Deduplicate" >> DeduplicateEvents(settings.dedup_horizon_seconds, settings.streaming)
+    unique = decoded.events
+    if not settings.ids_unique_at_source:
+        unique = unique | "Deduplicate" >> DeduplicateEvents(settings.dedup_horizon_seconds, settings.streaming)
     enrich = unique | "Enrich" >> EnrichEvents(content, content_lookup)
     enriched = enrich.enriched
     to_aggregate = enriched

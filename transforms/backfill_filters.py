@@ -249,14 +249,37 @@ class _KeepUnwrittenFn(beam.DoFn):
         yield from events
 
 
-class KeepNewEvents(beam.PTransform):
-    """The events whose id is not in ``existing_ids``: a join by id (CoGroupByKey) in the global window."""
+class _SkipKnownIdsFn(beam.DoFn):
+    def __init__(self) -> None:
+        self._new = Metrics.counter(METRICS_NAMESPACE, "events_new")
+        self._skipped = Metrics.counter(METRICS_NAMESPACE, "events_already_in_bigquery")
 
-    def __init__(self, existing_ids: beam.PCollection[int]) -> None:
+    def process(self, event: EnrichedEvent, known_ids: frozenset[int]) -> Iterator[EnrichedEvent]:
+        if event.event.id in known_ids:
+            self._skipped.inc()
+            return
+        self._new.inc()
+        yield event
+
+
+class KeepNewEvents(beam.PTransform):
+    """The events whose id is not in ``existing_ids``, in the global window.
+
+    ``ids_fit_in_memory``: the ids are few enough to hold as a set on every worker (a chunk of a local
+    backfill: at most about ``--chunk_rows`` of them). The events then pass through one fused step against a
+    side input, instead of a CoGroupByKey that holds every event of the range in the runner. Otherwise (one
+    job over a long range on Dataflow) the events are joined with the ids by key, which scales with workers.
+    """
+
+    def __init__(self, existing_ids: beam.PCollection[int], ids_fit_in_memory: bool = False) -> None:
         super().__init__()
         self._existing_ids = existing_ids
+        self._ids_fit_in_memory = ids_fit_in_memory
 
     def expand(self, events: beam.PCollection[EnrichedEvent]) -> beam.PCollection[EnrichedEvent]:
+        if self._ids_fit_in_memory:
+            known = self._existing_ids | "IdSet" >> beam.CombineGlobally(_IdSetFn())
+            return events | "SkipKnownIds" >> beam.ParDo(_SkipKnownIdsFn(), known_ids=beam.pvalue.AsSingleton(known))
         keyed = events | "KeyById" >> beam.Map(lambda event: (event.event.id, event))
         existing = self._existing_ids | "KeyExisting" >> beam.Map(lambda event_id: (event_id, None))
         return (
@@ -264,6 +287,26 @@ class KeepNewEvents(beam.PTransform):
             | "JoinById" >> beam.CoGroupByKey()
             | "KeepUnwritten" >> beam.ParDo(_KeepUnwrittenFn())
         )
+
+
+class _IdSetFn(beam.CombineFn):
+    """The ids as one frozenset (empty when there are none)."""
+
+    def create_accumulator(self) -> set[int]:
+        return set()
+
+    def add_input(self, accumulator: set[int], event_id: int) -> set[int]:
+        accumulator.add(event_id)
+        return accumulator
+
+    def merge_accumulators(self, accumulators: Iterable[set[int]]) -> set[int]:
+        merged: set[int] = set()
+        for accumulator in accumulators:
+            merged |= accumulator
+        return merged
+
+    def extract_output(self, accumulator: set[int]) -> frozenset[int]:
+        return frozenset(accumulator)
 
 
 def _pane_group_key(aggregate: WindowAggregate) -> tuple[int, str, bool]:

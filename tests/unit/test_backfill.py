@@ -252,9 +252,12 @@ def test_only_changed_windows_go_to_bigquery_and_the_rest_to_redis_only():
 # --- which events are written again -------------------------------------------------------------------------
 
 
-def test_events_already_in_bigquery_are_skipped():
+@pytest.mark.parametrize("ids_fit_in_memory", [False, True], ids=["join by key", "side input"])
+@pytest.mark.parametrize("existing_ids", [[2, 7], []], ids=["some written", "none written"])
+def test_events_already_in_bigquery_are_skipped(ids_fit_in_memory: bool, existing_ids: list[int]):
     events = [enrich(decode_record(plain_event(event_id, 5).value).event, PODCAST) for event_id in (1, 2, 3)]
     with test_pipeline.TestPipeline() as pipeline:
-        existing = pipeline | "Existing" >> beam.Create([2, 7])
-        new = pipeline | beam.Create(events) | KeepNewEvents(existing)
-        assert_that(new | beam.Map(lambda event: event.event.id), equal_to([1, 3]))
+        existing = pipeline | "Existing" >> beam.Create(existing_ids)
+        new = pipeline | beam.Create(events) | KeepNewEvents(existing, ids_fit_in_memory=ids_fit_in_memory)
+        expected = [event_id for event_id in (1, 2, 3) if event_id not in existing_ids]
+        assert_that(new | beam.Map(lambda event: event.event.id), equal_to(expected))
