@@ -178,14 +178,22 @@ class WindowSettings:
 
 
 def window_trigger(settings: WindowSettings, streaming: bool) -> trigger.TriggerFn:
-    """Early panes every ``early_firing_seconds`` in streaming, the on-time pane, then a pane per late bundle.
+    """Streaming: early panes every ``early_firing_seconds``, the on-time pane, then a pane per late bundle.
 
-    Batch has no processing time to fire early on, and each window's single pane is final. Late data fires
-    on count rather than after a processing delay: the Python DirectRunner's trigger driver fails on a
-    processing-time late trigger, and a pane per late bundle is already bounded by the bundles a runner makes.
+    Late data fires on count rather than after a processing delay: the Python DirectRunner's trigger driver
+    fails on a processing-time late trigger, and a pane per late bundle is already bounded by the bundles a
+    runner makes.
+
+    Batch has no processing time to fire early on: Beam's default trigger fires the on-time pane and a pane
+    for late data (a local runner may move the watermark between bundles), each accumulating the window's
+    whole value. It also lets runners lift the combine, adding events up before the shuffle rather than
+    shuffling every event: Prism and the FnApiRunner lift no combine under a count trigger.
     """
-    early = trigger.AfterProcessingTime(settings.early_firing_seconds) if streaming else None
-    return trigger.AfterWatermark(early=early, late=trigger.AfterCount(1))
+    if not streaming:
+        return trigger.DefaultTrigger()
+    return trigger.AfterWatermark(
+        early=trigger.AfterProcessingTime(settings.early_firing_seconds), late=trigger.AfterCount(1)
+    )
 
 
 PaneDelta = tuple[IntervalWindow, int, int, EngagementTotals]
