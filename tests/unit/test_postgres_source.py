@@ -54,22 +54,19 @@ def test_splits_must_be_positive():
 
 
 def test_a_row_decodes_to_the_event_streaming_would_produce():
-    row = (
-        42,
-        UUID("11111111-1111-4111-8111-111111111111"),
-        None,
-        "finish",
-        datetime(2026, 11, 22, 10, 0, 5, 123456, tzinfo=UTC),
-        1500,
-        None,
-        {"b": 1, "a": [True]},  # psycopg2 returns JSONB as Python values
+    # What json_build_object(...)::text returns for a row, in a UTC session: PostgreSQL trims trailing zeros
+    # of the fraction and writes JSONB as nested JSON.
+    document = (
+        '{"id" : 42, "content_id" : "11111111-1111-4111-8111-111111111111", "user_id" : null, '
+        '"event_type" : "finish", "event_ts" : "2026-11-22T10:00:05.12345+00:00", "duration_ms" : 1500, '
+        '"device" : null, "raw_payload" : {"b": 1, "a": [true]}}'
     )
-    record = row_to_raw_record(row)
+    record = row_to_raw_record(42, document)
     assert record.source.describe() == "postgres:engagement_events/42"
     event = decode_record(record.value).event
     assert event.id == 42
     assert event.content_id == UUID("11111111-1111-4111-8111-111111111111")
     assert event.user_id is None
-    assert event.event_ts == datetime(2026, 11, 22, 10, 0, 5, 123456, tzinfo=UTC)
+    assert event.event_ts == datetime(2026, 11, 22, 10, 0, 5, 123450, tzinfo=UTC)
     assert event.raw_payload == '{"a":[true],"b":1}'  # the canonical text Debezium's string also becomes
     assert json.loads(record.value)["event_type"] == "finish"
