@@ -24,12 +24,16 @@ import dataclasses
 import functools
 import itertools
 import logging
+import multiprocessing
+import os
 import sys
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, _BeamArgumentParser
@@ -51,6 +55,7 @@ from transforms.content import PostgresContentLoader, PostgresContentLookup, Rea
 from transforms.dead_letters import flatten_dead_letters
 from transforms.postgres_source import (
     LogProgressFn,
+    ProgressLog,
     RangeSummary,
     ReadEventsFromPostgres,
     TimeRange,
@@ -114,6 +119,25 @@ class BackfillOptions(PipelineOptions):
             ),
         )
         parser.add_argument(
+            "--skip_writes",
+            action="store_true",
+            default=False,
+            help=(
+                "Run the whole graph, including the reads of what BigQuery already holds, but write nothing: "
+                "the summary's counters say what a real run would write, and the time is the graph's own."
+            ),
+        )
+        parser.add_argument(
+            "--parallel_chunks",
+            type=int,
+            default=None,
+            help=(
+                "How many chunks run at the same time, each job in a process of its own. A job's Python work "
+                "runs in one process, so on one core; parallel chunks use the others. Default: the machine's "
+                "cores on the local runners, 1 on the others (there, one job scales by its workers)."
+            ),
+        )
+        parser.add_argument(
             "--preflight_timeout_seconds",
             type=int,
             default=10,
@@ -138,6 +162,8 @@ class BackfillPlan:
     bigquery_read: BigQueryReadSettings
     content_lookup: bool
     chunk_rows: int = 0
+    parallel_chunks: int = 1
+    skip_writes: bool = False
     chunks: tuple[TimeRange, ...] = ()
     """The sub-ranges run one after another (one job each); empty before the preflight has counted them."""
 
@@ -162,11 +188,18 @@ def plan_from_options(options: PipelineOptions) -> BackfillPlan:
             chunk_rows = DEFAULT_CHUNK_ROWS if runs_locally(options) else 0
         if chunk_rows < 0:
             raise ValueError("--chunk_rows must be 0 (one job) or positive")
+        parallel_chunks = backfill.parallel_chunks
+        if parallel_chunks is None:
+            parallel_chunks = (os.cpu_count() or 1) if runs_locally(options) else 1
+        if parallel_chunks < 1:
+            raise ValueError("--parallel_chunks must be at least 1")
         # engagement_events.id is the primary key and the read splits are disjoint id ranges.
         core = dataclasses.replace(CoreSettings.from_options(options, streaming=False), ids_unique_at_source=True)
         bigquery = BigQuerySinkSettings.from_options(options)
         redis_config = RedisSinkConfig.from_options(options, window_seconds=core.windows.window_seconds)
         http = HttpSinkSettings.from_options(options) if backfill.send_to_http_api else None
+        if http is not None:
+            http = dataclasses.replace(http, bounded_input=True)
     except ValueError as error:
         raise PreflightError(_one_line(error)) from error
     if backfill.send_to_http_api and http is None:
@@ -189,6 +222,8 @@ def plan_from_options(options: PipelineOptions) -> BackfillPlan:
         ),
         content_lookup=core_options.content_lookup == "postgres",
         chunk_rows=chunk_rows,
+        parallel_chunks=parallel_chunks,
+        skip_writes=backfill.skip_writes,
     )
     return plan
 
@@ -344,6 +379,9 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions, plan: Back
     )
     final = core.aggregates | "Final pane per window" >> KeepFinalPanes()
     aggregates = final | "Compare windows with BigQuery" >> SplitAggregatesByCurrentValue(current)
+    if plan.skip_writes:
+        # The filters above count what would be written (backfill/events_new, aggregates_changed, ...).
+        return
 
     # Redis gets every window of the range (its writes overwrite, so equal values change nothing): the
     # changed ones through write_outputs with BigQuery, the unchanged ones here.
@@ -422,52 +460,123 @@ def log_summary(totals: dict[tuple[str, str], int]) -> None:
 
 
 def run_chunks(options: PipelineOptions, plan: BackfillPlan) -> dict[tuple[str, str], int]:
-    """Runs one job per chunk of ``plan``, in order; returns the counters summed over all of them.
+    """Runs one job per chunk of ``plan``; returns the counters summed over all of them.
 
     Each job is the whole backfill of its sub-range (reads, filters against BigQuery, sinks), so a run
-    that stops part-way leaves the finished chunks complete, and re-running the range skips them.
+    that stops part-way leaves the finished chunks complete, and re-running the range skips them. Chunks
+    share nothing (a window, and so an event id, lies in exactly one), so up to ``plan.parallel_chunks`` of
+    them run at once, each in a process of its own.
     """
+    chunks = plan.chunks or (plan.time_range,)
+    if len(chunks) == 1:
+        return _run_job(options, plan)
+    if plan.parallel_chunks > 1:
+        return _run_chunks_in_processes(options, plan, chunks)
     totals: dict[tuple[str, str], int] = {}
     started = time.monotonic()
-    chunks = plan.chunks or (plan.time_range,)
     for index, chunk in enumerate(chunks, start=1):
-        chunk_plan = plan
-        if len(chunks) > 1:
-            # The chunk's own id span keeps its read splits even; the count is cheap (index on event_ts).
-            summary = summarize_range(plan.dsn, chunk)
-            chunk_plan = dataclasses.replace(plan, time_range=chunk, summary=summary, chunks=(chunk,))
+        chunk_plan = plan_of_chunk(plan, chunk)
+        LOG.info(
+            "backfill: chunk %d of %d, [%s, %s): %d rows",
+            index,
+            len(chunks),
+            chunk.start.isoformat(),
+            chunk.end.isoformat(),
+            chunk_plan.summary.rows,
+        )
+        _add_totals(totals, _run_job(options, chunk_plan))
+        done = totals.get(("backfill", "rows_read"), 0)
+        LOG.info(
+            "backfill: %d of %d chunks done, %s",
+            index,
+            len(chunks),
+            progress_text(done, plan.summary.rows, time.monotonic() - started),
+        )
+    return totals
+
+
+def plan_of_chunk(plan: BackfillPlan, chunk: TimeRange) -> BackfillPlan:
+    # The chunk's own id span keeps its read splits even; the count is cheap (index on event_ts).
+    return dataclasses.replace(plan, time_range=chunk, summary=summarize_range(plan.dsn, chunk), chunks=(chunk,))
+
+
+def _run_job(options: PipelineOptions, plan: BackfillPlan) -> dict[tuple[str, str], int]:
+    pipeline = beam.Pipeline(options=options)
+    build_pipeline(pipeline, options, plan)
+    result = pipeline.run()
+    result.wait_until_finish()
+    return counter_totals(result)
+
+
+def _add_totals(totals: dict[tuple[str, str], int], more: dict[tuple[str, str], int]) -> None:
+    for key, value in more.items():
+        totals[key] = totals.get(key, 0) + value
+
+
+PROGRESS_SECONDS = 5.0
+
+
+def _run_chunks_in_processes(
+    options: PipelineOptions, plan: BackfillPlan, chunks: Sequence[TimeRange]
+) -> dict[tuple[str, str], int]:
+    """Runs the chunks in ``plan.parallel_chunks`` processes; logs the whole range's progress every 5 s.
+
+    Spawned, not forked: a fork would copy this process's gRPC and Beam threads in whatever state they are.
+    The jobs count the rows they enrich into one shared counter (``ProgressLog.forward_to``).
+    """
+    context = multiprocessing.get_context("spawn")
+    enriched = context.Value("q", 0)
+    options_dict = options.get_all_options(drop_default=True, retain_unknown_options=True)
+    totals: dict[tuple[str, str], int] = {}
+    started = time.monotonic()
+    workers = min(plan.parallel_chunks, len(chunks))
+    LOG.info("backfill: %d chunks, %d at a time, each job in a process of its own", len(chunks), workers)
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_start_chunk_process, initargs=(enriched,)
+    ) as pool:
+        pending: set[Future] = {
+            pool.submit(_run_chunk_job, options_dict, plan_of_chunk(plan, chunk)) for chunk in chunks
+        }
+        done_chunks = 0
+        while pending:
+            finished, pending = wait(pending, timeout=PROGRESS_SECONDS, return_when=FIRST_EXCEPTION)
+            for future in finished:
+                error = future.exception()
+                if error is not None:
+                    for other in pending:
+                        other.cancel()
+                    raise error
+                _add_totals(totals, future.result())
+                done_chunks += 1
+            running = min(len(pending), workers)
             LOG.info(
-                "backfill: chunk %d of %d, [%s, %s): %d rows",
-                index,
+                "backfill: %d of %d chunks done, %d running; %s",
+                done_chunks,
                 len(chunks),
-                chunk.start.isoformat(),
-                chunk.end.isoformat(),
-                summary.rows,
-            )
-        pipeline = beam.Pipeline(options=options)
-        build_pipeline(pipeline, options, chunk_plan)
-        result = pipeline.run()
-        result.wait_until_finish()
-        for key, value in counter_totals(result).items():
-            totals[key] = totals.get(key, 0) + value
-        if len(chunks) > 1:
-            done = totals.get(("backfill", "rows_read"), 0)
-            LOG.info(
-                "backfill: %d of %d chunks done, %s",
-                index,
-                len(chunks),
-                progress_text(done, plan.summary.rows, time.monotonic() - started),
+                running,
+                progress_text(enriched.value, plan.summary.rows, time.monotonic() - started, verb="enriched"),
             )
     return totals
 
 
-def progress_text(done: int, total: int, elapsed_seconds: float) -> str:
+def _start_chunk_process(enriched: Any) -> None:
+    configure_logging()
+    # The parent logs the whole range's progress; each job's own per-step lines would only interleave.
+    logging.getLogger("transforms.postgres_source").setLevel(logging.WARNING)
+    ProgressLog.forward_to("enriched", enriched)
+
+
+def _run_chunk_job(options_dict: dict[str, Any], plan: BackfillPlan) -> dict[tuple[str, str], int]:
+    return _run_job(PipelineOptions.from_dictionary(options_dict), plan)
+
+
+def progress_text(done: int, total: int, elapsed_seconds: float, verb: str = "read") -> str:
     """``read 300000 of 1000000 rows (30.0%), 1850 rows/s, about 378s left``, for the chunks' progress."""
     rate = done / elapsed_seconds if elapsed_seconds > 0 else 0.0
     left = max(total - done, 0)
     eta = f"about {left / rate:.0f}s left" if rate > 0 else "time left unknown"
     share = 100.0 * done / total if total else 100.0
-    return f"read {done} of {total} rows ({share:.1f}%), {rate:.0f} rows/s, {eta}"
+    return f"{verb} {done} of {total} rows ({share:.1f}%), {rate:.0f} rows/s, {eta}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -488,6 +597,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "the Python DirectRunner runs this pipeline on its legacy engine, which can drop sink dead letters; "
             "use --runner=PrismRunner (scripts/backfill does)"
         )
+    if plan.skip_writes:
+        LOG.info("backfill: --skip_writes: the graph runs in full, nothing is written to BigQuery, Redis or the API")
     LOG.info(
         "backfill [%s, %s): %d rows in PostgreSQL (ids %s..%s), %d chunk(s), %d read splits, HTTP API %s",
         plan.time_range.start.isoformat(),

@@ -1,4 +1,4 @@
-"""The backfill against the real stack, on Prism (the runner scripts/backfill uses).
+"""The backfill against the real stack, on the FnApiRunner (the runner scripts/backfill uses).
 
 Each module run has its own BigQuery dataset (scripts/bigquery-ddl) and Redis prefix, and its events have
 ``event_ts`` in minutes of a far-future day picked at random, so nothing else in the shared PostgreSQL falls
@@ -29,7 +29,6 @@ from devstack.config import StackConfig
 from devstack.postgres import ROLE, psql
 from pipelines.backfill import main, preflight, run_chunks
 from pipelines.core import CoreSettings, build_core
-from pipelines.local_runner import prism_binary
 from pipelines.outputs import SinkSettings, write_outputs
 from tests.integration.external_api import ExternalApiClient
 from transforms.content import PostgresContentLoader, PostgresContentLookup, ReadContentOnce
@@ -112,11 +111,7 @@ def sample_events(db, start: datetime, minutes: int) -> list[int]:
 
 def backfill_options(stack: StackConfig, dataset: str, prefix: str, start: datetime, end: datetime) -> list[str]:
     return [
-        "--runner=PrismRunner",
-        f"--prism_location={prism_binary()}",
-        # Prism's job server is a process-wide singleton made with the options of the first Prism run; a
-        # DirectRunner pipeline of another test may have tried Prism first, without --prism_location.
-        "--experiments=disable_prism_server_singleton",
+        "--runner=FnApiRunner",
         f"--start={start.isoformat()}",
         f"--end={end.isoformat()}",
         "--read_splits=3",
@@ -328,7 +323,13 @@ def test_overlapping_streaming_and_backfills_write_no_duplicates(
     by_streaming = written()
     run_backfill(stack, dataset, prefix, t0, t1)  # entirely streamed: writes nothing
     assert written() == by_streaming
-    run_backfill(stack, dataset, prefix, t0, t3)  # overlaps both: fills the gap and the last minute
+    # --skip_writes runs the same graph and counts what it would write, but writes nothing.
+    dry = run_backfill(stack, dataset, prefix, t0, t3, extra=["--skip_writes"])
+    assert written() == by_streaming
+    assert not [name for name in dry.counters if name.startswith("sink.")]
+    real = run_backfill(stack, dataset, prefix, t0, t3)  # overlaps both: fills the gap and the last minute
+    for name in ("backfill/events_new", "backfill/events_already_in_bigquery", "backfill/aggregates_changed"):
+        assert dry.counters[name] == real.counters[name] > 0, name
 
     copies: dict[int, int] = {}
     for row in table_rows(bq, dataset, "enriched_events", ids_in(ids)):

@@ -3,6 +3,7 @@ idempotence filters (which events and windows are written again), run on the Dir
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -173,6 +174,19 @@ def test_ranges_are_chunked_by_default_only_on_runners_that_hold_the_job_in_loca
     assert chunk_rows("--runner=DataflowRunner") == 0
     assert chunk_rows("--runner=DataflowRunner", "--chunk_rows=500") == 500
     assert chunk_rows("--runner=PrismRunner", "--chunk_rows=0") == 0
+
+
+def test_chunks_run_in_parallel_by_default_on_one_process_per_core_locally():
+    argv = [*LOCAL, "--start=2026-11-22T10:00:00Z", "--end=2026-11-22T11:00:00Z"]
+
+    def parallel_chunks(*extra: str) -> int:
+        return plan_from_options(PipelineOptions([*argv, *extra])).parallel_chunks
+
+    assert parallel_chunks("--runner=FnApiRunner") == parallel_chunks("--runner=PrismRunner") == os.cpu_count()
+    assert parallel_chunks("--runner=DataflowRunner") == 1
+    assert parallel_chunks("--parallel_chunks=3") == 3
+    with pytest.raises(PreflightError, match="--parallel_chunks must be at least 1"):
+        parallel_chunks("--parallel_chunks=0")
 
 
 def test_chunk_progress_reports_rows_rate_and_time_left():

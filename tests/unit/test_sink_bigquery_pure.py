@@ -131,18 +131,25 @@ def test_shards_are_stable_and_in_range() -> None:
 
 
 def test_chunks_keep_order_and_read_lazily() -> None:
-    assert list(chunked(range(7), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
+    rows = [bytes([n]) for n in range(7)]
+    assert list(chunked(rows, 3)) == [rows[0:3], rows[3:6], rows[6:]]
     assert list(chunked([], 3)) == []
 
     def endless():  # a group bigger than memory is never read whole
         n = 0
         while True:
-            yield n
+            yield n.to_bytes(8, "big")
             n += 1
 
-    assert next(chunked(endless(), 2)) == [0, 1]
+    assert next(chunked(endless(), 2)) == [(0).to_bytes(8, "big"), (1).to_bytes(8, "big")]
     with pytest.raises(ValueError, match="positive"):
-        next(chunked(range(3), 0))
+        next(chunked(rows, 0))
+
+
+def test_chunks_stay_under_the_request_size_limit() -> None:
+    rows = [b"a" * 4, b"b" * 4, b"c" * 4, b"d" * 20, b"e"]
+    # At most 10 bytes a chunk; a row larger than that goes alone (the API will say if it is too large).
+    assert list(chunked(rows, 100, max_bytes=10)) == [[b"aaaa", b"bbbb"], [b"cccc"], [b"d" * 20], [b"e"]]
 
 
 def test_the_probe_sentinel_leaves_every_required_column_null() -> None:

@@ -205,17 +205,26 @@ def shard_of(encoded: bytes, num_shards: int) -> int:
     return zlib.crc32(encoded) % num_shards
 
 
-def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    """``items`` in lists of ``size`` (the last may be shorter), read lazily: a shard's group may not fit in
-    memory."""
+MAX_REQUEST_BYTES = 9 * 1024 * 1024
+"""Rows per AppendRows request stop short of this: the API refuses requests over 10 MB."""
+
+
+def chunked(items: Iterable[bytes], size: int, max_bytes: int = MAX_REQUEST_BYTES) -> Iterator[list[bytes]]:
+    """``items`` in lists of at most ``size`` items and ``max_bytes`` bytes (a larger item is a list of its own),
+    read lazily: a shard's group may not fit in memory."""
     if size < 1:
         raise ValueError(f"chunk size must be positive, not {size}")
-    chunk: list[T] = []
+    chunk: list[bytes] = []
+    chunk_bytes = 0
     for item in items:
+        if chunk and chunk_bytes + len(item) > max_bytes:
+            yield chunk
+            chunk, chunk_bytes = [], 0
         chunk.append(item)
+        chunk_bytes += len(item)
         if len(chunk) == size:
             yield chunk
-            chunk = []
+            chunk, chunk_bytes = [], 0
     if chunk:
         yield chunk
 

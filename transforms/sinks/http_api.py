@@ -355,6 +355,9 @@ class HttpSinkSettings:
     # False only for Python's DirectRunner (see docs/http-sink.md): it completes a GroupByKey before
     # GroupIntoBatches' end-of-window flush, and fails the pipeline when that flush arrives.
     checkpoint_batches: bool = True
+    bounded_input: bool = False
+    """A bounded run (the backfill) cuts batches by count only: the end of its input flushes what is left, and
+    no processing-time timer is set, which the FnApiRunner cannot fire."""
     ledger: DeliveryLedger | None = None
     """Where acknowledged ids are recorded for restarts (transforms/resume.py); None: not recorded."""
     ledger_redis_url: str | None = field(default=None, repr=False)
@@ -718,9 +721,8 @@ class WriteToHttpApi(beam.PTransform):
                 Stage.HTTP, "http.encode", _encode_and_shard, settings.shards, output_type=tuple[int, tuple[int, bytes]]
             )
         )
-        batches = encoded.converted | "GroupIntoBatches" >> GroupIntoBatches(
-            settings.batch_size, settings.max_wait_seconds
-        )
+        max_wait = None if settings.bounded_input else settings.max_wait_seconds
+        batches = encoded.converted | "GroupIntoBatches" >> GroupIntoBatches(settings.batch_size, max_wait)
         if settings.checkpoint_batches:
             # A checkpoint between forming and sending batches: a retried PostBatches bundle reads the
             # batches the runner persisted instead of regrouping. Still keyed by shard, so a streaming runner
