@@ -36,7 +36,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, _BeamArgumentParser
+from apache_beam.options.pipeline_options import (
+    GoogleCloudOptions,
+    PipelineOptions,
+    StandardOptions,
+    _BeamArgumentParser,
+)
 
 from pipelines.core import CoreOutputs, CoreSettings, build_core
 from pipelines.options import CoreOptions, with_state_cache
@@ -193,6 +198,9 @@ def plan_from_options(options: PipelineOptions) -> BackfillPlan:
             parallel_chunks = (os.cpu_count() or 1) if runs_locally(options) else 1
         if parallel_chunks < 1:
             raise ValueError("--parallel_chunks must be at least 1")
+        if submits_template(options) and chunk_rows:
+            # Each chunk's run would overwrite the one job file the launcher submits.
+            raise ValueError("a template launch submits one job: use --chunk_rows=0 (the default on Dataflow)")
         # engagement_events.id is the primary key and the read splits are disjoint id ranges.
         core = dataclasses.replace(CoreSettings.from_options(options, streaming=False), ids_unique_at_source=True)
         bigquery = BigQuerySinkSettings.from_options(options)
@@ -440,7 +448,8 @@ def counter_totals(result: beam.runners.runner.PipelineResult) -> dict[tuple[str
     """The job's counters by (namespace, name); empty when the runner reports none."""
     try:
         counters = result.metrics().query()["counters"]
-    except (NotImplementedError, AttributeError, KeyError):
+    except (NotImplementedError, AttributeError, KeyError, ValueError):
+        # ValueError: a runner with no job to ask ("Can not query metrics. Job id is unknown.").
         return {}
     totals: dict[tuple[str, str], int] = {}
     for counter in counters:
@@ -500,10 +509,22 @@ def plan_of_chunk(plan: BackfillPlan, chunk: TimeRange) -> BackfillPlan:
     return dataclasses.replace(plan, time_range=chunk, summary=summarize_range(plan.dsn, chunk), chunks=(chunk,))
 
 
+def submits_template(options: PipelineOptions) -> bool:
+    """Whether running writes a job file for a launcher (a flex template's ``--template_location``) rather than
+    running the job: there is then no job here to wait for or to read counters from."""
+    return bool(options.view_as(GoogleCloudOptions).template_location)
+
+
 def _run_job(options: PipelineOptions, plan: BackfillPlan) -> dict[tuple[str, str], int]:
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, options, plan)
     result = pipeline.run()
+    if submits_template(options):
+        LOG.info(
+            "backfill: job written for the template launcher; its progress is the job's counters "
+            "(backfill/rows_read, backfill/events_new, ...) in the Dataflow console"
+        )
+        return {}
     result.wait_until_finish()
     return counter_totals(result)
 
@@ -610,7 +631,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan.read_splits,
         "on" if plan.sinks.http is not None else "off",
     )
-    log_summary(run_chunks(options, plan))
+    totals = run_chunks(options, plan)
+    if not submits_template(options):
+        log_summary(totals)
     return 0
 
 

@@ -189,6 +189,14 @@ def test_chunks_run_in_parallel_by_default_on_one_process_per_core_locally():
         parallel_chunks("--parallel_chunks=0")
 
 
+def test_a_template_launch_is_one_job():
+    argv = [*LOCAL, "--start=2026-11-22T10:00:00Z", "--end=2026-11-22T11:00:00Z", "--runner=DataflowRunner"]
+    template = "--template_location=gs://bucket/templates/job_object"
+    assert plan_from_options(PipelineOptions([*argv, template])).chunk_rows == 0
+    with pytest.raises(PreflightError, match="a template launch submits one job"):
+        plan_from_options(PipelineOptions([*argv, template, "--chunk_rows=1000"]))
+
+
 def test_chunk_progress_reports_rows_rate_and_time_left():
     assert progress_text(300, 1_000, 10.0) == "read 300 of 1000 rows (30.0%), 30 rows/s, about 23s left"
     assert progress_text(0, 1_000, 0.0) == "read 0 of 1000 rows (0.0%), 0 rows/s, time left unknown"
