@@ -2,7 +2,7 @@
 parallel id splits, through the streaming job's transforms in batch mode, into the same sinks.
 
     python -m pipelines.backfill --start 2026-11-22T00:00:00Z --end 2026-11-23T00:00:00Z [options]
-    scripts/backfill --start ... --end ...          # the same, with the local stack's endpoints and Prism
+    scripts/backfill --start ... --end ...          # the same, with the local stack's endpoints, on the FnApiRunner
 
 PostgreSQL rows -> build_core (decode, de-duplicate, enrich with a content snapshot, window aggregates)
   enriched events   -> skip ids enriched_events already holds -> BigQuery (and the HTTP API if asked)
@@ -116,11 +116,11 @@ class BackfillOptions(PipelineOptions):
             type=int,
             default=None,
             help=(
-                "Run the range as consecutive jobs over window-aligned sub-ranges of at most about this many "
-                "rows each (a window is never split: one with more rows is a chunk of its own). Local runners "
-                "hold all of a batch job's data in memory (on Prism about 26 KiB per event), so this bounds "
+                "Run the range as jobs over window-aligned sub-ranges of at most about this many rows each (a "
+                "window is never split: one with more rows is a chunk of its own), --parallel_chunks at a time. "
+                "Local runners hold all of a batch job's data in memory, so this bounds "
                 f"the memory of a long range. 0: the whole range in one job. Default: {DEFAULT_CHUNK_ROWS} on "
-                "the local runners (Prism, Direct), 0 on the others (Dataflow)."
+                "the local runners (FnApiRunner, Prism, Direct), 0 on the others (Dataflow)."
             ),
         )
         parser.add_argument(
@@ -616,7 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if runner in (None, "DirectRunner", "BundleBasedDirectRunner"):
         LOG.warning(
             "the Python DirectRunner runs this pipeline on its legacy engine, which can drop sink dead letters; "
-            "use --runner=PrismRunner (scripts/backfill does)"
+            "use --runner=FnApiRunner (scripts/backfill does) or --runner=PrismRunner"
         )
     if plan.skip_writes:
         LOG.info("backfill: --skip_writes: the graph runs in full, nothing is written to BigQuery, Redis or the API")
