@@ -17,9 +17,13 @@ on-time pane, and on Prism nothing reached a sink at all (docs/local-streaming.m
 the watermark"). An event-time timer's hold is its own firing time, which is never behind the window
 it protects.
 
-State is kept per *block* of ``BLOCK_IDS`` consecutive ids, as a bitmap, rather than per id. Ids come from a
-PostgreSQL sequence, so the events of a block arrive close together and mostly in the same bundles: one
-state read, one write and one expiry timer then serve a whole run of ids instead of each event. Runners
+State is kept per *block* of ``BLOCK_IDS`` ids, as a bitmap, rather than per id. Ids come from a PostgreSQL
+sequence, so the events of a block arrive close together and mostly in the same bundles: one state read, one
+write and one expiry timer then serve a whole run of ids instead of each event. A block holds ids that are
+``DEDUP_LANES`` apart (``id % DEDUP_LANES`` is its lane), not consecutive ones: a runner processes a key on one
+worker at a time, and with blocks of consecutive ids all the traffic of any moment would go to one or two
+keys, which caps the step at one worker on Dataflow whatever the worker count. With lanes, the newest ids
+spread over ``DEDUP_LANES`` keys, and the state is the same size (each bitmap still covers ``BLOCK_IDS`` ids). Runners
 without a state cache (Prism) make every state read a round trip; per id, the de-dup alone cost 0.5 of the
 machine's 2 cores at 300 events/s (docs/benchmarks.md). A block is forgotten once the watermark passes the
 newest first copy's event time plus the horizon, rounded up to ``EXPIRY_GRID_SECONDS`` so that a run of
@@ -46,6 +50,9 @@ from transforms.state_cache import measure_cached_state_cheaply
 BLOCK_IDS = 128
 """Ids per de-dup state cell: a 16-byte bitmap."""
 
+DEDUP_LANES = 16
+"""Consecutive ids go to this many different blocks (keys), so the newest ids are spread over as many keys."""
+
 EXPIRY_GRID_SECONDS = 10
 """Expiry times are rounded up to this grid, so a run of events in a block sets its timer once."""
 
@@ -68,8 +75,14 @@ def forget_at(event_time: Timestamp, horizon: Duration) -> Timestamp:
 
 
 def id_block(event_id: int) -> tuple[int, int]:
-    """(block, position in the block) of an event id; negative ids too (floor division)."""
-    return divmod(event_id, BLOCK_IDS)
+    """(block, position in the block) of an event id; negative ids too (floor division).
+
+    Ids ``DEDUP_LANES`` apart share a block; consecutive ids fall into ``DEDUP_LANES`` different blocks. The
+    mapping is one to one: ``event_id = ((block // LANES) * BLOCK_IDS + position) * LANES + block % LANES``.
+    """
+    lane = event_id % DEDUP_LANES
+    group, position = divmod(event_id // DEDUP_LANES, BLOCK_IDS)
+    return group * DEDUP_LANES + lane, position
 
 
 @dataclass(frozen=True)

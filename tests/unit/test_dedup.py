@@ -9,7 +9,15 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 
 from tests.unit.helpers import at, plain_event
 from transforms.decode import DecodeRecords
-from transforms.dedup import BLOCK_IDS, EXPIRY_GRID_SECONDS, DeduplicateEvents, SeenIds, forget_at, id_block
+from transforms.dedup import (
+    BLOCK_IDS,
+    DEDUP_LANES,
+    EXPIRY_GRID_SECONDS,
+    DeduplicateEvents,
+    SeenIds,
+    forget_at,
+    id_block,
+)
 
 HORIZON = 600
 
@@ -20,11 +28,29 @@ def test_an_id_is_forgotten_a_horizon_after_its_event_time_rounded_up_to_the_exp
     assert forget.micros % (EXPIRY_GRID_SECONDS * 1_000_000) == 0
 
 
-def test_ids_fall_into_blocks_of_consecutive_ids_negative_ones_too():
+def same_block(n: int) -> int:
+    """The n-th id of id 1's block."""
+    return 1 + n * DEDUP_LANES
+
+
+def test_each_id_has_its_own_place_in_one_block_negative_ones_too():
+    ids = range(-5 * BLOCK_IDS * DEDUP_LANES, 5 * BLOCK_IDS * DEDUP_LANES)
+    places = [id_block(event_id) for event_id in ids]
+    assert len(set(places)) == len(places)
+    assert all(0 <= position < BLOCK_IDS for _, position in places)
     assert id_block(0) == (0, 0)
-    assert id_block(BLOCK_IDS - 1) == (0, BLOCK_IDS - 1)
-    assert id_block(BLOCK_IDS) == (1, 0)
+    assert id_block(same_block(1)) == (id_block(1)[0], 1)
     assert id_block(-1) == (-1, BLOCK_IDS - 1)
+
+
+def test_the_newest_ids_spread_over_many_keys():
+    # A runner processes a key on one worker at a time: any run of consecutive ids, the traffic of a moment,
+    # must not all go to one key.
+    for start in (0, 12_345, 10**12):
+        keys = [id_block(event_id)[0] for event_id in range(start, start + 1_000)]
+        counts = [keys.count(key) for key in set(keys)]
+        assert len(counts) >= DEDUP_LANES
+        assert max(counts) <= 2 * len(keys) / DEDUP_LANES
 
 
 def test_a_block_remembers_each_seen_id_and_its_latest_expiry_through_its_encoding():
@@ -75,7 +101,7 @@ def test_a_copy_within_the_horizon_is_dropped_however_much_processing_time_passe
 
 
 def test_a_copy_after_the_watermark_passes_the_horizon_is_let_through():
-    other_block = BLOCK_IDS + 2
+    other_block = 1 + BLOCK_IDS * DEDUP_LANES  # id 1's lane, the next block
     forgotten = forget_at(Timestamp.of(at(5)), Duration.of(HORIZON))
     stream = (
         test_stream.TestStream()
@@ -95,12 +121,12 @@ def test_ids_of_one_block_are_remembered_until_its_newest_first_copy_expires():
     stream = (
         test_stream.TestStream()
         .advance_watermark_to(at(0))
-        .add_elements([plain_event(1, 5), plain_event(2, 400), plain_event(2, 400)])
+        .add_elements([plain_event(1, 5), plain_event(same_block(1), 400), plain_event(same_block(1), 400)])
         .advance_watermark_to(at(5 + HORIZON + EXPIRY_GRID_SECONDS + 1))  # past id 1's own horizon
-        .add_elements([plain_event(1, 5), plain_event(3, 5)])
+        .add_elements([plain_event(1, 5), plain_event(same_block(2), 5)])
         .advance_watermark_to_infinity()
     )
     pipeline, ids = unique_ids(stream)
-    # Id 2 keeps the block, so the late copy of 1 is still dropped; a new id of the block passes.
-    assert_that(ids, equal_to([1, 2, 3]))
+    # The second id keeps the block, so the late copy of 1 is still dropped; a new id of the block passes.
+    assert_that(ids, equal_to([1, same_block(1), same_block(2)]))
     pipeline.run()
