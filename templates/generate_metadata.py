@@ -181,10 +181,10 @@ def template_metadata(spec: TemplateSpec) -> dict[str, Any]:
         "streaming": spec.streaming,
     }
     if spec.streaming:
-        # Exactly once is the default: Dataflow's exactly-once mode and the Storage Write API's committed
-        # streams. At least once (Dataflow's streaming_mode_at_least_once, with bigquery_use_at_least_once)
-        # is cheaper; the *_unique/_current views hide the duplicates it may write.
-        metadata |= {"supportsAtLeastOnce": True, "supportsExactlyOnce": True, "defaultStreamingMode": "EXACTLY_ONCE"}
+        # Exactly once only: in Dataflow's at-least-once mode an element may come again after the
+        # de-duplication and be counted twice in the aggregates. (bigquery_use_at_least_once, the BigQuery
+        # writes alone, stays available: the *_unique/_current views hide the copies it may write.)
+        metadata |= {"supportsAtLeastOnce": False, "supportsExactlyOnce": True, "defaultStreamingMode": "EXACTLY_ONCE"}
     metadata["parameters"] = parameters(spec.option_classes, spec.required)
     return metadata
 

@@ -24,8 +24,9 @@
 #   HTTP_API_TOKEN_SECRET  Secret Manager version of the HTTP API token, projects/P/secrets/S/versions/V; the
 #                    launcher reads it (the token itself is never a parameter). Without it, disable the sink with
 #                    http_api_sink=disabled.
-#   STREAMING_MODE   exactly_once (default) or at_least_once (streaming only; also switches BigQuery to its
-#                    at-least-once default stream)
+#   STREAMING_MODE   exactly_once, the only mode this job accepts: Dataflow's at-least-once mode may deliver
+#                    an element again after the de-duplication, and the aggregates would count it twice. For a
+#                    cheaper BigQuery write, keep exactly once and pass bigquery_use_at_least_once=true.
 #   MAX_WORKERS, WORKER_MACHINE_TYPE   autoscaling ceiling and machine type (defaults: Dataflow's)
 #   UPDATE           true to replace the running streaming job named JOB_NAME in place (state is kept);
 #                    TRANSFORM_NAME_MAPPINGS (old=new,...) when steps were renamed
@@ -74,8 +75,10 @@ fi
 case "${STREAMING_MODE:-exactly_once}" in
   exactly_once) ;;
   at_least_once)
-    [ "$pipeline" = streaming ] || die "STREAMING_MODE applies to the streaming job only"
-    parameters+=("dataflow_service_options=streaming_mode_at_least_once" "bigquery_use_at_least_once=true")
+    die "STREAMING_MODE=at_least_once is refused: this job counts and sums, and Dataflow's at-least-once mode may" \
+      "deliver an element again after the de-duplication, so the window aggregates (BigQuery, Redis) would count it" \
+      "twice. Keep exactly_once; bigquery_use_at_least_once=true makes only the BigQuery writes at-least-once" \
+      "(the views hide their copies)."
     ;;
   *) die "STREAMING_MODE must be exactly_once or at_least_once (got ${STREAMING_MODE})" ;;
 esac

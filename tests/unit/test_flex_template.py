@@ -123,11 +123,12 @@ def test_the_backfill_range_is_required_and_validated():
         assert not re.fullmatch(regex, "2026-11-22")
 
 
-def test_streaming_template_declares_both_streaming_modes_exactly_once_by_default():
+def test_streaming_template_declares_exactly_once_only():
+    # At least once could count an element twice in the aggregates (templates/run.sh refuses it too).
     streaming = metadata("metadata.json")
     assert streaming["streaming"] is True
     assert streaming["supportsExactlyOnce"] is True
-    assert streaming["supportsAtLeastOnce"] is True
+    assert streaming["supportsAtLeastOnce"] is False
     assert streaming["defaultStreamingMode"] == "EXACTLY_ONCE"
     backfill = metadata("backfill-metadata.json")
     assert backfill["streaming"] is False
@@ -389,10 +390,14 @@ def test_run_launches_the_template_with_its_image_network_and_secret_name():
     assert "bigquery_use_at_least_once" not in command
 
 
-def test_run_in_at_least_once_mode_switches_dataflow_and_bigquery_together():
+def test_run_refuses_dataflows_at_least_once_mode_which_would_inflate_the_aggregates():
     completed = run_script("run.sh", "streaming", **LAUNCH_ENV, DRY_RUN="true", STREAMING_MODE="at_least_once")
+    assert completed.returncode == 2
+    assert "count it twice" in completed.stderr
+    assert "streaming_mode_at_least_once" not in completed.stdout
+    # What stays possible: at-least-once BigQuery writes under an exactly-once job.
+    completed = run_script("run.sh", "streaming", "bigquery_use_at_least_once=true", **LAUNCH_ENV, DRY_RUN="true")
     assert completed.returncode == 0, completed.stderr
-    assert "dataflow_service_options=streaming_mode_at_least_once" in completed.stdout
     assert "bigquery_use_at_least_once=true" in completed.stdout
 
 
