@@ -289,6 +289,31 @@ def test_the_expansion_service_jars_are_fetched_at_build_and_found_by_the_launch
     assert any("fetched_jar('kafka') and fetched_jar('gcp')" in a for i, a in runtime if i == "RUN")
 
 
+def test_the_image_build_fails_without_beams_released_self_contained_jars(tmp_path):
+    # Dataflow stages one artifact per Java environment: an assembled launcher jar would leave the Java
+    # workers without KafkaIO's classes. The build's check, run as the build runs it, with an empty jar cache
+    # and then with both released jars in place.
+    check = next(a for i, a in stages()["expansion-services"] if i == "RUN" and "artifacts.py shaded-jar" in a)
+
+    def run_check() -> subprocess.CompletedProcess[str]:
+        env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+        return subprocess.run(
+            ["sh", "-c", check], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+
+    failed = run_check()
+    assert failed.returncode == 1
+    assert "no released kafka expansion-service jar" in failed.stderr
+    for component in ("kafka", "gcp"):
+        jar = subprocess.run(
+            ["python3", "transforms/artifacts.py", "shaded-jar", component], cwd=ROOT,
+            env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)}, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        Path(jar).parent.mkdir(parents=True, exist_ok=True)
+        Path(jar).write_bytes(b"PK\x03\x04 a jar")
+    assert run_check().returncode == 0
+
+
 def test_the_project_is_installed_with_its_pinned_requirements_and_the_sql_it_reads():
     runtime = stages()["runtime"]
     runs = " ".join(a for i, a in runtime if i == "RUN")
