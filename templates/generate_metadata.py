@@ -54,6 +54,9 @@ _REGEXES = {
     "start": _INSTANT,
     "end": _INSTANT,
     "kafka_consumer_config": r"^(\s*[A-Za-z0-9_.\-]+=[^\n]*\n?)+$",
+    # Unset reads forever; 0, which a console may prefill for an empty NUMBER, would end the read at once.
+    "kafka_max_records": r"^[1-9][0-9]*$",
+    "kafka_max_read_seconds": r"^[1-9][0-9]*$",
     # Empty (the default) or [TOPIC:]PARTITION:OFFSET entries separated by commas.
     "kafka_start_offsets": r"^(([A-Za-z0-9._\-]+:)?[0-9]+:[0-9]+(,([A-Za-z0-9._\-]+:)?[0-9]+:[0-9]+)*)?$",
 }

@@ -176,6 +176,10 @@ class KafkaReadSettings:
         if self.poll_timeout_seconds < 1:
             # KafkaIO polls while its budget is positive: 0 would end every read before its first poll.
             raise ValueError(f"--kafka_poll_timeout_seconds must be at least 1, not {self.poll_timeout_seconds}")
+        for name, value in (("kafka_max_records", self.max_records), ("kafka_max_read_seconds", self.max_read_seconds)):
+            # 0 would make a bounded read that ends at once (a console may prefill an empty NUMBER with 0).
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be at least 1 when given (unset reads forever), not {value}")
         self.start_read_time_ms()  # validates the start position early, with a clear message
         unknown = sorted({topic for topic, _ in self.start_offsets} - set(self.topics))
         if unknown:

@@ -106,6 +106,9 @@ def test_defaults_and_choices_satisfy_the_parameter_regexes(file_name):
         ("window_seconds", "60", "1m"),
         ("bigquery_use_at_least_once", "true", "yes please"),
         ("kafka_consumer_config", "security.protocol=SASL_SSL\nsasl.mechanism=PLAIN", "just text"),
+        # A console may prefill an empty NUMBER with 0, which would make a bounded read that ends at once.
+        ("kafka_max_records", "1000", "0"),
+        ("kafka_max_read_seconds", "60", "0"),
     ],
 )
 def test_regexes_accept_valid_values_and_reject_invalid_ones(name, good, bad):

@@ -29,6 +29,13 @@ def test_a_poll_timeout_that_would_never_poll_is_refused():
         KafkaReadSettings.from_options(PipelineOptions(["--kafka_poll_timeout_seconds=0"]))
 
 
+@pytest.mark.parametrize("option", ["kafka_max_records", "kafka_max_read_seconds"])
+def test_a_bound_of_zero_which_would_end_the_read_at_once_is_refused(option):
+    with pytest.raises(ValueError, match=f"--{option} must be at least 1"):
+        KafkaReadSettings.from_options(PipelineOptions([f"--{option}=0"]))
+    assert KafkaReadSettings.from_options(PipelineOptions([f"--{option}=5"])) is not None
+
+
 def test_a_start_time_without_a_utc_offset_is_refused():
     with pytest.raises(ValueError, match="needs a UTC offset"):
         KafkaReadSettings.from_options(PipelineOptions(["--start_offset=2026-11-22T10:00:00"]))
