@@ -40,7 +40,6 @@ from apache_beam.options.pipeline_options import (
     GoogleCloudOptions,
     PipelineOptions,
     StandardOptions,
-    _BeamArgumentParser,
 )
 
 from pipelines.core import CoreOutputs, CoreSettings, build_core
@@ -428,7 +427,7 @@ _SUMMARY_COUNTERS = (
 
 
 def print_help() -> None:
-    parser = _BeamArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="python -m pipelines.backfill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     for options_class in _OPTION_CLASSES:

@@ -3,8 +3,8 @@
 Beam encodes an element of a Python type it has no coder for with pickle, at every fused-stage boundary, in
 state, and in a local runner's memory. Pickling a pydantic model goes through ``__getstate__``: the
 instance's ``__dict__`` with every ``UUID``, ``datetime`` and ``Decimal`` pickled by reference to its class,
-and the model's own bookkeeping. An ``EnrichedEvent`` took about 46 µs to pickle and unpickle and 735 bytes
-(docs/benchmarks.md, session 6); decoding elements was about half of the SDK worker's time in the backfill.
+and the model's own bookkeeping, which made decoding elements a large share of the SDK worker's time
+(docs/benchmarks.md, "Session 6").
 
 ``CompactPickleModel.__reduce__`` pickles a model instead as one reference to its class and a flat tuple of
 primitives (UUIDs as 16 bytes, UTC datetimes as epoch microseconds, decimals as text, enums as their value,

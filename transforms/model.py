@@ -84,11 +84,7 @@ class EnrichedEvent(CompactPickleModel):
     title: str | None
     slug: str | None
     content_missing: bool
-
-    @property
-    def ranked(self) -> bool:
-        """Whether the event may count towards per-content rankings (SPEC §3: missing content does not)."""
-        return not self.content_missing
+    """True when the event's content is unknown: it is kept, and left out of per-content rankings (SPEC §3)."""
 
 
 class Stage(StrEnum):

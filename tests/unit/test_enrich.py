@@ -29,7 +29,6 @@ def test_enrich_adds_content_metadata_and_metrics():
     assert enriched.engagement_seconds == Decimal("45.000")
     assert enriched.engagement_pct == Decimal("0.50")
     assert enriched.content_missing is False
-    assert enriched.ranked
 
 
 def test_missing_content_keeps_the_event_with_null_enrichment():
@@ -39,7 +38,6 @@ def test_missing_content_keeps_the_event_with_null_enrichment():
     assert enriched.engagement_seconds == Decimal("45.000")  # still known without content
     assert enriched.engagement_pct is None
     assert enriched.content_missing is True
-    assert not enriched.ranked
 
 
 def test_content_with_zero_or_null_length_gives_null_pct():
