@@ -20,6 +20,7 @@ from typing import Any
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from templates.launch import BACKFILL_OPTIONS, MULTI_VALUE_SEPARATOR, STREAMING_OPTIONS, option_actions
+from transforms.sinks.http_token import SECRET_VERSION_PATTERN
 
 TEMPLATES_DIR = Path(__file__).resolve().parent
 
@@ -50,7 +51,7 @@ _REGEXES = {
     "redis_url": r"^rediss?://\S+$",
     "http_api_url": r"^https?://\S+$",
     "http_api_token_env": r"^[A-Za-z_][A-Za-z0-9_]*$",
-    "http_api_token_secret": r"^projects/[^/]+/secrets/[^/]+/versions/[^/]+$",
+    "http_api_token_secret": SECRET_VERSION_PATTERN,
     "start": _INSTANT,
     "end": _INSTANT,
     "kafka_consumer_config": r"^(\s*[A-Za-z0-9_.\-]+=[^\n]*\n?)+$",
@@ -62,7 +63,6 @@ _REGEXES = {
 }
 
 _GROUPS = {
-    "TemplateLaunchOptions": "Secrets",
     "BackfillOptions": "Backfill",
     "CoreOptions": "Core transforms",
     "KafkaReadOptions": "Kafka source",

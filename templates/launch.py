@@ -1,5 +1,5 @@
 """What the flex template launcher does before either pipeline's own ``main``: template parameters to Beam
-arguments, and the HTTP API token from Secret Manager.
+arguments, and the checks only the launcher can make (the HTTP API token's secret is readable).
 
 Dataflow passes every template parameter as one ``--name=value`` argument, which does not fit two kinds of
 option: on/off flags (``action="store_true"`` rejects ``=true``) and repeatable options
@@ -9,7 +9,6 @@ option: on/off flags (``action="store_true"`` rejects ``=true``) and repeatable 
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable, Iterable, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, WorkerOptions
@@ -20,6 +19,7 @@ from transforms.kafka_source import KafkaReadOptions
 from transforms.resume import ResumeOptions
 from transforms.sinks.bigquery import BigQuerySinkOptions
 from transforms.sinks.http_api import HttpSinkOptions
+from transforms.sinks.http_token import read_secret_version
 from transforms.sinks.redis_top import RedisSinkOptions
 
 
@@ -27,25 +27,7 @@ class LaunchError(Exception):
     """The template cannot be launched as parameterized; the message is one line for the operator."""
 
 
-class TemplateLaunchOptions(PipelineOptions):
-    """Options that only the flex template launcher reads."""
-
-    @classmethod
-    def _add_argparse_args(cls, parser) -> None:  # noqa: ANN001 - Beam's argparse wrapper
-        parser.add_argument(
-            "--http_api_token_secret",
-            default=None,
-            help=(
-                "Secret Manager secret version holding the HTTP API bearer token "
-                "(projects/PROJECT/secrets/NAME/versions/VERSION). The launcher reads it with the job's service "
-                "account and hands it to the HTTP sink through the variable named by --http_api_token_env, so "
-                "the token never appears in the job's parameters."
-            ),
-        )
-
-
 STREAMING_OPTIONS: tuple[type[PipelineOptions], ...] = (
-    TemplateLaunchOptions,
     CoreOptions,
     KafkaReadOptions,
     BigQuerySinkOptions,
@@ -54,7 +36,7 @@ STREAMING_OPTIONS: tuple[type[PipelineOptions], ...] = (
     ResumeOptions,
 )
 # The backfill's own list, so a class it adds is a template parameter (and in its metadata) at once.
-BACKFILL_OPTIONS: tuple[type[PipelineOptions], ...] = (TemplateLaunchOptions, *backfill._OPTION_CLASSES)
+BACKFILL_OPTIONS: tuple[type[PipelineOptions], ...] = backfill._OPTION_CLASSES
 
 TRUE_WORDS = ("true", "1", "yes")
 FALSE_WORDS = ("false", "0", "no")
@@ -95,27 +77,16 @@ def template_arguments(argv: Sequence[str], option_classes: Iterable[type[Pipeli
     return result
 
 
-def read_secret(version_name: str) -> str:
-    """The payload of a Secret Manager secret version, read with application default credentials."""
-    from google.api_core import exceptions as api_exceptions
-    from google.auth import exceptions as auth_exceptions
-    from google.cloud import secretmanager
-
-    try:
-        client = secretmanager.SecretManagerServiceClient()
-        response = client.access_secret_version(name=version_name, timeout=30)
-    except (api_exceptions.GoogleAPIError, auth_exceptions.GoogleAuthError) as error:
-        # The error names the secret and the reason, never a payload.
-        raise LaunchError(f"cannot read {version_name} from Secret Manager: {error}") from error
-    return response.payload.data.decode("utf-8").strip()
-
-
 def prepare(
     argv: Sequence[str],
     option_classes: Iterable[type[PipelineOptions]],
-    secret_reader: Callable[[str], str] = read_secret,
+    secret_reader: Callable[[str], str] = read_secret_version,
 ) -> list[str]:
-    """The pipeline's arguments from the template's; puts the HTTP API token where the sink reads it."""
+    """The pipeline's arguments from the template's, after the checks only the launcher can make.
+
+    The HTTP API token's secret is read once here, with the job's service account, so a wrong name or a missing
+    permission fails the launch with one line instead of every worker's ``setup()``. The value is dropped:
+    workers read the secret themselves (transforms/sinks/http_token.py)."""
     arguments = template_arguments(argv, option_classes)
     options = PipelineOptions(arguments)
     if options.view_as(StandardOptions).runner == "DataflowRunner" and not (
@@ -123,13 +94,14 @@ def prepare(
     ):
         # The workers need the project and its dependencies, which only the template's own image holds.
         raise LaunchError("set sdk_container_image to the template's image (templates/run.sh does)")
-    secret = options.view_as(TemplateLaunchOptions).http_api_token_secret
-    if secret:
-        http = options.view_as(HttpSinkOptions)
+    http = options.view_as(HttpSinkOptions)
+    if http.http_api_sink != "disabled" and http.http_api_token_secret:
         if http.http_api_token_file:
             raise LaunchError("give http_api_token_secret or http_api_token_file, not both")
-        token = secret_reader(secret)
+        try:
+            token = secret_reader(http.http_api_token_secret)
+        except ValueError as error:
+            raise LaunchError(str(error)) from error
         if not token:
-            raise LaunchError(f"the Secret Manager version {secret} is empty")
-        os.environ[http.http_api_token_env] = token
+            raise LaunchError(f"the Secret Manager version {http.http_api_token_secret} is empty")
     return arguments

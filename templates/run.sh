@@ -22,7 +22,7 @@
 #                    the launcher and the workers reach Kafka, PostgreSQL, Redis and the HTTP API from there
 #   PUBLIC_IPS       true to give workers public IPs (default false: use Cloud NAT or Private Google Access)
 #   HTTP_API_TOKEN_SECRET  Secret Manager version of the HTTP API token, projects/P/secrets/S/versions/V; the
-#                    launcher reads it (the token itself is never a parameter). Without it, disable the sink with
+#                    launcher checks it and the workers read it (the token itself is never a parameter). Without it, disable the sink with
 #                    http_api_sink=disabled.
 #   STREAMING_MODE   exactly_once, the only mode this job accepts: Dataflow's at-least-once mode may deliver
 #                    an element again after the de-duplication, and the aggregates would count it twice. For a

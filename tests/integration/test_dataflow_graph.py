@@ -10,20 +10,29 @@ the launcher VM, workers) is listed in README.md, "Deploy on Dataflow".
 
 from __future__ import annotations
 
+import base64
+import bz2
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import apache_beam as beam
 import pytest
+from apache_beam.internal import pickler
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.portability import common_urns, python_urns
 from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.utils.subprocess_server import SubprocessServer
+from apitools.base.py import encoding
 
 from pipelines.streaming import build_pipeline
 from templates.launch import STREAMING_OPTIONS, prepare
 from transforms.kafka_source import KafkaReadOptions
-from transforms.sinks.http_api import HttpSinkSettings
+from transforms.sinks.http_token import TokenSource
 
+SECRET_TOKEN = "token-from-secret-manager-5b1f"
+ENVIRONMENT_TOKEN = "token-in-launcher-environment-9c2e"
+TOKEN_SECRET = "projects/example/secrets/http-api-token/versions/1"
 IMAGE = "us-central1-docker.pkg.dev/example/engagement/engagement-streaming:test"
 BIGQUERY_WRITE_URN = "beam:transform:org.apache.beam:bigquery_write:v1"
 
@@ -41,7 +50,7 @@ TEMPLATE_ARGUMENTS = [
     "--postgres_dsn=host=postgres.invalid dbname=engagement user=engagement",
     "--redis_url=redis://redis.invalid:6379/0",
     "--http_api_url=https://api.invalid/v1/events",
-    "--http_api_token_secret=projects/example/secrets/http-api-token/versions/1",
+    f"--http_api_token_secret={TOKEN_SECRET}",
     "--kafka_consumer_config=security.protocol=PLAINTEXT\nclient.id=engagement-dataflow",
 ]
 
@@ -54,23 +63,22 @@ def dataflow_job():
 
 
 def _build_job(monkeypatch: pytest.MonkeyPatch) -> DataflowJob:
-    # Recorded so that undo() restores it after prepare() overwrites it.
-    monkeypatch.setenv("HTTP_API_TOKEN", "not-the-token")
-    # Secret Manager has no local equivalent: a stand-in reader returns the token the launcher would fetch.
-    arguments = prepare(TEMPLATE_ARGUMENTS, STREAMING_OPTIONS, secret_reader=lambda name: f"token-of-{name}")
+    # The launcher's environment holds a token too: it must not leak into the graph by that route either.
+    monkeypatch.setenv("HTTP_API_TOKEN", ENVIRONMENT_TOKEN)
+    # Secret Manager has no local equivalent: a stand-in reader returns the token the launcher checks.
+    arguments = prepare(TEMPLATE_ARGUMENTS, STREAMING_OPTIONS, secret_reader=lambda name: SECRET_TOKEN)
     options = PipelineOptions(arguments)
     with SubprocessServer.cache_subprocesses():
         pipeline = beam.Pipeline(options=options)
         build_pipeline(pipeline, options)
         result = pipeline.run()
-    return DataflowJob(result.job, options, token=HttpSinkSettings.from_options(options).token.reveal())
+    return DataflowJob(result.job, options)
 
 
 @dataclass(frozen=True)
 class DataflowJob:
     job: Any
     options: PipelineOptions
-    token: str
 
 
 def _transforms(job) -> list[beam_runner_api_pb2.PTransform]:
@@ -111,10 +119,36 @@ def test_python_workers_run_the_template_image_and_java_workers_beams_java17_ima
     assert images == {IMAGE, f"apache/beam_java17_sdk:{beam.__version__}"}
 
 
-def test_the_http_api_sink_is_in_the_graph_with_the_token_from_the_secret(dataflow_job):
-    names = {transform.unique_name for transform in _transforms(dataflow_job.job)}
+def _staged_bytes(job) -> list[bytes]:
+    """What Dataflow stages and shows: the pipeline proto, the job description, and every pickled payload
+    inside them opened up (Beam's picklers compress, so a token in a DoFn is not visible in the raw proto)."""
+    staged = [job.proto_pipeline.SerializeToString(), encoding.MessageToJson(job.proto).encode()]
+    for transform in _transforms(job):
+        if transform.spec.urn != common_urns.primitives.PAR_DO.urn:
+            continue
+        do_fn = beam_runner_api_pb2.ParDoPayload.FromString(transform.spec.payload).do_fn
+        # Java DoFns are Java-serialized, uncompressed, and already in the proto's bytes.
+        if do_fn.urn == python_urns.PICKLED_DOFN_INFO:
+            compressed = base64.b64decode(do_fn.payload)
+            staged.append(bz2.decompress(compressed) if compressed.startswith(b"BZh") else zlib.decompress(compressed))
+    return staged
+
+
+def test_the_http_api_sink_reads_its_token_from_the_secret_and_the_token_is_nowhere_in_the_staged_job(dataflow_job):
+    job = dataflow_job.job
+    names = {transform.unique_name for transform in _transforms(job)}
     assert "External HTTP API" in names
-    assert dataflow_job.token == "token-of-projects/example/secrets/http-api-token/versions/1"
+    (post,) = [
+        t
+        for t in _transforms(job)
+        if t.unique_name.startswith("External HTTP API/PostBatches") and t.spec.urn == common_urns.primitives.PAR_DO.urn
+    ]
+    do_fn = pickler.loads(beam_runner_api_pb2.ParDoPayload.FromString(post.spec.payload).do_fn.payload)
+    assert do_fn[0]._settings.token_source == TokenSource(secret_version=TOKEN_SECRET)
+    staged = _staged_bytes(job)
+    assert len(staged) > 20  # the payloads were opened, so the search below looks inside them
+    for token in (SECRET_TOKEN, ENVIRONMENT_TOKEN):
+        assert not any(token.encode() in blob for blob in staged), token
 
 
 def test_a_multi_line_template_parameter_becomes_repeated_kafka_properties(dataflow_job):

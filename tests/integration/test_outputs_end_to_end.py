@@ -27,7 +27,8 @@ from tests.integration.external_api import ExternalApiClient
 from transforms.content import PostgresContentLoader, PostgresContentLookup, ReadContentOnce
 from transforms.model import RawRecord, SourceCoordinates
 from transforms.sinks.bigquery import LOCAL_STORAGE_WRITE, BigQuerySinkSettings
-from transforms.sinks.http_api import HttpSinkSettings, RetryPolicy, Secret
+from transforms.sinks.http_api import HttpSinkSettings, RetryPolicy
+from transforms.sinks.http_token import TokenSource
 from transforms.sinks.redis_top import RedisKeys, RedisSinkConfig, read_top_content
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +54,10 @@ def insert_event(cursor, content_id: str | None, user: str | None, event_ts: dat
     return cursor.fetchone()[0]
 
 
-def test_every_event_once_at_every_sink_through_retries_and_a_replay(stack, pg_conn, topic_tail, dataset, bq):
+def test_every_event_once_at_every_sink_through_retries_and_a_replay(
+    stack, pg_conn, topic_tail, dataset, bq, monkeypatch
+):
+    monkeypatch.setenv("OUTPUTS_TEST_HTTP_API_TOKEN", stack.http_api_token)  # read by the sink's setup()
     # Two minutes ago, so every event's window is inside Redis' ten-minute ranking whatever the clock does.
     minute = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=2)
     users = [str(uuid.uuid4()) for _ in range(3)]
@@ -111,7 +115,7 @@ def test_every_event_once_at_every_sink_through_retries_and_a_replay(stack, pg_c
         redis=RedisSinkConfig(url=stack.redis_url, keys=RedisKeys(prefix), top_refresh_seconds=0),
         http=HttpSinkSettings(
             endpoint=f"{api_url}/v1/events",
-            token=Secret(stack.http_api_token),
+            token_source=TokenSource(env_var="OUTPUTS_TEST_HTTP_API_TOKEN"),
             # One batch per shard: a replay of the same input forms the same batches, hence the same keys.
             batch_size=1_000,
             shards=3,

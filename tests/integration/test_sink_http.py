@@ -36,13 +36,13 @@ from transforms.sinks.http_api import (
     Batch,
     HttpSinkSettings,
     RetryPolicy,
-    Secret,
     WriteToHttpApi,
     encode_event,
     event_document,
     shard_of,
 )
 from transforms.sinks.http_ledger import DeliveryLedger
+from transforms.sinks.http_token import TokenSource
 
 TIMEOUT = 10
 # The issue's 30-second outage; HTTP_SINK_OUTAGE_SECONDS tries others (SPEC: "down for minutes").
@@ -124,13 +124,16 @@ def ids_of(events: list[EnrichedEvent]) -> list[int]:
     return [enriched.event.id for enriched in events]
 
 
+TOKEN_VARIABLE = "HTTP_SINK_TEST_TOKEN"
+
+
 class Api(ExternalApiClient):
     """The stand-in API, plus the sink settings that point at it."""
 
     def settings(self, **overrides: Any) -> HttpSinkSettings:
         defaults: dict[str, Any] = {
             "endpoint": f"{self.url}/v1/events",
-            "token": Secret(self.token),
+            "token_source": TokenSource(env_var=TOKEN_VARIABLE),
             "batch_size": 100,
             "max_wait_seconds": 1.0,
             "shards": 4,
@@ -143,8 +146,10 @@ class Api(ExternalApiClient):
 
 
 @pytest.fixture
-def api(stack: StackConfig) -> Iterator[Api]:
+def api(stack: StackConfig, monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
     client = Api(stack)
+    # The sink's workers (in this process) read the token where production workers would: from its source.
+    monkeypatch.setenv(TOKEN_VARIABLE, client.token)
     yield client
     client.close()
 
@@ -253,12 +258,15 @@ def test_bad_requests_dead_letter_every_event_of_their_batches(api: Api, caplog:
     assert_token_hidden(api.token, run.dead_letters, caplog)
 
 
-def test_a_wrong_token_dead_letters_without_showing_any_token(api: Api, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_wrong_token_dead_letters_without_showing_any_token(
+    api: Api, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     caplog.set_level(logging.DEBUG)
     events = new_events(20)
     wrong = f"wrong-{uuid4()}"
+    monkeypatch.setenv("HTTP_SINK_TEST_WRONG_TOKEN", wrong)
 
-    run = run_sink(events, api.settings(token=Secret(wrong)))
+    run = run_sink(events, api.settings(token_source=TokenSource(env_var="HTTP_SINK_TEST_WRONG_TOKEN")))
 
     assert len(run.dead_letters) == 20
     assert all("rejected: HTTP 401" in dead.reason for dead in run.dead_letters)
@@ -336,7 +344,7 @@ def test_an_unreachable_endpoint_dead_letters_after_the_retry_limit() -> None:
         port = probe.getsockname()[1]
     settings = HttpSinkSettings(
         endpoint=f"http://127.0.0.1:{port}/v1/events",
-        token=Secret("unused-token"),
+        token_source=TokenSource(env_var="PATH"),  # any non-empty variable: nobody listens
         retry=RetryPolicy(max_attempts=3, initial_backoff_seconds=0.01, max_backoff_seconds=0.02),
     )
     events = new_events(7)

@@ -30,7 +30,8 @@ from transforms.model import (
 )
 from transforms.sinks import bigquery, redis_top
 from transforms.sinks.bigquery import BigQuerySinkSettings, WriteEnrichedEvents
-from transforms.sinks.http_api import HttpSinkSettings, Secret, WriteToHttpApi
+from transforms.sinks.http_api import HttpSinkSettings, WriteToHttpApi
+from transforms.sinks.http_token import TokenSource
 from transforms.sinks.redis_top import RedisSinkConfig, WriteTopContentToRedis
 
 KAFKA = SourceCoordinates(kind="kafka", topic="cdc.public.engagement_events", partition=3, offset=77)
@@ -178,7 +179,7 @@ def test_redis_aggregates_that_cannot_be_converted_are_dead_letters_without_touc
 @pytest.mark.parametrize("device", ["\ud800", "ok\udfff"])
 def test_http_events_that_cannot_be_encoded_are_dead_letters_not_failed_batches(device):
     # Nothing is POSTed (the endpoint is closed): the only event cannot even be encoded as UTF-8 JSON.
-    settings = HttpSinkSettings("http://127.0.0.1:1/events", Secret("t"), checkpoint_batches=False)
+    settings = HttpSinkSettings("http://127.0.0.1:1/events", TokenSource(env_var="PATH"), checkpoint_batches=False)
     with test_pipeline.TestPipeline() as pipeline:
         dead = pipeline | beam.Create([enriched(3, device=device)]) | WriteToHttpApi(settings)
         assert_that(

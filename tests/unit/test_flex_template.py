@@ -21,12 +21,12 @@ from templates.launch import (
     BACKFILL_OPTIONS,
     STREAMING_OPTIONS,
     LaunchError,
-    TemplateLaunchOptions,
     prepare,
     template_arguments,
 )
 from transforms.kafka_source import KafkaReadOptions
 from transforms.sinks.bigquery import BigQuerySinkOptions
+from transforms.sinks.http_api import HttpSinkOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES_DIR = ROOT / "templates"
@@ -178,27 +178,35 @@ def test_other_arguments_pass_unchanged():
     assert template_arguments(arguments, STREAMING_OPTIONS) == arguments
 
 
-def test_the_token_secret_is_read_into_the_variable_the_http_sink_reads(monkeypatch):
+def test_the_launcher_checks_the_token_secret_and_leaves_the_token_out_of_everything_it_passes_on(monkeypatch):
     monkeypatch.setenv("API_TOKEN_FOR_TEST", "stale")
     read = []
     arguments = prepare(
         ["--http_api_token_env=API_TOKEN_FOR_TEST", "--http_api_token_secret=projects/p/secrets/s/versions/3"],
         STREAMING_OPTIONS,
-        secret_reader=lambda name: read.append(name) or "fresh-token\n".strip(),
+        secret_reader=lambda name: read.append(name) or "fresh-token",
     )
     assert read == ["projects/p/secrets/s/versions/3"]
-    assert os.environ["API_TOKEN_FOR_TEST"] == "fresh-token"
-    assert PipelineOptions(arguments).view_as(TemplateLaunchOptions).http_api_token_secret.endswith("/3")
+    # Workers read the secret themselves: nothing of the token is handed on, not even through the environment.
+    assert os.environ["API_TOKEN_FOR_TEST"] == "stale"
+    assert not any("fresh-token" in argument for argument in arguments)
+    assert PipelineOptions(arguments).view_as(HttpSinkOptions).http_api_token_secret.endswith("/3")
 
 
-def test_an_empty_secret_or_a_secret_and_a_token_file_are_refused(monkeypatch):
-    monkeypatch.delenv("HTTP_API_TOKEN", raising=False)
+def test_an_unreadable_or_empty_secret_or_a_secret_and_a_token_file_are_refused(monkeypatch):
     secret = "--http_api_token_secret=projects/p/secrets/s/versions/1"
+
+    def denied(name: str) -> str:
+        raise ValueError(f"cannot read {name} from Secret Manager: 403 Permission denied")
+
+    with pytest.raises(LaunchError, match="403"):
+        prepare([secret], STREAMING_OPTIONS, secret_reader=denied)
     with pytest.raises(LaunchError, match="empty"):
         prepare([secret], STREAMING_OPTIONS, secret_reader=lambda name: "")
     with pytest.raises(LaunchError, match="not both"):
         prepare([secret, "--http_api_token_file=/run/token"], STREAMING_OPTIONS, secret_reader=lambda name: "t")
-    assert "HTTP_API_TOKEN" not in os.environ
+    # A disabled sink needs no token: its secret is not read.
+    prepare([secret, "--http_api_sink=disabled"], STREAMING_OPTIONS, secret_reader=denied)
 
 
 def test_dataflow_workers_must_run_the_template_image():

@@ -14,14 +14,15 @@ import requests
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.model import EngagementEvent, EnrichedEvent
+from transforms.sinks import http_token
 from transforms.sinks.http_api import (
     KEY_PREFIX,
     Attempt,
     Batch,
     DeliveryInterruptedError,
     HttpSinkSettings,
+    PostBatchesFn,
     RetryPolicy,
-    Secret,
     Verdict,
     WriteToHttpApi,
     classify_exception,
@@ -32,14 +33,14 @@ from transforms.sinks.http_api import (
     event_document,
     idempotency_key,
     parse_retry_after,
-    redact,
-    resolve_token,
     shard_of,
 )
+from transforms.sinks.http_token import Secret, TokenSource, redact
 
 CONTENT_ID = UUID("11111111-1111-4111-8111-111111111111")
 USER_ID = UUID("00000000-0000-4000-8000-000000000001")
 TOKEN = "s3cr3t-token-value"
+SOURCE = TokenSource(env_var="HTTP_SINK_TEST_TOKEN")
 
 
 def enriched(event_id: int = 7, **overrides) -> EnrichedEvent:
@@ -380,25 +381,48 @@ def test_secret_never_shows_itself():
 
 def test_token_from_environment_variable(monkeypatch):
     monkeypatch.setenv("HTTP_SINK_TEST_TOKEN", f" {TOKEN}\n")
-    assert resolve_token("HTTP_SINK_TEST_TOKEN", None).reveal() == TOKEN
+    assert TokenSource(env_var="HTTP_SINK_TEST_TOKEN").read().reveal() == TOKEN
 
 
 def test_token_from_file(tmp_path):
     path = tmp_path / "token"
     path.write_text(TOKEN + "\n")
-    assert resolve_token(None, str(path)).reveal() == TOKEN
+    assert TokenSource(file_path=str(path)).read().reveal() == TOKEN
+
+
+def test_token_from_a_secret_manager_version(monkeypatch):
+    # Secret Manager has no local equivalent: the client call is replaced, the name handling is real.
+    read = []
+    monkeypatch.setattr(http_token, "read_secret_version", lambda name: read.append(name) or TOKEN)
+    assert TokenSource(secret_version="projects/p/secrets/s/versions/2").read().reveal() == TOKEN
+    assert read == ["projects/p/secrets/s/versions/2"]
 
 
 def test_token_errors_name_the_source_not_the_value(monkeypatch, tmp_path):
     monkeypatch.delenv("HTTP_SINK_TEST_TOKEN", raising=False)
     with pytest.raises(ValueError, match="HTTP_SINK_TEST_TOKEN"):
-        resolve_token("HTTP_SINK_TEST_TOKEN", None)
+        TokenSource(env_var="HTTP_SINK_TEST_TOKEN").read()
     empty = tmp_path / "empty"
     empty.write_text("\n")
     with pytest.raises(ValueError, match="empty"):
-        resolve_token(None, str(empty))
+        TokenSource(file_path=str(empty)).read()
+    with pytest.raises(ValueError, match="cannot read"):
+        TokenSource(file_path=str(tmp_path / "absent")).read()
     with pytest.raises(ValueError, match="exactly one"):
-        resolve_token("A", "b")
+        TokenSource(env_var="A", file_path="b")
+    with pytest.raises(ValueError, match="exactly one"):
+        TokenSource()
+
+
+def test_the_settings_carry_where_the_token_is_not_the_token(monkeypatch):
+    # The settings are pickled into the job graph; only the source may travel (on Dataflow, to pipeline.pb).
+    monkeypatch.setenv("HTTP_SINK_TEST_TOKEN", TOKEN)
+    options = PipelineOptions(
+        ["--http_api_url=https://api.example.com/v1/events", "--http_api_token_env=HTTP_SINK_TEST_TOKEN"]
+    )
+    settings = HttpSinkSettings.from_options(options)
+    assert TOKEN.encode() not in pickle.dumps(settings)
+    assert TOKEN.encode() not in pickle.dumps(PostBatchesFn(settings))
 
 
 def test_redaction_and_display_url():
@@ -429,7 +453,7 @@ def test_options_build_settings(monkeypatch):
     assert settings is not None
     assert (settings.batch_size, settings.max_wait_seconds, settings.shards, settings.max_in_flight) == (100, 0.5, 2, 3)
     assert (settings.retry.max_attempts, settings.retry.max_retry_seconds) == (5, 60)
-    assert settings.token.reveal() == TOKEN
+    assert settings.token_source == TokenSource(env_var="MY_TOKEN_VAR")
     assert TOKEN not in repr(settings)
 
 
@@ -440,7 +464,29 @@ def test_token_file_option_wins_over_the_environment(tmp_path, monkeypatch):
     options = PipelineOptions(["--http_api_url=http://127.0.0.1:1/v1/events", f"--http_api_token_file={path}"])
     settings = HttpSinkSettings.from_options(options)
     assert settings is not None
-    assert settings.token.reveal() == TOKEN
+    assert settings.token_source == TokenSource(file_path=str(path))
+
+
+def test_a_secret_outranks_the_variable_and_is_not_read_while_the_graph_is_built(monkeypatch):
+    monkeypatch.setattr(http_token, "read_secret_version", lambda name: pytest.fail("read at build time"))
+    secret = "projects/p/secrets/token/versions/4"
+    options = PipelineOptions(["--http_api_url=https://api.example.com/v1/events", f"--http_api_token_secret={secret}"])
+    assert HttpSinkSettings.from_options(options).token_source == TokenSource(secret_version=secret)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--http_api_token_secret=token-value"], "is not projects/PROJECT"),
+        (["--http_api_token_secret=projects/p/secrets/s/versions/1", "--http_api_token_file=/t"], "not both"),
+        (["--runner=DataflowRunner"], "on Dataflow the workers read the HTTP API token themselves"),
+    ],
+)
+def test_token_options_that_cannot_work_are_refused(monkeypatch, arguments, message):
+    monkeypatch.setenv("HTTP_API_TOKEN", TOKEN)
+    options = PipelineOptions(["--http_api_url=https://api.example.com/v1/events", *arguments])
+    with pytest.raises(ValueError, match=message):
+        HttpSinkSettings.from_options(options)
 
 
 def test_disabled_sink_needs_nothing_else():
@@ -466,12 +512,12 @@ def test_enabled_sink_needs_an_url():
 )
 def test_settings_reject_nonsense(overrides):
     with pytest.raises(ValueError, match="must"):
-        HttpSinkSettings(**{"endpoint": "https://api.example.com/v1/events", "token": Secret(TOKEN), **overrides})
+        HttpSinkSettings(**{"endpoint": "https://api.example.com/v1/events", "token_source": SOURCE, **overrides})
 
 
 @pytest.mark.parametrize(("checkpoint", "expected"), [(True, True), (False, False)])
 def test_the_checkpoint_sits_between_batching_and_posting(checkpoint, expected):
-    settings = HttpSinkSettings("https://api.example.com/v1/events", Secret(TOKEN), checkpoint_batches=checkpoint)
+    settings = HttpSinkSettings("https://api.example.com/v1/events", SOURCE, checkpoint_batches=checkpoint)
     pipeline = beam.Pipeline()
     _ = pipeline | beam.Create([enriched()]) | "Sink" >> WriteToHttpApi(settings)
     labels = [t.full_label for t in pipeline.transforms_stack[0].parts[-1].parts]

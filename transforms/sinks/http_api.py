@@ -21,8 +21,8 @@ import email.utils
 import hashlib
 import json
 import logging
-import os
 import random
+import re
 import threading
 import time
 import zlib
@@ -33,14 +33,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import apache_beam as beam
 import requests
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.transforms.util import GroupIntoBatches, ReshufflePerKey
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils.timestamp import Timestamp
@@ -50,6 +49,7 @@ from requests.adapters import HTTPAdapter
 from transforms.dead_letters import DEAD_LETTER_TAG, GuardedMap
 from transforms.model import DeadLetter, EnrichedEvent, SourceCoordinates, Stage
 from transforms.sinks.http_ledger import DeliveryLedger
+from transforms.sinks.http_token import SECRET_VERSION_PATTERN, Secret, TokenSource, redact
 
 log = logging.getLogger(__name__)
 
@@ -61,48 +61,7 @@ REASON_EXCERPT_CHARS = 200
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 
 
-# --- the bearer token ------------------------------------------------------------------------------------
-
-
-class Secret:
-    """A string that does not show itself: repr(), str() and f-strings print a placeholder."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-    def __reduce__(self) -> tuple[type[Secret], tuple[str]]:
-        return (Secret, (self._value,))
-
-
-def resolve_token(env_var: str | None, file_path: str | None) -> Secret:
-    """Reads the token from exactly one source. Errors name the source, never the value."""
-    if bool(env_var) == bool(file_path):
-        raise ValueError("give exactly one of --http_api_token_env and --http_api_token_file")
-    if env_var:
-        value = os.environ.get(env_var, "").strip()
-        if not value:
-            raise ValueError(f"environment variable {env_var} (the HTTP API token) is not set or empty")
-    else:
-        value = Path(file_path or "").read_text(encoding="utf-8").strip()
-        if not value:
-            raise ValueError(f"the HTTP API token file {file_path} is empty")
-    return Secret(value)
-
-
-def redact(text: str, secret: Secret) -> str:
-    """``text`` without the secret: a defence against servers or libraries that echo request headers."""
-    value = secret.reveal()
-    return text.replace(value, "***") if value else text
+# --- the endpoint in logs -------------------------------------------------------------------------------
 
 
 def display_url(url: str) -> str:
@@ -344,7 +303,8 @@ def deliver(
 @dataclass(frozen=True)
 class HttpSinkSettings:
     endpoint: str
-    token: Secret
+    token_source: TokenSource
+    """Where each worker reads the bearer token in setup(); the token itself never enters the graph."""
     batch_size: int = 500
     max_wait_seconds: float = 1.0
     shards: int = 8
@@ -387,13 +347,10 @@ class HttpSinkSettings:
             return None
         if not opts.http_api_url:
             raise ValueError("--http_api_url is required unless --http_api_sink=disabled")
+        token_source = token_source_from(opts, on_dataflow="Dataflow" in str(options.view_as(StandardOptions).runner))
         return cls(
             endpoint=opts.http_api_url,
-            token=(
-                resolve_token(None, opts.http_api_token_file)
-                if opts.http_api_token_file
-                else resolve_token(opts.http_api_token_env, None)
-            ),
+            token_source=token_source,
             batch_size=opts.http_api_batch_size,
             max_wait_seconds=opts.http_api_max_wait_seconds,
             shards=opts.http_api_shards,
@@ -415,6 +372,36 @@ class HttpSinkSettings:
             ),
             ledger_redis_url=redis.redis_url,
         )
+
+
+def token_source_from(opts: HttpSinkOptions, on_dataflow: bool) -> TokenSource:
+    """The token's source from the options, checked where the pipeline is built.
+
+    A secret outranks the variable (whose name has a default); a file and a secret together are ambiguous. An
+    environment variable or a file is read once here, so a missing token fails the launch, not every worker.
+    A secret is checked by the template launcher (templates/launch.py), which has Secret Manager access; graph
+    tests build offline."""
+    if opts.http_api_token_secret and opts.http_api_token_file:
+        raise ValueError("give --http_api_token_secret or --http_api_token_file, not both")
+    if opts.http_api_token_secret:
+        if not re.fullmatch(SECRET_VERSION_PATTERN, opts.http_api_token_secret):
+            raise ValueError(
+                f"--http_api_token_secret {opts.http_api_token_secret!r} is not "
+                "projects/PROJECT/secrets/NAME/versions/VERSION"
+            )
+        return TokenSource(secret_version=opts.http_api_token_secret)
+    if on_dataflow and not opts.http_api_token_file:
+        raise ValueError(
+            "on Dataflow the workers read the HTTP API token themselves and do not have the launcher's "
+            "environment: give --http_api_token_secret (a Secret Manager version), or --http_api_sink=disabled"
+        )
+    source = (
+        TokenSource(file_path=opts.http_api_token_file)
+        if opts.http_api_token_file
+        else TokenSource(env_var=opts.http_api_token_env)
+    )
+    source.read()
+    return source
 
 
 class HttpSinkOptions(PipelineOptions):
@@ -444,7 +431,20 @@ class HttpSinkOptions(PipelineOptions):
         parser.add_argument(
             "--http_api_token_file",
             default=None,
-            help="Path of a file holding the bearer token; when given, used instead of --http_api_token_env.",
+            help=(
+                "Path of a file holding the bearer token, read by each worker; when given, used instead of "
+                "--http_api_token_env. On Dataflow the file must exist on the workers (in the image)."
+            ),
+        )
+        parser.add_argument(
+            "--http_api_token_secret",
+            default=None,
+            help=(
+                "Secret Manager secret version holding the bearer token "
+                "(projects/PROJECT/secrets/NAME/versions/VERSION), read by each worker with its service "
+                "account, so the token is in neither the job's parameters nor its staged graph. Required on "
+                "Dataflow unless the sink is disabled; used instead of --http_api_token_env."
+            ),
         )
         parser.add_argument(
             "--http_api_batch_size",
@@ -567,13 +567,15 @@ class PostBatchesFn(beam.DoFn):
 
     def setup(self) -> None:
         settings = self._settings
+        # Read here, on the worker: a token captured at construction would be pickled into the job graph.
+        self._token = settings.token_source.read()
         self._session = requests.Session()
         # No urllib3 retries: every retry goes through deliver(), which knows about Retry-After and budgets.
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=settings.max_in_flight, max_retries=0)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
         self._session.headers.update(
-            {"Authorization": f"Bearer {settings.token.reveal()}", "Content-Type": "application/json"}
+            {"Authorization": f"Bearer {self._token.reveal()}", "Content-Type": "application/json"}
         )
         self._pool = ThreadPoolExecutor(max_workers=settings.max_in_flight, thread_name_prefix="http-sink")
         self._stopping = threading.Event()
@@ -680,7 +682,7 @@ class PostBatchesFn(beam.DoFn):
             )
         except requests.RequestException as error:
             # Exception texts carry the URL but never headers; redacted anyway, in case a server echoes them.
-            detail = redact(f"{type(error).__name__}: {error}", settings.token)[:REASON_EXCERPT_CHARS]
+            detail = redact(f"{type(error).__name__}: {error}", self._token)[:REASON_EXCERPT_CHARS]
             return Attempt(classify_exception(error), detail=detail)
         with response:
             status = response.status_code
@@ -692,7 +694,7 @@ class PostBatchesFn(beam.DoFn):
             if status in RETRY_AFTER_STATUSES:
                 retry_after = parse_retry_after(response.headers.get("Retry-After"), datetime.now(UTC))
             return Attempt(
-                verdict, status=status, retry_after=retry_after, detail=_excerpt(response.content, settings.token)
+                verdict, status=status, retry_after=retry_after, detail=_excerpt(response.content, self._token)
             )
 
 
