@@ -1,5 +1,13 @@
 """The streaming job end to end on Prism, with a restart in the middle of the stream (issue #5).
 
+Two ways to stop the first run: an interrupt (Ctrl-C, a crash or a cancel: open windows are lost with the
+job), and a drain (issue #18, item 3: what Dataflow does before a relaunch). A drain ends the reads, so the
+watermark jumps to the end of time and every open window fires *partially filled*; the relaunch with
+``--start_offset=resume`` must recompute those windows whole, so its later panes carry complete totals. Here
+the drain is a bounded run: ``--kafka_max_read_seconds`` ends the Kafka read while the inserts go on, and the
+content side input is read once, so the job's every source ends and it fires and flushes all it holds, as
+Dataflow's drain does.
+
 Events are inserted into PostgreSQL while the job runs (SPEC §3's awkward cases included: NULL and negative
 durations, NULL users, NULL content, content created just before its events, content without a
 length), flow through Debezium and Kafka into the job, and the job is stopped and restarted with
@@ -42,6 +50,10 @@ STOP_AFTER_SECONDS = 15  # of the first run's output
 WRITE_AFTER_RESTART_SECONDS = 25
 LATE_CONTENT_AFTER_SECONDS = 20
 CONVERGE_SECONDS = 120
+# The drained run's Kafka read ends after this long per partition: a bounded KafkaIO read is Beam's
+# BoundedReadFromUnboundedSource, whose shards (one per partition) Prism reads one after another.
+DRAIN_AFTER_READ_SECONDS = 10
+DRAIN_SECONDS = 180  # for the drained run to fire its windows, flush its sinks and exit by itself
 
 
 # --- what PostgreSQL says -----------------------------------------------------------------------------------
@@ -98,9 +110,11 @@ def expected_event_rows(conn, ids: list[int]) -> dict[int, tuple]:
 class EventWriter(threading.Thread):
     """Inserts events at a steady rate, one autocommit transaction each, with SPEC §3's awkward cases."""
 
-    def __init__(self, dsn: str, contents: list[str], rate: float) -> None:
+    def __init__(self, dsn: str, contents: list[str], rate: float, late_content_after: float) -> None:
         super().__init__(daemon=True)
         self.dsn, self.contents, self.rate = dsn, contents, rate
+        self.late_content_after = late_content_after
+        self.add_late_content = threading.Event()
         self.stopping = threading.Event()
         self.ids: list[int] = []
         self.late_content: str | None = None
@@ -130,7 +144,8 @@ class EventWriter(threading.Thread):
         count = 0
         with conn.cursor() as cursor:
             while not self.stopping.is_set():
-                if self.late_content is None and time.monotonic() - started > LATE_CONTENT_AFTER_SECONDS:
+                late = time.monotonic() - started > self.late_content_after or self.add_late_content.is_set()
+                if self.late_content is None and late:
                     # SPEC §3: content created just before its events is enriched.
                     self.late_content = self.insert_content(cursor, 300)
                     self.contents.append(self.late_content)
@@ -217,8 +232,10 @@ def wait_for(description: str, check, timeout: float, jobs: list[StreamingJob], 
     pytest.fail(f"timed out waiting for {description}" + (f":\n{show()}" if show else "") + logs)
 
 
-def test_stream_with_a_restart_matches_postgres_exactly(private_api, dataset, bq, tmp_path) -> None:
+@pytest.mark.parametrize("stop", ["interrupt", "drain"])
+def test_stream_with_a_restart_matches_postgres_exactly(private_api, dataset, bq, tmp_path, stop: str) -> None:
     cfg = private_api
+    drain = stop == "drain"
     run_id = uuid.uuid4().hex[:10]
     prefix, group = f"e2e-{run_id}", f"e2e-{run_id}"
     api = ExternalApiClient(cfg)
@@ -227,12 +244,17 @@ def test_stream_with_a_restart_matches_postgres_exactly(private_api, dataset, bq
 
     conn = psycopg2.connect(cfg.pg_dsn)
     conn.autocommit = True
-    writer = EventWriter(cfg.pg_dsn, [], RATE)
+    # A drained run reads content once: content created during it comes after the drain, which the relaunch sees.
+    writer = EventWriter(cfg.pg_dsn, [], RATE, late_content_after=float("inf") if drain else LATE_CONTENT_AFTER_SECONDS)
     with conn.cursor() as cursor:
         writer.contents = [writer.insert_content(cursor, length) for length in (90, 1200, 3600, None, 600, 45)]
 
     started = datetime.now(UTC) - timedelta(seconds=2)
-    first = StreamingJob(job_args(cfg, dataset, prefix, group, started), tmp_path / "first.log", cfg.http_api_token)
+    first_args = job_args(cfg, dataset, prefix, group, started)
+    if drain:
+        first_args += [f"--kafka_max_read_seconds={DRAIN_AFTER_READ_SECONDS}", "--content_refresh_seconds=0"]
+    first = StreamingJob(first_args, tmp_path / "first.log", cfg.http_api_token)
+    drained: dict = {}
     second: StreamingJob | None = None
     try:
         writer.start()
@@ -241,11 +263,21 @@ def test_stream_with_a_restart_matches_postgres_exactly(private_api, dataset, bq
             f" WHERE processed_at >= TIMESTAMP '{started.isoformat()}'"
         )
         wait_for("the first run's output", lambda: bigquery_rows(bq, cfg, dataset, written)[0]["n"] > 0, 150, [first])
-        time.sleep(STOP_AFTER_SECONDS)
-        first.stop()
+        if drain:
+            try:
+                returncode = first.process.wait(timeout=DRAIN_SECONDS)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the drained run did not end by itself:\n{first.log()[-4000:]}")
+            assert returncode == 0, first.log()[-4000:]
+            # What the drain left in Redis, all windows fired: compared with the final truth below.
+            drained = redis_buckets(cache, prefix, ground_truth(conn, list(writer.ids)))
+        else:
+            time.sleep(STOP_AFTER_SECONDS)
+            first.stop()
         assert writer.is_alive(), f"the writer stopped before the restart: {writer.error}"
 
         second = StreamingJob(job_args(cfg, dataset, prefix, group, None), tmp_path / "second.log", cfg.http_api_token)
+        writer.add_late_content.set()
         time.sleep(WRITE_AFTER_RESTART_SECONDS)
         writer.stopping.set()
         writer.join(30)
@@ -323,6 +355,11 @@ def test_stream_with_a_restart_matches_postgres_exactly(private_api, dataset, bq
         held = [int(n) for n in re.findall(r"resume: bigquery already holds (\d+) events", log)]
         assert held, log[-4000:]
         assert max(held) > 0, log[-4000:]
+        if drain:
+            # The drain really fired a window partially filled, and the relaunch's panes completed it.
+            final = ranked_buckets(truth)
+            partial = [key for key, (_, events) in drained.items() if events < final.get(key, (0, 0))[1]]
+            assert partial, f"no window straddled the drain: {sorted(drained.items(), key=str)[-5:]}"
     finally:
         writer.stopping.set()
         first.stop()
