@@ -19,9 +19,10 @@ import typing
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import Enum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 from uuid import UUID
 
+from apache_beam.utils.timestamp import Timestamp
 from pydantic import BaseModel
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -54,6 +55,15 @@ def _utc_micros(value: datetime) -> int | datetime:
         return value
     delta = value - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def beam_timestamp(value: datetime) -> Timestamp:
+    """``Timestamp.from_utc_datetime`` for an aware datetime, in a third of its time for UTC ones (the
+    pipeline's, as validated): it runs once per event in the windowing steps."""
+    if value.tzinfo is UTC:
+        delta = value - _EPOCH
+        return Timestamp(micros=(delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds)
+    return Timestamp.from_utc_datetime(value.astimezone(UTC))
 
 
 def _from_utc_micros(value: int | datetime) -> datetime:
@@ -134,6 +144,19 @@ class CompactPickleModel(BaseModel):
                 "__pydantic_private__": None,
             }
         )
+        return model
+
+    @classmethod
+    def trusted(cls, **values: Any) -> Self:
+        """A model from values the pipeline computed itself, of the right types, given for *every* field:
+        not validated, like ``model_construct``, at about a quarter of its cost (no defaults to look up).
+        For per-event hot paths only; anything read from outside goes through ``model_validate``."""
+        model = cls.__new__(cls)
+        _set = object.__setattr__
+        _set(model, "__dict__", values)
+        _set(model, "__pydantic_fields_set__", set(values))
+        _set(model, "__pydantic_extra__", None)
+        _set(model, "__pydantic_private__", None)
         return model
 
     def __reduce__(self) -> tuple[Any, ...]:

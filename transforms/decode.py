@@ -21,9 +21,9 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import TimestampedValue
-from apache_beam.utils.timestamp import Timestamp
 from pydantic import ValidationError
 
+from transforms.compact_pickle import beam_timestamp
 from transforms.dead_letters import DEAD_LETTER_TAG, PAYLOAD_EXCERPT_BYTES, RejectedInputError, reject
 from transforms.model import (
     EVENT_TYPES,
@@ -374,7 +374,7 @@ class DecodeRecordsFn(beam.DoFn):
         event = decoded.event
         assert event is not None  # decode_record sets exactly one of event and skip
         self._parsed.inc()
-        yield TimestampedValue(event, Timestamp.from_utc_datetime(event.event_ts))
+        yield TimestampedValue(event, beam_timestamp(event.event_ts))
 
 
 class DecodeRecords(beam.PTransform):

@@ -24,9 +24,10 @@ ContentLookupFactory = Callable[[], ContentLookup]
 
 def enrich(event: EngagementEvent, content: Content | None) -> EnrichedEvent:
     """Join one event with its content row (or the lack of one) and compute its metrics."""
+    # Not validated again: the event and the content were, and the metrics are SPEC §3's own functions.
     seconds = engagement_seconds(event.duration_ms)
     if content is None:
-        return EnrichedEvent(
+        return EnrichedEvent.trusted(
             event=event,
             engagement_seconds=seconds,
             engagement_pct=None,
@@ -36,7 +37,7 @@ def enrich(event: EngagementEvent, content: Content | None) -> EnrichedEvent:
             slug=None,
             content_missing=True,
         )
-    return EnrichedEvent(
+    return EnrichedEvent.trusted(
         event=event,
         engagement_seconds=seconds,
         engagement_pct=engagement_pct(seconds, content.length_seconds),

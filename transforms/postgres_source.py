@@ -134,10 +134,10 @@ def split_id_range(summary: RangeSummary, splits: int) -> list[IdRange]:
 def row_to_raw_record(event_id: int, document: str) -> RawRecord:
     """A row, as PostgreSQL wrote it in JSON (``_ROW_AS_JSON``), with its table coordinates."""
     # Built without validating again: both fields come from this module, and each row costs this per event.
-    return RawRecord.model_construct(
-        value=document.encode(),
-        source=SourceCoordinates.model_construct(kind="postgres", table="engagement_events", row_id=event_id),
+    source = SourceCoordinates.trusted(
+        kind="postgres", topic=None, partition=None, offset=None, table="engagement_events", row_id=event_id
     )
+    return RawRecord.trusted(value=document.encode(), key=None, source=source)
 
 
 class ProgressLog:

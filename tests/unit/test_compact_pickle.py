@@ -114,3 +114,43 @@ def test_the_compact_form_is_small():
     # pydantic's own pickle form of this record took 735 bytes (its dict, each UUID, datetime and Decimal by
     # class reference, and the model's bookkeeping).
     assert len(pickle.dumps(ENRICHED)) < 300
+
+
+# --- the hot paths' shortcuts ---
+
+
+def test_a_trusted_model_equals_the_validated_one_and_travels_the_same():
+    trusted = EnrichedEvent.trusted(**{name: getattr(ENRICHED, name) for name in EnrichedEvent.model_fields})
+    assert trusted == ENRICHED
+    assert trusted.model_dump() == ENRICHED.model_dump()
+    assert trusted.model_fields_set == ENRICHED.model_fields_set
+    assert pickle.loads(pickle.dumps(trusted)) == ENRICHED  # noqa: S301 - our own bytes
+    with pytest.raises(ValueError, match="frozen"):
+        trusted.content_missing = True
+
+
+def test_the_postgres_row_record_equals_its_validated_form():
+    from transforms.postgres_source import row_to_raw_record
+
+    record = row_to_raw_record(7, '{"id":7}')
+    expected = RawRecord(
+        value=b'{"id":7}', source=SourceCoordinates(kind="postgres", table="engagement_events", row_id=7)
+    )
+    assert record == expected
+    assert record.model_dump() == expected.model_dump()
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 12, 4, 10, 0, 0, 123456, tzinfo=UTC),
+        datetime(1960, 1, 1, tzinfo=UTC),
+        datetime(2026, 12, 4, 11, 0, 0, 654321, tzinfo=timezone(timedelta(hours=1))),
+    ],
+)
+def test_the_fast_beam_timestamp_is_beams_own(moment):
+    from apache_beam.utils.timestamp import Timestamp
+
+    from transforms.compact_pickle import beam_timestamp
+
+    assert beam_timestamp(moment) == Timestamp.from_utc_datetime(moment.astimezone(UTC))
