@@ -73,7 +73,7 @@ from transforms.sinks.redis_top import RedisSinkConfig, RedisSinkOptions, WriteT
 LOG = logging.getLogger(__name__)
 
 PREFLIGHT_EXIT_STATUS = 2
-DEFAULT_CHUNK_ROWS = 100_000
+DEFAULT_CHUNK_ROWS = 250_000
 LOCAL_RUNNERS = frozenset({"direct", "bundlebaseddirect", "switchingdirect", "prism", "fnapi"})
 """Runners that hold a batch job's data in the launching machine's memory (names lower-cased, no "Runner")."""
 
@@ -269,11 +269,26 @@ def _check_postgres(plan: BackfillPlan, timeout: int) -> BackfillPlan:
         if plan.chunk_rows and summary.rows > plan.chunk_rows:
             window_seconds = plan.core.windows.window_seconds
             counts = rows_per_window(plan.dsn, plan.time_range, window_seconds, connect_timeout_seconds=timeout)
-            chunks = tuple(split_into_chunks(plan.time_range, window_seconds, counts, plan.chunk_rows))
+            chunks = tuple(
+                split_into_chunks(plan.time_range, window_seconds, counts, plan.chunk_rows, first_chunk_rows(plan))
+            )
     except psycopg2.Error as error:
         # libpq's message names host and port, never the password.
         raise PreflightError(f"cannot use PostgreSQL: {_one_line(error)}") from error
     return dataclasses.replace(plan, summary=summary, chunks=chunks)
+
+
+def first_chunk_rows(plan: BackfillPlan) -> int | None:
+    """A smaller first chunk when chunks run in parallel, so the jobs fall out of step.
+
+    A chunk job computes its graph (CPU-bound) and then appends its rows (bound by BigQuery; locally by the
+    emulator, which needs a core of its own while the job waits). Jobs started together stay in step: all
+    compute, then all wait on appends, and neither the cores nor the emulator are ever busy together. Making
+    the first chunk 1/parallel_chunks of the others staggers the jobs from the start, so one job's appends
+    overlap another's graph (docs/backfill.md, "Parallel chunks")."""
+    if plan.parallel_chunks < 2:
+        return None
+    return max(1, plan.chunk_rows // plan.parallel_chunks)
 
 
 def rows_per_window(
@@ -298,20 +313,26 @@ def rows_per_window(
 
 
 def split_into_chunks(
-    time_range: TimeRange, window_seconds: int, rows_per_window: Sequence[tuple[int, int]], max_rows: int
+    time_range: TimeRange,
+    window_seconds: int,
+    rows_per_window: Sequence[tuple[int, int]],
+    max_rows: int,
+    first_max_rows: int | None = None,
 ) -> list[TimeRange]:
     """Consecutive window-aligned sub-ranges covering ``time_range``, each of at most ``max_rows`` rows
-    unless a single window holds more (a window is never split: its value must come from all its events).
+    (the first at most ``first_max_rows``) unless a single window holds more (a window is never split: its
+    value must come from all its events).
 
     ``rows_per_window`` is ``(window start in epoch seconds, rows)`` in order; windows without rows may be
     left out, and fall into whichever chunk spans them.
     """
-    if max_rows < 1:
+    if max_rows < 1 or (first_max_rows is not None and first_max_rows < 1):
         raise ValueError("max_rows must be positive")
     cuts: list[datetime] = []
     in_chunk = 0
     for start, rows in rows_per_window:
-        if in_chunk and in_chunk + rows > max_rows:
+        limit = max_rows if cuts or first_max_rows is None else first_max_rows
+        if in_chunk and in_chunk + rows > limit:
             cut = datetime.fromtimestamp(start - start % window_seconds, UTC)
             if time_range.start < cut < time_range.end:
                 cuts.append(cut)

@@ -13,7 +13,14 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.backfill import PreflightError, main, plan_from_options, progress_text, split_into_chunks
+from pipelines.backfill import (
+    PreflightError,
+    first_chunk_rows,
+    main,
+    plan_from_options,
+    progress_text,
+    split_into_chunks,
+)
 from tests.unit.helpers import PODCAST, plain_event
 from transforms.backfill_filters import (
     CHANGED,
@@ -157,6 +164,19 @@ def test_a_range_within_max_rows_is_one_chunk_even_with_empty_windows_at_its_end
     assert split_into_chunks(time_range, 60, [], max_rows=10) == [time_range]
 
 
+def test_a_smaller_first_chunk_staggers_parallel_jobs_and_the_rest_keep_max_rows():
+    chunks = split_into_chunks(
+        TimeRange(at(0), at(6)), 60, counts(40, 40, 30, 0, 50, 10), max_rows=100, first_max_rows=50
+    )
+    assert chunks == [TimeRange(at(0), at(1)), TimeRange(at(1), at(4)), TimeRange(at(4), at(6))]  # 40, 70, 60
+
+
+@pytest.mark.parametrize(("parallel", "first"), [("1", None), ("2", 125_000), ("4", 62_500)])
+def test_the_first_chunk_is_one_parallel_share_of_the_others(parallel, first):
+    argv = [*LOCAL, "--start=2026-11-22T10:00:00Z", "--end=2026-11-22T11:00:00Z", "--chunk_rows=250000"]
+    assert first_chunk_rows(plan_from_options(PipelineOptions([*argv, f"--parallel_chunks={parallel}"]))) == first
+
+
 def test_chunks_follow_the_window_size():
     start = MINUTE
     per_window = [(int(start.timestamp()) + 30 * i, 10) for i in range(4)]
@@ -170,7 +190,7 @@ def test_ranges_are_chunked_by_default_only_on_runners_that_hold_the_job_in_loca
     def chunk_rows(*extra: str) -> int:
         return plan_from_options(PipelineOptions([*argv, *extra])).chunk_rows
 
-    assert chunk_rows() == chunk_rows("--runner=PrismRunner") == chunk_rows("--runner=DirectRunner") == 100_000
+    assert chunk_rows() == chunk_rows("--runner=PrismRunner") == chunk_rows("--runner=DirectRunner") == 250_000
     assert chunk_rows("--runner=DataflowRunner") == 0
     assert chunk_rows("--runner=DataflowRunner", "--chunk_rows=500") == 500
     assert chunk_rows("--runner=PrismRunner", "--chunk_rows=0") == 0
