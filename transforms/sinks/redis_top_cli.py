@@ -29,16 +29,6 @@ from transforms.sinks.redis_top import (
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
-def _default_redis_url() -> str:
-    url = os.environ.get("STACK_REDIS_URL")
-    if url:
-        return url
-    # Imported here: the pipeline's workers never run this command and need not ship the dev stack.
-    from devstack.config import load_config
-
-    return load_config().redis_url
-
-
 def _clip(text: str | None, width: int) -> str:
     text = text or "-"
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -95,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--redis-url",
-        default=None,
-        help="Redis URL (default: $STACK_REDIS_URL, else the local stack's Redis).",
+        default=os.environ.get("STACK_REDIS_URL"),
+        help="Redis URL (default: $STACK_REDIS_URL, which scripts/top-content sets to the local stack's Redis).",
     )
     parser.add_argument(
         "--prefix", default=DEFAULT_PREFIX, help=f"Key prefix the sink writes under (default {DEFAULT_PREFIX})."
@@ -145,7 +135,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
         build_parser().error("--top must be positive")
     if args.watch is not None and args.watch <= 0:
         build_parser().error("--watch must be positive")
-    client = connect(args.redis_url or _default_redis_url())
+    if not args.redis_url:
+        build_parser().error("give --redis-url or set STACK_REDIS_URL (scripts/top-content does)")
+    client = connect(args.redis_url)
     clear = args.watch is not None and out.isatty() and not args.json
     try:
         while True:
