@@ -167,7 +167,7 @@ def test_redis_aggregates_that_cannot_be_converted_are_dead_letters_without_touc
 
     monkeypatch.setattr(redis_top, "to_score", refuse_seven)
     # Port 1 is closed: a write attempt would dead-letter the aggregate with "redis unreachable" instead.
-    config = RedisSinkConfig(url="redis://127.0.0.1:1/0", write_attempts=1)
+    config = RedisSinkConfig(url="redis://127.0.0.1:1/0", retry_seconds=0)
     with test_pipeline.TestPipeline() as pipeline:
         dead = pipeline | beam.Create([aggregate(seconds="7.000")]) | WriteTopContentToRedis(config)
         assert_that(

@@ -27,7 +27,6 @@ from transforms.sinks.redis_top import (
     is_ranked,
     latest_panes,
     rank,
-    retry_delay,
     to_score,
 )
 from transforms.sinks.redis_top_cli import build_parser, format_top
@@ -156,23 +155,16 @@ def test_buckets_expire_relative_to_their_window_so_replays_set_the_same_expiry(
     assert content_expires_at([T0 + 600], now=T0, bucket_ttl_seconds=900) == T0 + 1500
 
 
-def test_retry_delays_grow_exponentially_with_jitter_and_a_cap():
-    assert retry_delay(1, 0.0) == pytest.approx(0.05)
-    assert retry_delay(1, 0.999) == pytest.approx(0.1, rel=1e-3)
-    assert retry_delay(3, 0.0) == pytest.approx(0.2)
-    assert retry_delay(30, 0.999) <= 2.0
-
-
 def test_options_have_defaults_and_build_a_validated_config():
     options = PipelineOptions(["--redis_key_prefix=staging", "--redis_url=redis://:secret@cache:6379/2"])
     config = RedisSinkConfig.from_options(options, window_seconds=30)
     assert config.keys == RedisKeys("staging")
     assert config.ranking == RankingSettings(window_seconds=30, horizon_minutes=10)
-    assert (config.bucket_ttl_seconds, config.top_ttl_seconds, config.batch_size, config.write_attempts) == (
+    assert (config.bucket_ttl_seconds, config.top_ttl_seconds, config.batch_size, config.retry_seconds) == (
         900,
         60,
         500,
-        4,
+        30.0,
     )
     assert "secret" not in repr(config)
     with pytest.raises(ValueError, match="must divide"):
@@ -199,7 +191,7 @@ def test_dead_letter_carries_the_aggregate_as_json():
 
 def test_unranked_and_expired_rows_are_skipped_and_counted_without_touching_redis():
     # Port 1 is closed: the test would produce dead letters if the sink tried to write anything.
-    config = RedisSinkConfig(url="redis://127.0.0.1:1/0", write_attempts=1)
+    config = RedisSinkConfig(url="redis://127.0.0.1:1/0", retry_seconds=0)
     rows = [
         aggregate(content_missing=True),
         aggregate(content_id=None, content_missing=True),
@@ -220,7 +212,7 @@ def test_unranked_and_expired_rows_are_skipped_and_counted_without_touching_redi
 
 
 def test_windows_of_another_length_are_dead_lettered_not_mixed_into_the_ranking():
-    config = RedisSinkConfig(url="redis://127.0.0.1:1/0", write_attempts=1)
+    config = RedisSinkConfig(url="redis://127.0.0.1:1/0", retry_seconds=0)
     row = aggregate(start=datetime.now(UTC).replace(microsecond=0), length=30)
     with test_pipeline.TestPipeline() as pipeline:
         dead = pipeline | beam.Create([row]) | WriteTopContentToRedis(config)

@@ -12,7 +12,6 @@ Rows of unknown content (``content_missing``) are excluded from rankings (SPEC Â
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any
 
 import apache_beam as beam
 import redis
+import tenacity
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.window import BoundedWindow, GlobalWindows
@@ -39,6 +39,8 @@ _MILLIS = Decimal("0.001")
 _RETRY_BASE_SECONDS = 0.1
 _RETRY_CAP_SECONDS = 2.0
 _DEGRADED_SECONDS = 5.0
+DEFAULT_RETRY_SECONDS = 30.0
+"""A managed Redis failover (Memorystore, ElastiCache) takes 10-30 s; a batch rides it out before a dead letter."""
 # Redis errors worth another attempt: the server is unreachable, restarting or loading its dataset
 # (BusyLoadingError is a ConnectionError). Anything else (WRONGTYPE, OOM, ...) will fail again.
 _TRANSIENT_ERRORS: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
@@ -238,12 +240,6 @@ def rank(totals: Mapping[str, Decimal], n: int) -> list[tuple[str, Decimal]]:
     return sorted(totals.items(), key=lambda item: (item[1], item[0]), reverse=True)[:n]
 
 
-def retry_delay(attempt: int, jitter: float) -> float:
-    """Exponential backoff before attempt ``attempt + 1``; ``jitter`` in [0, 1) spreads workers apart."""
-    ceiling = min(_RETRY_CAP_SECONDS, _RETRY_BASE_SECONDS * 2 ** (attempt - 1))
-    return ceiling * (0.5 + jitter / 2)
-
-
 # --- Configuration -----------------------------------------------------------------------------------
 
 
@@ -313,12 +309,13 @@ class RedisSinkOptions(PipelineOptions):
             help="Most window aggregates sent in one Redis pipeline; a bundle's remainder is sent when it ends.",
         )
         parser.add_argument(
-            "--redis_write_attempts",
-            type=int,
-            default=4,
+            "--redis_retry_seconds",
+            type=float,
+            default=DEFAULT_RETRY_SECONDS,
             help=(
-                "Attempts per batch when Redis is unreachable or times out, with exponential backoff and "
-                "jitter between them; after the last, the batch's aggregates go to the dead letters."
+                "How long a batch is retried while Redis is unreachable or times out, in seconds, with "
+                "exponential backoff and jitter (a managed Redis failover takes 10-30 s); then its aggregates "
+                "go to the dead letters. 0: one attempt."
             ),
         )
 
@@ -334,7 +331,7 @@ class RedisSinkConfig:
     top_ttl_seconds: int = 60
     top_refresh_seconds: float = 1.0
     batch_size: int = 500
-    write_attempts: int = 4
+    retry_seconds: float = DEFAULT_RETRY_SECONDS
     connect_timeout_seconds: float = 2.0
     socket_timeout_seconds: float = 5.0
 
@@ -350,8 +347,8 @@ class RedisSinkConfig:
             raise ValueError("redis_top_refresh_seconds must not be negative")
         if self.batch_size <= 0:
             raise ValueError("redis_batch_size must be positive")
-        if self.write_attempts <= 0:
-            raise ValueError("redis_write_attempts must be positive")
+        if self.retry_seconds < 0:
+            raise ValueError("redis_retry_seconds must not be negative")
 
     @classmethod
     def from_options(cls, options: PipelineOptions, window_seconds: int) -> RedisSinkConfig:
@@ -364,7 +361,7 @@ class RedisSinkConfig:
             top_ttl_seconds=sink.redis_top_ttl_seconds,
             top_refresh_seconds=sink.redis_top_refresh_seconds,
             batch_size=sink.redis_batch_size,
-            write_attempts=sink.redis_write_attempts,
+            retry_seconds=sink.redis_retry_seconds,
         )
 
     def __repr__(self) -> str:
@@ -491,6 +488,8 @@ class WriteTopContentFn(beam.DoFn):
         self._batch: list[_Pending] = []
         self._next_top_refresh = 0.0
         self._degraded_until = 0.0
+        self._last_attempts = 0
+        self._last_seconds = 0.0
         self._written = Metrics.counter(METRICS_NAMESPACE, "written")
         self._retried = Metrics.counter(METRICS_NAMESPACE, "retried")
         self._dead_lettered = Metrics.counter(METRICS_NAMESPACE, "dead_lettered")
@@ -561,11 +560,11 @@ class WriteTopContentFn(beam.DoFn):
         panes = latest_panes(pending.aggregate for pending in batch)
         # Right after a batch exhausted its retries, Redis is most likely still down: one attempt per batch
         # until it answers again, so an outage costs a bundle one connection attempt, not a whole backoff.
-        attempts = 1 if now < self._degraded_until else self._config.write_attempts
+        retry_seconds = 0.0 if now < self._degraded_until else self._config.retry_seconds
         try:
-            self._execute(lambda pipe: queue_writes(pipe, self._config, panes, now, refresh_top), attempts)
+            self._execute(lambda pipe: queue_writes(pipe, self._config, panes, now, refresh_top), retry_seconds)
         except redis.RedisError as exc:
-            reason = self._failure_reason(exc, attempts)
+            reason = self._failure_reason(exc)
             _log.warning("Redis sink: %d aggregates dead-lettered: %s", len(batch), reason)
             self._dead_lettered.inc(len(batch))
             for pending in batch:
@@ -598,26 +597,36 @@ class WriteTopContentFn(beam.DoFn):
         except redis.RedisError as exc:  # a metric: never worth a retry or a dead letter
             _log.debug("Redis sink: freshness samples not written: %s", exc)
 
-    def _execute(self, queue: Callable[[redis.client.Pipeline], None], attempts: int) -> None:
+    def _execute(self, queue: Callable[[redis.client.Pipeline], None], retry_seconds: float) -> None:
+        """Sends one batch, retrying transient errors for ``retry_seconds``; raises the last error after."""
         assert self._client is not None, "setup() opens the client"
-        for attempt in range(1, attempts + 1):
-            # A pipeline is reset after execute(), even a failed one, so each attempt queues anew.
-            pipe = self._client.pipeline(transaction=False)
-            queue(pipe)
-            try:
-                pipe.execute()
-                self._degraded_until = 0.0
-                return
-            except _TRANSIENT_ERRORS:
-                if attempt == attempts:
-                    self._degraded_until = self._clock() + _DEGRADED_SECONDS
-                    raise
-                self._retried.inc()
-                time.sleep(retry_delay(attempt, random.random()))
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(_TRANSIENT_ERRORS),
+            stop=tenacity.stop_after_delay(retry_seconds),
+            wait=tenacity.wait_exponential_jitter(initial=_RETRY_BASE_SECONDS, max=_RETRY_CAP_SECONDS),
+            before_sleep=lambda _state: self._retried.inc(),
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    # A pipeline is reset after execute(), even a failed one, so each attempt queues anew.
+                    pipe = self._client.pipeline(transaction=False)
+                    queue(pipe)
+                    pipe.execute()
+        except _TRANSIENT_ERRORS as error:
+            self._degraded_until = self._clock() + _DEGRADED_SECONDS
+            self._last_attempts = retrying.statistics.get("attempt_number", 1)
+            self._last_seconds = retrying.statistics.get("delay_since_first_attempt", 0.0)
+            raise error
+        self._degraded_until = 0.0
 
-    def _failure_reason(self, exc: redis.RedisError, attempts: int) -> str:
+    def _failure_reason(self, exc: redis.RedisError) -> str:
         if isinstance(exc, _TRANSIENT_ERRORS):
-            return f"redis unreachable after {attempts} attempt(s): {type(exc).__name__}: {exc}"
+            return (
+                f"redis unreachable after {self._last_attempts} attempt(s) in {self._last_seconds:.1f} s: "
+                f"{type(exc).__name__}: {exc}"
+            )
         return f"redis rejected the write: {type(exc).__name__}: {exc}"
 
 
