@@ -29,6 +29,7 @@ import os
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -471,11 +472,11 @@ def counter_totals(result: beam.runners.runner.PipelineResult) -> dict[tuple[str
     except (NotImplementedError, AttributeError, KeyError, ValueError):
         # ValueError: a runner with no job to ask ("Can not query metrics. Job id is unknown.").
         return {}
-    totals: dict[tuple[str, str], int] = {}
+    totals: Counter[tuple[str, str]] = Counter()
     for counter in counters:
         key = (counter.key.metric.namespace, counter.key.metric.name)
         value = counter.committed if counter.committed is not None else counter.attempted
-        totals[key] = totals.get(key, 0) + (value or 0)
+        totals[key] += value or 0
     return totals
 
 
@@ -501,7 +502,7 @@ def run_chunks(options: PipelineOptions, plan: BackfillPlan) -> dict[tuple[str, 
         return _run_job(options, plan)
     if plan.parallel_chunks > 1:
         return _run_chunks_in_processes(options, plan, chunks)
-    totals: dict[tuple[str, str], int] = {}
+    totals: Counter[tuple[str, str]] = Counter()
     started = time.monotonic()
     for index, chunk in enumerate(chunks, start=1):
         chunk_plan = plan_of_chunk(plan, chunk)
@@ -513,7 +514,7 @@ def run_chunks(options: PipelineOptions, plan: BackfillPlan) -> dict[tuple[str, 
             chunk.end.isoformat(),
             chunk_plan.summary.rows,
         )
-        _add_totals(totals, _run_job(options, chunk_plan))
+        totals.update(_run_job(options, chunk_plan))
         done = totals.get(("backfill", "rows_read"), 0)
         LOG.info(
             "backfill: %d of %d chunks done, %s",
@@ -549,11 +550,6 @@ def _run_job(options: PipelineOptions, plan: BackfillPlan) -> dict[tuple[str, st
     return counter_totals(result)
 
 
-def _add_totals(totals: dict[tuple[str, str], int], more: dict[tuple[str, str], int]) -> None:
-    for key, value in more.items():
-        totals[key] = totals.get(key, 0) + value
-
-
 PROGRESS_SECONDS = 5.0
 
 
@@ -568,7 +564,7 @@ def _run_chunks_in_processes(
     context = multiprocessing.get_context("spawn")
     enriched = context.Value("q", 0)
     options_dict = options.get_all_options(drop_default=True, retain_unknown_options=True)
-    totals: dict[tuple[str, str], int] = {}
+    totals: Counter[tuple[str, str]] = Counter()
     started = time.monotonic()
     workers = min(plan.parallel_chunks, len(chunks))
     LOG.info("backfill: %d chunks, %d at a time, each job in a process of its own", len(chunks), workers)
@@ -587,7 +583,7 @@ def _run_chunks_in_processes(
                     for other in pending:
                         other.cancel()
                     raise error
-                _add_totals(totals, future.result())
+                totals.update(future.result())
                 done_chunks += 1
             running = min(len(pending), workers)
             LOG.info(

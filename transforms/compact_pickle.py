@@ -22,10 +22,9 @@ from enum import Enum
 from typing import Any, ClassVar, Self
 from uuid import UUID
 
-from apache_beam.utils.timestamp import Timestamp
 from pydantic import BaseModel
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+from transforms.instants import EPOCH, epoch_micros
 
 _RAW, _UUID, _DATETIME, _DECIMAL, _MODEL, _ENUM = range(6)
 
@@ -53,21 +52,11 @@ def _utc_micros(value: datetime) -> int | datetime:
     # Only UTC instants become integers; any other datetime keeps its own zone (or lack of one).
     if value.tzinfo is not UTC:
         return value
-    delta = value - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def beam_timestamp(value: datetime) -> Timestamp:
-    """``Timestamp.from_utc_datetime`` for an aware datetime, in a third of its time for UTC ones (the
-    pipeline's, as validated): it runs once per event in the windowing steps."""
-    if value.tzinfo is UTC:
-        delta = value - _EPOCH
-        return Timestamp(micros=(delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds)
-    return Timestamp.from_utc_datetime(value.astimezone(UTC))
+    return epoch_micros(value)
 
 
 def _from_utc_micros(value: int | datetime) -> datetime:
-    return _EPOCH + timedelta(microseconds=value) if type(value) is int else value
+    return EPOCH + timedelta(microseconds=value) if type(value) is int else value
 
 
 class CompactPickleModel(BaseModel):

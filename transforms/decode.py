@@ -23,8 +23,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import TimestampedValue
 from pydantic import ValidationError
 
-from transforms.compact_pickle import beam_timestamp
 from transforms.dead_letters import DEAD_LETTER_TAG, PAYLOAD_EXCERPT_BYTES, RejectedInputError, reject
+from transforms.instants import beam_timestamp
 from transforms.model import (
     EVENT_TYPES,
     EngagementEvent,

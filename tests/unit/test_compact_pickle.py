@@ -151,6 +151,6 @@ def test_the_postgres_row_record_equals_its_validated_form():
 def test_the_fast_beam_timestamp_is_beams_own(moment):
     from apache_beam.utils.timestamp import Timestamp
 
-    from transforms.compact_pickle import beam_timestamp
+    from transforms.instants import beam_timestamp
 
     assert beam_timestamp(moment) == Timestamp.from_utc_datetime(moment.astimezone(UTC))

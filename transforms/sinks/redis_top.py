@@ -488,8 +488,6 @@ class WriteTopContentFn(beam.DoFn):
         self._batch: list[_Pending] = []
         self._next_top_refresh = 0.0
         self._degraded_until = 0.0
-        self._last_attempts = 0
-        self._last_seconds = 0.0
         self._written = Metrics.counter(METRICS_NAMESPACE, "written")
         self._retried = Metrics.counter(METRICS_NAMESPACE, "retried")
         self._dead_lettered = Metrics.counter(METRICS_NAMESPACE, "dead_lettered")
@@ -560,11 +558,11 @@ class WriteTopContentFn(beam.DoFn):
         panes = latest_panes(pending.aggregate for pending in batch)
         # Right after a batch exhausted its retries, Redis is most likely still down: one attempt per batch
         # until it answers again, so an outage costs a bundle one connection attempt, not a whole backoff.
-        retry_seconds = 0.0 if now < self._degraded_until else self._config.retry_seconds
+        retrying = self._retrying(0.0 if now < self._degraded_until else self._config.retry_seconds)
         try:
-            self._execute(lambda pipe: queue_writes(pipe, self._config, panes, now, refresh_top), retry_seconds)
+            self._execute(lambda pipe: queue_writes(pipe, self._config, panes, now, refresh_top), retrying)
         except redis.RedisError as exc:
-            reason = self._failure_reason(exc)
+            reason = failure_reason(exc, retrying.statistics)
             _log.warning("Redis sink: %d aggregates dead-lettered: %s", len(batch), reason)
             self._dead_lettered.inc(len(batch))
             for pending in batch:
@@ -597,16 +595,18 @@ class WriteTopContentFn(beam.DoFn):
         except redis.RedisError as exc:  # a metric: never worth a retry or a dead letter
             _log.debug("Redis sink: freshness samples not written: %s", exc)
 
-    def _execute(self, queue: Callable[[redis.client.Pipeline], None], retry_seconds: float) -> None:
-        """Sends one batch, retrying transient errors for ``retry_seconds``; raises the last error after."""
-        assert self._client is not None, "setup() opens the client"
-        retrying = tenacity.Retrying(
+    def _retrying(self, retry_seconds: float) -> tenacity.Retrying:
+        """Transient errors retried for ``retry_seconds`` (0: one attempt), then the last one raised."""
+        return tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(_TRANSIENT_ERRORS),
             stop=tenacity.stop_after_delay(retry_seconds),
             wait=tenacity.wait_exponential_jitter(initial=_RETRY_BASE_SECONDS, max=_RETRY_CAP_SECONDS),
             before_sleep=lambda _state: self._retried.inc(),
             reraise=True,
         )
+
+    def _execute(self, queue: Callable[[redis.client.Pipeline], None], retrying: tenacity.Retrying) -> None:
+        assert self._client is not None, "setup() opens the client"
         try:
             for attempt in retrying:
                 with attempt:
@@ -614,20 +614,19 @@ class WriteTopContentFn(beam.DoFn):
                     pipe = self._client.pipeline(transaction=False)
                     queue(pipe)
                     pipe.execute()
-        except _TRANSIENT_ERRORS as error:
+        except _TRANSIENT_ERRORS:
             self._degraded_until = self._clock() + _DEGRADED_SECONDS
-            self._last_attempts = retrying.statistics.get("attempt_number", 1)
-            self._last_seconds = retrying.statistics.get("delay_since_first_attempt", 0.0)
-            raise error
+            raise
         self._degraded_until = 0.0
 
-    def _failure_reason(self, exc: redis.RedisError) -> str:
-        if isinstance(exc, _TRANSIENT_ERRORS):
-            return (
-                f"redis unreachable after {self._last_attempts} attempt(s) in {self._last_seconds:.1f} s: "
-                f"{type(exc).__name__}: {exc}"
-            )
-        return f"redis rejected the write: {type(exc).__name__}: {exc}"
+
+def failure_reason(exc: redis.RedisError, statistics: Mapping[str, Any]) -> str:
+    """A dead letter's reason; ``statistics`` are the retries' (tenacity's attempt count and time)."""
+    if isinstance(exc, _TRANSIENT_ERRORS):
+        attempts = statistics.get("attempt_number", 1)
+        seconds = statistics.get("delay_since_first_attempt", 0.0)
+        return f"redis unreachable after {attempts} attempt(s) in {seconds:.1f} s: {type(exc).__name__}: {exc}"
+    return f"redis rejected the write: {type(exc).__name__}: {exc}"
 
 
 class WriteTopContentToRedis(beam.PTransform):
