@@ -11,7 +11,6 @@ from apache_beam.io.gcp.bigquery import BigQueryDisposition, StorageWriteToBigQu
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
-from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 from google.cloud.bigquery_storage_v1 import types
 from google.rpc import code_pb2
@@ -34,7 +33,6 @@ from transforms.sinks.bigquery import (
     to_beam_values,
 )
 from transforms.sinks.bigquery_local import (
-    BatchWithinBundleFn,
     Column,
     Outcome,
     TableSpec,
@@ -320,24 +318,3 @@ def test_every_option_has_help() -> None:
 
 
 # --- batching within a bundle (streaming) ---------------------------------------------------------------------
-
-
-def test_rows_are_batched_per_shard_and_the_rest_leaves_when_the_bundle_ends() -> None:
-    batcher = BatchWithinBundleFn(batch_size=2)
-    batcher.start_bundle()
-    emitted = []
-    for shard, row, at in [(0, b"a", 10), (1, b"b", 11), (0, b"c", 12), (1, b"d", 9), (0, b"e", 13), (1, b"f", 8)]:
-        emitted += list(batcher.process((shard, row), Timestamp(at)))
-    assert emitted == [(0, [b"a", b"c"]), (1, [b"b", b"d"])]
-    (rest_0, rest_1) = sorted(batcher.finish_bundle(), key=lambda value: value.value[0])
-    assert (rest_0.value, rest_0.timestamp, rest_0.windows) == ((0, [b"e"]), Timestamp(13), [GlobalWindow()])
-    # The latest timestamp of the rows left, not of the shard's earlier batch.
-    assert (rest_1.value, rest_1.timestamp) == ((1, [b"f"]), Timestamp(8))
-    # Nothing carries over into the next bundle.
-    batcher.start_bundle()
-    assert list(batcher.finish_bundle()) == []
-
-
-def test_a_batch_size_below_one_is_refused() -> None:
-    with pytest.raises(ValueError, match="must be positive"):
-        BatchWithinBundleFn(0)

@@ -521,6 +521,6 @@ def test_the_checkpoint_sits_between_batching_and_posting(checkpoint, expected):
     pipeline = beam.Pipeline()
     _ = pipeline | beam.Create([enriched()]) | "Sink" >> WriteToHttpApi(settings)
     labels = [t.full_label for t in pipeline.transforms_stack[0].parts[-1].parts]
-    assert labels[:3] == ["Sink/GlobalWindow", "Sink/EncodeAndShard", "Sink/GroupIntoBatches"]
+    assert labels[:3] == ["Sink/GlobalWindow", "Sink/EncodeAndShard", "Sink/Batch per shard"]
     assert labels[-2:] == ["Sink/PostBatches", "Sink/Dead letters"]
     assert ("Sink/PersistBatches" in labels) is expected

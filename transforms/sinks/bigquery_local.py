@@ -16,12 +16,11 @@ On ALREADY_EXISTS the writer learns which rows of the chunk the table refuses fr
 a row that is always refused, sent to a stream that never holds rows), so a replay emits the same dead
 letters and advances by the same number of rows as the attempt it repeats.
 
-Streaming (``BatchWithinBundleFn`` + ``AppendBatchesFn``): each bundle's rows are cut into batches per shard
-(by size, and whatever is left when the bundle ends), and a stateful DoFn keeps each shard's next offset. The
-global window never closes in streaming. Batching within the bundle, not with ``GroupIntoBatches``, keeps
-per-row state out of the path: on a runner without a state cache (Prism) every state access is a round trip,
-and ``GroupIntoBatches`` makes several per row. Batches are no larger than the bundles upstream; under load
-those grow, and at low rates small appends cost little.
+Streaming (``BatchAcrossBundles`` + ``AppendBatchesFn``): rows are batched per shard across bundles, for at
+most ``--bigquery_triggering_frequency_seconds`` (transforms/batching.py: per-bundle lists, not rows, enter
+the grouping state), and a stateful DoFn keeps each shard's next offset. The global window never closes in
+streaming. Each append costs the emulator a fixed overhead whatever its size, so batches that span bundles
+keep its CPU down; a triggering frequency of 0 appends each bundle's rows when the bundle ends instead.
 
 1. Batches are stable across retries: the runner commits the batching bundle's output before the appending
    stage, keyed by shard behind a shuffle, reads it.
@@ -52,15 +51,15 @@ from apache_beam.coders import BytesCoder, IterableCoder, StrUtf8Coder, TupleCod
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.transforms.window import GlobalWindow, GlobalWindows
+from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.timestamp import Timestamp
-from apache_beam.utils.windowed_value import WindowedValue
 from google.api_core import exceptions as api_exceptions
 from google.cloud.bigquery_storage_v1 import BigQueryWriteClient, types
 from google.cloud.bigquery_storage_v1.services.big_query_write.transports import BigQueryWriteGrpcTransport
 from google.protobuf import descriptor_pb2, descriptor_pool, message, message_factory
 from google.rpc import code_pb2
 
+from transforms.batching import BatchAcrossBundles, BatchWithinBundleFn
 from transforms.instants import EPOCH, epoch_micros
 from transforms.state_cache import measure_cached_state_cheaply
 
@@ -490,40 +489,6 @@ class EncodeRowsFn(beam.DoFn):
 _PARKED_CODER = TupleCoder([StrUtf8Coder(), IterableCoder(BytesCoder())])
 
 
-class BatchWithinBundleFn(beam.DoFn):
-    """(shard, row) -> (shard, rows): batches of at most ``batch_size`` rows per shard, from one bundle's rows.
-
-    The rows left when the bundle ends go out as a last, smaller batch per shard, stamped with their latest
-    timestamp (in the global window, which is where the writer runs).
-    """
-
-    def __init__(self, batch_size: int) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch size must be positive, not {batch_size}")
-        self._batch_size = batch_size
-        self._pending: dict[int, list[bytes]] = {}
-        self._latest: dict[int, Timestamp] = {}
-
-    def start_bundle(self) -> None:
-        self._pending, self._latest = {}, {}
-
-    def process(
-        self, element: tuple[int, bytes], timestamp: Timestamp = beam.DoFn.TimestampParam
-    ) -> Iterator[tuple[int, list[bytes]]]:
-        shard, row = element
-        rows = self._pending.setdefault(shard, [])
-        rows.append(row)
-        self._latest[shard] = max(timestamp, self._latest.get(shard, timestamp))
-        if len(rows) == self._batch_size:
-            del self._pending[shard], self._latest[shard]
-            yield shard, rows
-
-    def finish_bundle(self) -> Iterator[WindowedValue]:
-        for shard, rows in self._pending.items():
-            yield WindowedValue((shard, rows), self._latest[shard], [GlobalWindow()])
-        self._pending, self._latest = {}, {}
-
-
 class _AppendFn(beam.DoFn):
     """Owns a write client per worker and the writer's metrics."""
 
@@ -801,14 +766,8 @@ class _AppendStreaming(beam.PTransform):
             # Every append costs the emulator a fixed ~10 ms whatever its size, and bundles can be a handful of
             # rows: batching across bundles cut its CPU (docs/benchmarks.md). The batches are persisted
             # before the append, so a replay re-sends the same rows at the same offset.
-            batches = (
-                encoded
-                | "Batch per stream"
-                >> beam.GroupIntoBatches(
-                    settings.batch_size, max_buffering_duration_secs=settings.max_buffering_seconds
-                )
-                | "Batches as lists"
-                >> beam.MapTuple(lambda shard, rows: (shard, list(rows))).with_output_types(tuple[int, list[bytes]])
+            batches = encoded | "Batch per stream" >> BatchAcrossBundles(
+                settings.batch_size, settings.max_buffering_seconds, value_type=bytes
             )
         else:
             batches = encoded | "Batch per stream within bundle" >> beam.ParDo(

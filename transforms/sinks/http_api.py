@@ -3,7 +3,8 @@
     enriched events
       | GlobalWindow        batching is a processing-time concern; event-time windows would split batches
       | EncodeAndShard      (shard, (event id, event JSON bytes)); shard = crc32(id) % shards
-      | GroupIntoBatches    stateful: at most batch_size events, flushed after max_wait_seconds at the latest
+      | Batch per shard     at most batch_size events, flushed after max_wait_seconds at the latest
+                            (transforms/batching.py: per-bundle lists, then GroupIntoBatches across bundles)
       | PersistBatches      ReshufflePerKey: a checkpoint, so a retried POST bundle sees the same batches
                             (skipped with checkpoint_batches=False, for Python's DirectRunner)
       | PostBatches         POST {"events": [...]} with Idempotency-Key = hash of the batch's sorted ids
@@ -40,12 +41,13 @@ import apache_beam as beam
 import requests
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-from apache_beam.transforms.util import GroupIntoBatches, ReshufflePerKey
+from apache_beam.transforms.util import ReshufflePerKey
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 from requests.adapters import HTTPAdapter
 
+from transforms.batching import BatchAcrossBundles
 from transforms.dead_letters import DEAD_LETTER_TAG, GuardedMap
 from transforms.model import DeadLetter, EnrichedEvent, SourceCoordinates, Stage
 from transforms.sinks.http_ledger import DeliveryLedger
@@ -724,7 +726,9 @@ class WriteToHttpApi(beam.PTransform):
             )
         )
         max_wait = None if settings.bounded_input else settings.max_wait_seconds
-        batches = encoded.converted | "GroupIntoBatches" >> GroupIntoBatches(settings.batch_size, max_wait)
+        batches = encoded.converted | "Batch per shard" >> BatchAcrossBundles(
+            settings.batch_size, max_wait, value_type=tuple[int, bytes]
+        )
         if settings.checkpoint_batches:
             # A checkpoint between forming and sending batches: a retried PostBatches bundle reads the
             # batches the runner persisted instead of regrouping. Still keyed by shard, so a streaming runner

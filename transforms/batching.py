@@ -1,0 +1,106 @@
+"""Batches per key that span bundles, at a cost per bundle rather than per element.
+
+Beam's ``GroupIntoBatches`` takes every element through a shuffle, a bag-state append, a count update and a
+timer write (it sets its end-of-window timer again for each element). On the streaming job's hot path that is
+two sinks' worth of per-event work for the one Python worker (docs/benchmarks.md, session 8). Here each
+bundle's elements are first cut into per-key lists without state (``BatchWithinBundleFn``), and only those
+lists cross into ``GroupIntoBatches``, which then holds lists instead of elements; what leaves is cut again
+into batches of at most ``batch_size`` elements.
+
+The guarantees are ``GroupIntoBatches``': a batch is at most ``batch_size`` elements, held at most
+``max_buffering_seconds`` after its first element arrived (None: until the window ends, for bounded runs),
+and a runner that replays a bundle replays the same batches, since they are committed with the grouping
+stage's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
+
+
+class BatchWithinBundleFn(beam.DoFn):
+    """(key, value) -> (key, values): lists of at most ``batch_size`` values per key, from one bundle's elements.
+
+    The values left when the bundle ends go out as a last, smaller list per key, stamped with their latest
+    timestamp, in the global window: the input must be in the global window too.
+    """
+
+    def __init__(self, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch size must be positive, not {batch_size}")
+        self._batch_size = batch_size
+        self._pending: dict[Any, list[Any]] = {}
+        self._latest: dict[Any, Timestamp] = {}
+
+    def start_bundle(self) -> None:
+        self._pending, self._latest = {}, {}
+
+    def process(
+        self, element: tuple[Any, Any], timestamp: Timestamp = beam.DoFn.TimestampParam
+    ) -> Iterator[tuple[Any, list[Any]]]:
+        key, value = element
+        values = self._pending.setdefault(key, [])
+        values.append(value)
+        self._latest[key] = max(timestamp, self._latest.get(key, timestamp))
+        if len(values) == self._batch_size:
+            del self._pending[key], self._latest[key]
+            yield key, values
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        for key, values in self._pending.items():
+            yield WindowedValue((key, values), self._latest[key], [GlobalWindow()])
+        self._pending, self._latest = {}, {}
+
+
+def rebatched(key: Any, lists: Iterable[list[Any]], batch_size: int) -> Iterator[tuple[Any, list[Any]]]:
+    """The values of ``lists``, in order, as batches of at most ``batch_size``."""
+    batch: list[Any] = []
+    for values in lists:
+        for value in values:
+            batch.append(value)
+            if len(batch) == batch_size:
+                yield key, batch
+                batch = []
+    if batch:
+        yield key, batch
+
+
+class BatchAcrossBundles(beam.PTransform):
+    """(key, value) in the global window -> (key, list of at most ``batch_size`` values), across bundles.
+
+    ``value_type`` names the values' type, so the lists get a real coder rather than pickling; keys must have a
+    deterministic coder, as for any grouping.
+    """
+
+    def __init__(
+        self, batch_size: int, max_buffering_seconds: float | None, key_type: Any = int, value_type: Any = Any
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch size must be positive, not {batch_size}")
+        if max_buffering_seconds is not None and max_buffering_seconds <= 0:
+            # GroupIntoBatches reads 0 as "no limit": a quiet key would hold its values until the window ends.
+            raise ValueError("max_buffering_seconds must be positive, or None to hold batches until the window ends")
+        self._batch_size = batch_size
+        self._max_buffering_seconds = max_buffering_seconds
+        self._key_type = key_type
+        self._value_type = value_type
+
+    def expand(self, elements: beam.PCollection[tuple[Any, Any]]) -> beam.PCollection[tuple[Any, list[Any]]]:
+        batch_size = self._batch_size
+        lists_type = tuple[self._key_type, list[self._value_type]]
+        return (
+            elements
+            | "Lists within bundle" >> beam.ParDo(BatchWithinBundleFn(batch_size)).with_output_types(lists_type)
+            # Counted in lists, so a group may exceed batch_size values; it is cut again below.
+            | "Group lists"
+            >> beam.GroupIntoBatches(batch_size, max_buffering_duration_secs=self._max_buffering_seconds)
+            | "Batches"
+            >> beam.FlatMapTuple(lambda key, lists: rebatched(key, lists, batch_size)).with_output_types(lists_type)
+        )
