@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from devstack.benchmark_streaming import backlog_growth_rate, step_figures
+from devstack.benchmark_streaming import StepFigures, backlog_growth_rate, step_figures, target_verdicts
 
 RATE = 200.0
 STEP_SECONDS = 60.0
@@ -48,3 +48,33 @@ def test_growth_is_measured_between_quarter_means():
     backlog = np.array([0] * 8 + [10 * n for n in range(1, 9)], dtype=float)
     assert backlog_growth_rate(backlog) == 65 / 8
     assert np.isnan(backlog_growth_rate(np.array([1.0, 2.0, 3.0])))
+
+
+def step(rate: float, p95: float, kept_up: bool = True, cores: float | None = None) -> StepFigures:
+    return StepFigures(
+        target_rate=rate, events=int(rate * 60), committed_rate=rate, visible_rate=rate, p50=p95 / 2, p95=p95,
+        p99=p95, max_latency=p95, unseen=0, backlog_end=0, backlog_max=0, lag_end_seconds=0.0,
+        backlog_growth_rate=0.0, kept_up=kept_up, pipeline_cores=cores,
+    )  # fmt: skip
+
+
+def test_the_issue_targets_are_judged_on_their_own_steps():
+    verdicts = target_verdicts([step(100, 1.5, cores=0.25), step(1000, 1.9), step(3000, 4.5)])
+    assert verdicts == [
+        "p95 commit->Redis <= 2 s at 1,000/s: met (p95 1.90 s)",
+        "3,000/s sustained with p95 <= 5 s: met",
+        "job <= 0.3 of a core at 100/s: met (0.25 cores)",
+    ]
+
+
+def test_a_missed_target_names_the_figure_that_misses_it():
+    verdicts = target_verdicts([step(100, 1.9, cores=0.99), step(1000, 8.1), step(3000, 30.0, kept_up=False)])
+    assert verdicts == [
+        "p95 commit->Redis <= 2 s at 1,000/s: not met (p95 8.10 s)",
+        "3,000/s sustained with p95 <= 5 s: not met (highest kept up 1,000/s, p95 8.10 s)",
+        "job <= 0.3 of a core at 100/s: not met (0.99 cores)",
+    ]
+    assert target_verdicts([step(1000, 1.0, kept_up=False)])[0] == (
+        "p95 commit->Redis <= 2 s at 1,000/s: not met (p95 1.00 s, did not keep up)"
+    )
+    assert target_verdicts([step(500, 1.0)])[2] == "job <= 0.3 of a core at 100/s: not measured"
