@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import apache_beam as beam
 import pytest
-from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
@@ -49,7 +48,7 @@ def test_batching_across_bundles_refuses_nonsense(batch_size: int, max_buffering
 def test_every_value_arrives_once_in_batches_of_at_most_the_batch_size() -> None:
     """A bounded run on the default (FnApiRunner) runner: the end of the input flushes what is left."""
     elements = [(key, value) for value in range(23) for key in (0, 1)]
-    with TestPipeline() as pipeline:
+    with beam.Pipeline() as pipeline:
         batches = pipeline | beam.Create(elements) | BatchAcrossBundles(4, None, value_type=int)
         sizes = batches | "Sizes" >> beam.MapTuple(lambda key, values: 0 < len(values) <= 4)
         values = batches | "Values" >> beam.FlatMapTuple(lambda key, values: [(key, value) for value in values])
