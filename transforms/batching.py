@@ -8,9 +8,9 @@ lists cross into ``GroupIntoBatches``, which then holds lists instead of element
 into batches of at most ``batch_size`` elements.
 
 The guarantees are ``GroupIntoBatches``': a batch is at most ``batch_size`` elements, held at most
-``max_buffering_seconds`` after its first element arrived (None: until the window ends, for bounded runs),
-and a runner that replays a bundle replays the same batches, since they are committed with the grouping
-stage's output.
+``max_buffering_seconds`` after its first list reached the grouping state (None: until the window ends, for
+bounded runs), which is when the bundle that carried it ended; and a runner that replays a bundle replays the
+same batches, since they are committed with the grouping stage's output.
 """
 
 from __future__ import annotations
