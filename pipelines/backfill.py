@@ -390,7 +390,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions, plan: Back
     dsn = plan.dsn
     run = uuid.uuid4().hex
     raw = pipeline | "Read engagement_events" >> ReadEventsFromPostgres(
-        dsn, plan.time_range, plan.summary, plan.read_splits, run=run
+        dsn, plan.time_range, plan.summary, plan.read_splits, run=run, limits=plan.core.decode
     )
     content = pipeline | "Read content" >> ReadContentOnce(PostgresContentLoader(dsn))
     lookup = functools.partial(PostgresContentLookup, dsn) if plan.content_lookup else None

@@ -19,7 +19,7 @@ from transforms.dead_letters import DEAD_LETTER_TAG, flatten_dead_letters
 from transforms.decode import DecodeLimits, DecodeRecords
 from transforms.dedup import DeduplicateEvents
 from transforms.enrich import ContentLookupFactory, EnrichEvents
-from transforms.model import DeadLetter, EnrichedEvent, RawRecord, WindowAggregate
+from transforms.model import DeadLetter, EngagementEvent, EnrichedEvent, RawRecord, WindowAggregate
 from transforms.resume import KeepResumableWindows
 
 
@@ -69,12 +69,14 @@ class CoreOutputs(NamedTuple):
 
 
 def build_core(
-    raw: beam.PCollection[RawRecord],
+    raw: beam.PCollection[RawRecord | EngagementEvent],
     content: beam.PCollection[ContentSnapshot],
     settings: CoreSettings,
     content_lookup: ContentLookupFactory | None = None,
 ) -> CoreOutputs:
-    """Applies the shared graph to ``raw``; ``content`` must hold a single (newest) snapshot per pane."""
+    """Applies the shared graph to ``raw``; ``content`` must hold a single (newest) snapshot per pane.
+
+    ``raw`` holds records to decode, or events a source built itself from typed rows (the backfill's reader)."""
     decoded = raw | "Decode" >> DecodeRecords(settings.decode)
     unique = decoded.events
     if not settings.ids_unique_at_source:
