@@ -19,6 +19,7 @@ from google.protobuf import descriptor_pb2, message
 from google.rpc import code_pb2
 
 from devstack import bigquery_clients
+from devstack.cli import ensure_tables
 from devstack.config import StackConfig
 
 FieldType = descriptor_pb2.FieldDescriptorProto
@@ -201,3 +202,24 @@ def test_append_rows_stream_sends_schema_once(
     finally:
         connection.close()
     assert event_ids(bq, table) == [40, 41, 42]
+
+
+def test_tables_are_applied_once_and_again_when_one_is_missing(stack: StackConfig, bq: bigquery.Client) -> None:
+    dataset = f"it_ddl_{uuid.uuid4().hex[:8]}"
+    marker = stack.data_dir / "bigquery-ddl" / f"{dataset}.sha256"
+    try:
+        ensure_tables(stack, dataset)
+        applied_at = marker.stat().st_mtime_ns
+        view = f"{stack.bq_project}.{dataset}.window_aggregates_current"
+        assert bq.get_table(view).view_query
+
+        ensure_tables(stack, dataset)  # everything is there: the DDL is not applied again
+        assert marker.stat().st_mtime_ns == applied_at
+
+        bq.delete_table(view)
+        ensure_tables(stack, dataset)
+        assert marker.stat().st_mtime_ns > applied_at
+        assert bq.get_table(view).view_query
+    finally:
+        bq.delete_dataset(f"{stack.bq_project}.{dataset}", delete_contents=True, not_found_ok=True)
+        marker.unlink(missing_ok=True)
