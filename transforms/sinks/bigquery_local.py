@@ -31,7 +31,6 @@ keep its CPU down; a triggering frequency of 0 appends each bundle's rows when t
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -195,24 +194,32 @@ def _converted(name: str, convert: Callable[[Any], Any] | None, value: Any) -> A
         raise TypeError(f"{name}: {error}") from error
 
 
-@functools.lru_cache(maxsize=64)
-def _row_layout(spec: TableSpec) -> tuple[frozenset[str], tuple[tuple[str, Callable[[Any], Any] | None], ...]]:
-    """The column names, and each column with its converter (None: the value goes as it is), per table."""
-    names = frozenset(column.name for column in spec.columns)
-    return names, tuple((column.name, _CONVERTERS.get(column.type)) for column in spec.columns)
+class RowEncoder:
+    """Serializes row dicts of rows.py as one table's proto; NULLs are left unset.
+
+    The table's columns and converters are worked out once: looking them up per row by the table's spec
+    hashed and compared the whole spec each time, 7 % of a backfill job's CPU (docs/benchmarks.md)."""
+
+    def __init__(self, message_class: type[message.Message], spec: TableSpec) -> None:
+        self._message_class = message_class
+        self._table = spec.table
+        self._names = frozenset(column.name for column in spec.columns)
+        self._layout = tuple((column.name, _CONVERTERS.get(column.type)) for column in spec.columns)
+
+    def __call__(self, row: dict[str, Any]) -> bytes:
+        if not self._names.issuperset(row):
+            raise ValueError(f"columns not in {self._table}: {sorted(set(row) - self._names)}")
+        fields = {}
+        for name, convert in self._layout:
+            value = row.get(name)
+            if value is not None:
+                fields[name] = _converted(name, convert, value)
+        return self._message_class(**fields).SerializeToString()
 
 
 def encode_row(message_class: type[message.Message], spec: TableSpec, row: dict[str, Any]) -> bytes:
-    """``row`` (a dict of rows.py) serialized as the table's proto; NULLs are left unset."""
-    names, layout = _row_layout(spec)
-    if not names.issuperset(row):
-        raise ValueError(f"columns not in {spec.table}: {sorted(set(row) - names)}")
-    fields = {}
-    for name, convert in layout:
-        value = row.get(name)
-        if value is not None:
-            fields[name] = _converted(name, convert, value)
-    return message_class(**fields).SerializeToString()
+    """``row`` (a dict of rows.py) serialized as the table's proto; for one row (a hot path uses ``RowEncoder``)."""
+    return RowEncoder(message_class, spec)(row)
 
 
 def _json_value(column: Column, value: Any) -> Any:
@@ -467,16 +474,16 @@ class EncodeRowsFn(beam.DoFn):
     def __init__(self, spec: TableSpec, num_shards: int) -> None:
         self._spec = spec
         self._num_shards = num_shards
-        self._message_class: type[message.Message] | None = None
+        self._encode: RowEncoder | None = None
         self._rejected = Metrics.counter(METRICS_NAMESPACE, f"{spec.table}.encode_rejected")
 
     def setup(self) -> None:
         # Generated message classes do not pickle; each worker builds its own.
-        self._message_class = proto_message_class(self._spec)
+        self._encode = RowEncoder(proto_message_class(self._spec), self._spec)
 
     def process(self, row: dict[str, Any]) -> Iterator[Any]:
         try:
-            encoded = encode_row(self._message_class, self._spec, row)
+            encoded = self._encode(row)
         except Exception as error:  # noqa: BLE001 - a pure conversion: its failure is the row's (dead_letters.py)
             self._rejected.inc()
             yield beam.pvalue.TaggedOutput(
