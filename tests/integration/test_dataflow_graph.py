@@ -1,4 +1,4 @@
-"""The streaming job's graph as Dataflow would receive it from the flex template, built offline.
+"""The streaming job's graph as Dataflow would receive it from the flex template, and the backfill's, built offline.
 
 ``--dry_run`` makes DataflowRunner do everything up to the API call: overrides, the Runner v2 proto with each
 environment resolved to its Docker image, and the job description. KafkaIO and the Storage Write API sink are
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import bz2
+import dataclasses
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -25,9 +26,12 @@ from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.utils.subprocess_server import SubprocessServer
 from apitools.base.py import encoding
 
+from pipelines.backfill import build_pipeline as backfill_pipeline
+from pipelines.backfill import plan_from_options
 from pipelines.streaming import build_pipeline
 from templates.launch import STREAMING_OPTIONS, prepare
 from transforms.kafka_source import KafkaReadOptions
+from transforms.postgres_source import RangeSummary
 from transforms.sinks.http_token import TokenSource
 
 SECRET_TOKEN = "token-from-secret-manager-5b1f"
@@ -154,3 +158,85 @@ def test_the_http_api_sink_reads_its_token_from_the_secret_and_the_token_is_nowh
 def test_a_multi_line_template_parameter_becomes_repeated_kafka_properties(dataflow_job):
     properties = dataflow_job.options.view_as(KafkaReadOptions).kafka_consumer_config
     assert properties == ["security.protocol=PLAINTEXT", "client.id=engagement-dataflow"]
+
+
+# --- the backfill on Dataflow: one batch job whose parallelism comes from its splits and its keys -----------
+
+BACKFILL_ARGUMENTS = [
+    "--runner=DataflowRunner",
+    "--project=example",
+    "--region=us-central1",
+    "--temp_location=gs://example/tmp",
+    "--dry_run=True",
+    f"--sdk_container_image={IMAGE}",
+    "--bigquery_write_method=storage_write_api",
+    "--start=2026-11-22T00:00:00Z",
+    "--end=2026-11-23T00:00:00Z",
+    "--read_splits=32",
+    "--postgres_dsn=host=postgres.invalid dbname=engagement user=engagement",
+    "--redis_url=redis://redis.invalid:6379/0",
+]
+
+
+@pytest.fixture(scope="module")
+def backfill_job() -> DataflowJob:
+    """The backfill job Dataflow would receive for a day of 86 million events, built without any service."""
+    options = PipelineOptions(BACKFILL_ARGUMENTS)
+    plan = plan_from_options(options)
+    plan = dataclasses.replace(plan, summary=RangeSummary(rows=86_400_000, min_id=1, max_id=86_400_000))
+    with SubprocessServer.cache_subprocesses():
+        pipeline = beam.Pipeline(options=options)
+        backfill_pipeline(pipeline, options, plan)
+        result = pipeline.run()
+    return DataflowJob(result.job, options)
+
+
+def _producers(job) -> dict[str, beam_runner_api_pb2.PTransform]:
+    """Each PCollection id's producing leaf transform."""
+    return {
+        output: transform
+        for transform in _transforms(job)
+        if not transform.subtransforms
+        for output in transform.outputs.values()
+    }
+
+
+def test_the_backfill_is_one_batch_job_on_dataflow(backfill_job):
+    options = backfill_job.options
+    assert not options.view_as(StandardOptions).streaming
+    assert backfill_job.job.proto.type.name == "JOB_TYPE_BATCH"
+    plan = plan_from_options(options)
+    assert (plan.chunk_rows, plan.parallel_chunks) == (0, 1)  # workers, not chunks, carry a long range
+
+
+def test_the_backfill_reads_postgresql_in_its_splits_behind_a_reshuffle(backfill_job):
+    # Without the reshuffle, Dataflow fuses the splits' Create with the reads and one worker reads them all.
+    job = backfill_job.job
+    (read,) = [t for t in _transforms(job) if t.unique_name == "Read engagement_events/ReadRange"]
+    (source,) = read.inputs.values()
+    assert _producers(job)[source].unique_name.startswith("Read engagement_events/SpreadSplits/")
+
+
+def test_the_backfill_joins_known_ids_by_key_not_through_one_workers_memory(backfill_job):
+    job = backfill_job.job
+    names = [t.unique_name for t in _transforms(job)]
+    assert any(name.startswith("Skip events in BigQuery/JoinById") for name in names)
+    side_inputs = [
+        t.unique_name
+        for t in _transforms(job)
+        if t.unique_name.startswith("Skip events in BigQuery/")
+        and t.spec.urn == common_urns.primitives.PAR_DO.urn
+        and beam_runner_api_pb2.ParDoPayload.FromString(t.spec.payload).side_inputs
+    ]
+    assert side_inputs == []
+
+
+def test_the_backfill_has_no_step_that_gathers_every_event_under_one_key(backfill_job):
+    # Every shuffle of events or aggregates is keyed by id, window and content, or shard: a GroupByKey whose
+    # input is keyed by a constant would put the whole range on one worker. The only single-element inputs
+    # are the queries of what BigQuery holds (one DoFn each) and the content snapshot.
+    job = backfill_job.job
+    global_combines = [
+        t.unique_name for t in _transforms(job) if "CombineGlobally" in t.unique_name or "/KeyWithVoid" in t.unique_name
+    ]
+    assert global_combines == []
