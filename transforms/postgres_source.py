@@ -1,7 +1,7 @@
 """Reading ``engagement_events`` for a time range from PostgreSQL, in parallel id-range splits.
 
-Rows are read with their column types and become events directly (``decode.event_from_table_row``), at a
-third of the cost of decoding them as JSON. A row that function is not sure of becomes instead the same
+Rows are read with their column types and become events directly (``decode.event_from_table_row``), at about
+half the cost of decoding them as JSON. A row that function is not sure of becomes instead the same
 ``RawRecord`` the streaming job reads from Kafka (a plain JSON event, as PostgreSQL writes the row), so
 ``decode_record`` validates it, or dead-letters it with its reason, with exactly the code streaming uses.
 """
