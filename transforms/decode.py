@@ -285,8 +285,8 @@ def _in_range(value: int, bounds: tuple[int, int]) -> bool:
 
 
 def _check_range(name: str, value: int, bounds: tuple[int, int], column_type: str) -> None:
-    low, high = bounds
-    if not low <= value <= high:
+    if not _in_range(value, bounds):
+        low, high = bounds
         shown = str(value) if len(str(value)) <= 40 else f"a {len(str(value))}-digit number"
         raise DecodeError(f"{name}: {shown} is outside the {column_type} range {low}..{high}")
 

@@ -25,11 +25,10 @@ from transforms.model import EngagementEvent, RawRecord, SourceCoordinates
 
 _LOG = logging.getLogger(__name__)
 
-EVENT_COLUMNS = TABLE_ROW_COLUMNS
 # UUIDs and JSONB as text: psycopg2 would parse JSONB into Python objects, which event_from_table_row reads
 # from the text itself (its depth first).
 _TYPED_COLUMNS = ", ".join(
-    f"{column}::text" if column in ("content_id", "user_id", "raw_payload") else column for column in EVENT_COLUMNS
+    f"{column}::text" if column in ("content_id", "user_id", "raw_payload") else column for column in TABLE_ROW_COLUMNS
 )
 _SELECT_RANGE = (
     f"SELECT {_TYPED_COLUMNS} FROM engagement_events"  # noqa: S608 - constant column list
@@ -37,7 +36,7 @@ _SELECT_RANGE = (
 )
 # A row as the plain JSON event an application would send, for the rows only decode_record can judge.
 # Timestamps come out as ISO 8601 in the session's time zone, UTC.
-_ROW_AS_JSON = "json_build_object(" + ", ".join(f"'{column}', {column}" for column in EVENT_COLUMNS) + ")::text"
+_ROW_AS_JSON = "json_build_object(" + ", ".join(f"'{column}', {column}" for column in TABLE_ROW_COLUMNS) + ")::text"
 _SELECT_DOCUMENT = f"SELECT {_ROW_AS_JSON} FROM engagement_events WHERE id = %s"  # noqa: S608 - constant
 
 
@@ -324,7 +323,7 @@ class ReadEventsFromPostgres(beam.PTransform):
         """``run`` names the run in progress logs (``LogProgressFn`` steps of the same run log alongside)."""
         super().__init__()
         self._run = run or uuid.uuid4().hex
-        self._limits = limits or DecodeLimits()
+        self._limits = limits
         self._dsn = dsn
         self._time_range = time_range
         self._summary = summary
