@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import apache_beam as beam
@@ -22,47 +23,58 @@ from pipelines.options import CoreOptions, with_state_cache
 from pipelines.outputs import SinkSettings, write_outputs
 from pipelines.preflight import PreflightError, check_postgres
 from transforms.backfill_filters import BigQueryReadSettings
-from transforms.content import PostgresContentLoader, PostgresContentLookup, ReadContentOnce, RefreshingContent
+from transforms.content import (
+    ContentSnapshot,
+    PostgresContentLoader,
+    PostgresContentLookup,
+    ReadContentOnce,
+    RefreshingContent,
+)
+from transforms.enrich import ContentLookupFactory
 from transforms.kafka_source import KafkaReadOptions, KafkaReadSettings, ReadRawRecordsFromKafka
-from transforms.resume import BigQueryIdsSince, BigQueryProgress, LedgerIdsSince, ResumeOptions, ResumePlan, plan_resume
+from transforms.resume import (
+    BigQueryIdsSince,
+    BigQueryProgress,
+    LastProcessedAt,
+    LedgerIdsSince,
+    ResumeOptions,
+    ResumePlan,
+    plan_resume,
+)
 from transforms.sinks.bigquery import BigQuerySinkOptions
 
 _LOG = logging.getLogger(__name__)
 
 
-def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
-    """Applies the whole streaming graph to ``pipeline``."""
-    core_options = options.view_as(CoreOptions)
+@dataclass(frozen=True)
+class StreamingPlan:
+    """Everything the streaming graph is built from, decided once at launch. Options are read, never changed."""
+
+    kafka: KafkaReadSettings
+    """With the real start: ``--start_offset=resume`` is resolved to a time here."""
+    core: CoreSettings
+    """For a resume: windows from the re-read's start, lateness and de-dup horizon widened to cover it."""
+    sinks: SinkSettings
+    """For a resume: the ids each sink already holds from the overlap."""
+    resume: ResumePlan | None = None
+
+
+def plan_from_options(
+    options: PipelineOptions, now: datetime | None = None, progress: LastProcessedAt | None = None
+) -> StreamingPlan:
+    """The job's plan. Only ``--start_offset=resume`` reads anything: ``progress`` (default: BigQuery's
+    ``enriched_events``) says where the last run got to."""
+    now = now or datetime.now(UTC)
     # run() forces --streaming; a bounded run (the FnApiRunner integration test) takes the bounded core, as the
     # BigQuery sink does, because the FnApiRunner cannot fire processing-time triggers.
-    settings = CoreSettings.from_options(options, streaming=options.view_as(StandardOptions).streaming)
-    dsn = core_options.postgres_dsn
-    refresh = core_options.content_refresh_seconds
-    # With the side input read once, the lookup's expiring cache is what brings content edits in.
-    hit_ttl = refresh if refresh > 0 else 60.0
-    lookup = (
-        (lambda: PostgresContentLookup(dsn, hit_ttl_seconds=hit_ttl))
-        if core_options.content_lookup == "postgres"
-        else None
-    )
-
-    resume = resolve_resume(options, settings)
+    core = CoreSettings.from_options(options, streaming=options.view_as(StandardOptions).streaming)
+    start_offset, resume = plan_start(options, core, now, progress)
     if resume is not None:
-        settings = resumed_settings(settings, resume, datetime.now(UTC))
-    raw = pipeline | "Read Kafka" >> ReadRawRecordsFromKafka(KafkaReadSettings.from_options(options))
-    if refresh > 0:
-        content = pipeline | "Content snapshots" >> RefreshingContent(
-            PostgresContentLoader(dsn), interval_seconds=refresh
-        )
-    else:
-        # Prism cannot serve a triggered global-window side input (apache/beam#31438): read the table
-        # once and let the point lookup cover what is created or edited later.
-        content = pipeline | "Content snapshot" >> ReadContentOnce(PostgresContentLoader(dsn))
-    core = build_core(raw, content, settings, content_lookup=lookup)
+        core = resumed_settings(core, resume, now)
     sinks = SinkSettings.from_options(
         options,
-        window_seconds=settings.windows.window_seconds,
-        allowed_lateness_seconds=settings.windows.allowed_lateness_seconds,
+        window_seconds=core.windows.window_seconds,
+        allowed_lateness_seconds=core.windows.allowed_lateness_seconds,
     )
     if resume is not None:
         sinks = dataclasses.replace(
@@ -74,7 +86,41 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions) -> None:
                 else None
             ),
         )
-    write_outputs(core, sinks)
+    kafka = KafkaReadSettings.from_options(options, start_offset=start_offset)
+    return StreamingPlan(kafka=kafka, core=core, sinks=sinks, resume=resume)
+
+
+def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions, plan: StreamingPlan | None = None) -> None:
+    """Applies the whole streaming graph to ``pipeline``: read, core, outputs. Plans first unless given ``plan``."""
+    plan = plan or plan_from_options(options)
+    raw = pipeline | "Read Kafka" >> ReadRawRecordsFromKafka(plan.kafka)
+    content, lookup = content_sources(pipeline, options.view_as(CoreOptions))
+    core = build_core(raw, content, plan.core, content_lookup=lookup)
+    write_outputs(core, plan.sinks)
+
+
+def content_sources(
+    pipeline: beam.Pipeline, core_options: CoreOptions
+) -> tuple[beam.PCollection[ContentSnapshot], ContentLookupFactory | None]:
+    """The content side input (refreshing, or read once) and the point lookup behind it, if enabled."""
+    dsn = core_options.postgres_dsn
+    refresh = core_options.content_refresh_seconds
+    # With the side input read once, the lookup's expiring cache is what brings content edits in.
+    hit_ttl = refresh if refresh > 0 else 60.0
+    lookup = (
+        (lambda: PostgresContentLookup(dsn, hit_ttl_seconds=hit_ttl))
+        if core_options.content_lookup == "postgres"
+        else None
+    )
+    if refresh > 0:
+        content = pipeline | "Content snapshots" >> RefreshingContent(
+            PostgresContentLoader(dsn), interval_seconds=refresh
+        )
+    else:
+        # Prism cannot serve a triggered global-window side input (apache/beam#31438): read the table
+        # once and let the point lookup cover what is created or edited later.
+        content = pipeline | "Content snapshot" >> ReadContentOnce(PostgresContentLoader(dsn))
+    return content, lookup
 
 
 def bigquery_read_settings(options: PipelineOptions) -> BigQueryReadSettings:
@@ -112,43 +158,42 @@ def resumed_settings(settings: CoreSettings, resume: ResumePlan, now: datetime) 
     )
 
 
-def resolve_resume(options: PipelineOptions, settings: CoreSettings) -> ResumePlan | None:
-    """Turns ``--start_offset=resume`` into a start time and a plan (transforms/resume.py), or None.
+def plan_start(
+    options: PipelineOptions, settings: CoreSettings, now: datetime, progress: LastProcessedAt | None = None
+) -> tuple[str, ResumePlan | None]:
+    """Where KafkaIO starts, and the resume plan when ``--start_offset=resume`` has one (transforms/resume.py).
 
-    The options are updated in place, so the Kafka read and the job's recorded options show the real start.
+    Any other ``--start_offset`` is returned as it is. Without a usable plan (a first run, or a stop longer
+    than ``--resume_max_gap_seconds``) the job starts with the windows that are still open; older data is the
+    backfill's.
     """
-    kafka = options.view_as(KafkaReadOptions)
-    if kafka.start_offset != "resume":
-        return None
+    start_offset = options.view_as(KafkaReadOptions).start_offset
+    if start_offset != "resume":
+        return start_offset, None
+    resume_options = options.view_as(ResumeOptions)
     plan = plan_resume(
-        BigQueryProgress(bigquery_read_settings(options)),
+        progress or BigQueryProgress(bigquery_read_settings(options)),
         settings.windows.window_seconds,
         settings.windows.allowed_lateness_seconds,
-        options.view_as(ResumeOptions).resume_margin_seconds,
+        resume_options.resume_margin_seconds,
     )
-    now = datetime.now(UTC)
-    # Without a usable plan the job starts with the windows that are still open; older data is the backfill's.
-    fresh_start = now - timedelta(seconds=settings.windows.open_seconds)
-    max_gap = options.view_as(ResumeOptions).resume_max_gap_seconds
+    fresh_start = (now - timedelta(seconds=settings.windows.open_seconds)).isoformat()
     if plan is None:
-        _LOG.info("resume: enriched_events is empty (a first run); reading from %s", fresh_start.isoformat())
-        kafka.start_offset = fresh_start.isoformat()
-        return None
-    if (now - plan.last_processed_at).total_seconds() > max_gap:
+        _LOG.info("resume: enriched_events is empty (a first run); reading from %s", fresh_start)
+        return fresh_start, None
+    if (now - plan.last_processed_at).total_seconds() > resume_options.resume_max_gap_seconds:
         _LOG.warning(
             "resume: the last run stopped at %s, more than --resume_max_gap_seconds=%d ago; reading from %s. "
             "Fill the gap with: scripts/backfill --start %s --end %s",
             plan.last_processed_at.isoformat(),
-            max_gap,
-            fresh_start.isoformat(),
+            resume_options.resume_max_gap_seconds,
+            fresh_start,
             plan.read_from.isoformat(),
-            fresh_start.isoformat(),
+            fresh_start,
         )
-        kafka.start_offset = fresh_start.isoformat()
-        return None
+        return fresh_start, None
     _LOG.info(plan.describe())
-    kafka.start_offset = plan.read_from.isoformat()
-    return plan
+    return plan.read_from.isoformat(), plan
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -157,10 +202,12 @@ def run(argv: list[str] | None = None) -> None:
     # DoFns refer to module-level code of this package; workers must import it, not unpickle __main__.
     options.view_as(SetupOptions).save_main_session = False
     check_postgres(options.view_as(CoreOptions).postgres_dsn)
+    plan = plan_from_options(options)
+    _LOG.info("reading Kafka from %s", plan.kafka.start_offset)
     # Keeps the Java expansion service (and, for local runners, the Java worker inside it) alive for as
     # long as the job runs, not just while the graph is expanded.
     with SubprocessServer.cache_subprocesses(), beam.Pipeline(options=options) as pipeline:
-        build_pipeline(pipeline, options)
+        build_pipeline(pipeline, options, plan)
 
 
 def main() -> int:

@@ -211,14 +211,15 @@ class KafkaReadSettings:
         return config
 
     @classmethod
-    def from_options(cls, options: PipelineOptions) -> KafkaReadSettings:
+    def from_options(cls, options: PipelineOptions, start_offset: str | None = None) -> KafkaReadSettings:
+        """``start_offset`` replaces ``--start_offset``: the streaming job's plan resolves ``resume`` to a time."""
         kafka = options.view_as(KafkaReadOptions)
         topics = tuple(topic for topic in (kafka.cdc_topic, kafka.json_topic) if topic)
         return cls(
             bootstrap_servers=kafka.bootstrap_servers,
             topics=topics,
             consumer_group=kafka.consumer_group,
-            start_offset=kafka.start_offset,
+            start_offset=kafka.start_offset if start_offset is None else start_offset,
             commit_offsets=kafka.commit_offsets,
             extra_config=parse_consumer_properties(kafka.kafka_consumer_config),
             max_records=kafka.kafka_max_records,

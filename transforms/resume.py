@@ -27,6 +27,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -195,8 +196,14 @@ class LedgerIdsSince:
         return f"LedgerIdsSince(since={self.since.isoformat()})"
 
 
+class LastProcessedAt(Protocol):
+    """Where the last run got to: the newest ``processed_at`` of what it wrote, or None before any run."""
+
+    def last_processed_at(self) -> datetime | None: ...
+
+
 def plan_resume(
-    progress: BigQueryProgress, window_seconds: int, allowed_lateness_seconds: int, margin_seconds: int
+    progress: LastProcessedAt, window_seconds: int, allowed_lateness_seconds: int, margin_seconds: int
 ) -> ResumePlan | None:
     """The restart's plan, or None when ``enriched_events`` is empty (nothing to resume: a first run)."""
     last = progress.last_processed_at()

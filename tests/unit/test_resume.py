@@ -6,12 +6,15 @@ from datetime import UTC, datetime
 
 import apache_beam as beam
 import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
+from pipelines.streaming import plan_from_options
 from tests.unit.helpers import PODCAST, at, plain_event
 from transforms.decode import decode_record
 from transforms.enrich import enrich
+from transforms.kafka_source import KafkaReadOptions
 from transforms.resume import KeepResumableWindows, SkipDelivered, align_down, resume_point
 
 
@@ -53,3 +56,70 @@ def test_events_a_sink_holds_are_skipped() -> None:
             pipeline | beam.Create(events) | SkipDelivered("bigquery", load_held_ids) | beam.Map(lambda e: e.event.id)
         )
         assert_that(kept, equal_to([1, 3, 5]))
+
+
+class LastRun:
+    """What ``enriched_events`` says about the last run: the value BigQueryProgress would read."""
+
+    def __init__(self, last: datetime | None) -> None:
+        self._last = last
+
+    def last_processed_at(self) -> datetime | None:
+        return self._last
+
+
+NOW = datetime(2026, 11, 22, 10, 30, tzinfo=UTC)
+
+
+def streaming_options(start_offset: str, *extra: str) -> PipelineOptions:
+    return PipelineOptions(
+        [
+            f"--start_offset={start_offset}",
+            "--streaming",
+            "--window_seconds=60",
+            "--allowed_lateness_seconds=300",
+            "--bigquery_project=local-project",
+            "--bigquery_dataset=engagement",
+            "--http_api_sink=disabled",
+            *extra,
+        ]
+    )
+
+
+def test_a_plan_passes_a_given_start_through_and_leaves_the_options_alone() -> None:
+    options = streaming_options("2026-11-22T10:00:00+00:00")
+    plan = plan_from_options(options, NOW, LastRun(None))
+    assert plan.kafka.start_offset == "2026-11-22T10:00:00+00:00"
+    assert plan.resume is None
+    assert plan.core.windows_from is None
+    assert plan.sinks.bigquery_holds is None
+    assert plan.sinks.http_holds is None
+
+
+def test_a_resume_reads_from_before_the_last_runs_windows_and_widens_lateness_for_the_re_read() -> None:
+    options = streaming_options("resume", "--resume_margin_seconds=60")
+    plan = plan_from_options(options, NOW, LastRun(datetime(2026, 11, 22, 10, 27, 30, tzinfo=UTC)))
+    # 10:27:30 - (60 + 300 + 60) s = 10:20:30, aligned down to the minute.
+    read_from = datetime(2026, 11, 22, 10, 20, tzinfo=UTC)
+    assert plan.resume is not None
+    assert plan.resume.read_from == read_from
+    assert plan.kafka.start_offset == read_from.isoformat()
+    assert plan.core.windows_from == read_from
+    extra = 2 * 600  # twice the re-read's age at launch
+    assert plan.core.windows.allowed_lateness_seconds == 300 + extra
+    assert plan.core.dedup_horizon_seconds == 600 + extra
+    assert plan.sinks.bigquery.allowed_lateness_seconds == 300 + extra
+    assert plan.sinks.bigquery_holds is not None
+    # What was asked for is still what the options say: the plan carries the decision.
+    assert options.view_as(KafkaReadOptions).start_offset == "resume"
+
+
+@pytest.mark.parametrize(
+    ("last", "why"),
+    [(None, "a first run"), (datetime(2026, 11, 22, 10, 0, tzinfo=UTC), "a stop longer than the gap allowed")],
+)
+def test_without_a_usable_resume_the_job_starts_with_the_windows_still_open(last: datetime | None, why: str) -> None:
+    plan = plan_from_options(streaming_options("resume", "--resume_max_gap_seconds=900"), NOW, LastRun(last))
+    assert plan.resume is None, why
+    assert plan.kafka.start_offset == datetime(2026, 11, 22, 10, 24, tzinfo=UTC).isoformat()  # now - (60 + 300) s
+    assert plan.core.windows_from is None
