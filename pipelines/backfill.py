@@ -47,15 +47,14 @@ from pipelines.core import CoreOutputs, CoreSettings, build_core
 from pipelines.options import CoreOptions, with_state_cache
 from pipelines.outputs import SinkSettings, write_outputs
 from transforms.backfill_filters import (
-    BigQueryReadSettings,
     KeepFinalPanes,
     KeepNewEvents,
     ReadCurrentAggregates,
     ReadExistingEventIds,
     SplitAggregatesByCurrentValue,
-    bigquery_client,
     check_window_aligned,
 )
+from transforms.bigquery_reads import BigQueryReadSettings, bigquery_client
 from transforms.content import PostgresContentLoader, PostgresContentLookup, ReadContentOnce
 from transforms.dead_letters import flatten_dead_letters
 from transforms.postgres_source import (
@@ -221,12 +220,8 @@ def plan_from_options(options: PipelineOptions) -> BackfillPlan:
         read_splits=backfill.read_splits,
         core=core,
         sinks=SinkSettings(bigquery=bigquery, redis=redis_config, http=http),
-        bigquery_read=BigQueryReadSettings(
-            project=bigquery.project,
-            dataset=bigquery.dataset,
-            events_table=bigquery.events_table,
-            aggregates_table=bigquery.aggregates_table,
-            rest_endpoint=options.view_as(BigQuerySinkOptions).bigquery_rest_endpoint,
+        bigquery_read=BigQueryReadSettings.of_sink(
+            bigquery, options.view_as(BigQuerySinkOptions).bigquery_rest_endpoint
         ),
         content_lookup=core_options.content_lookup == "postgres",
         chunk_rows=chunk_rows,

@@ -22,7 +22,7 @@ from pipelines.core import CoreSettings, build_core
 from pipelines.options import CoreOptions, with_state_cache
 from pipelines.outputs import SinkSettings, write_outputs
 from pipelines.preflight import PreflightError, check_postgres
-from transforms.backfill_filters import BigQueryReadSettings
+from transforms.bigquery_reads import BigQueryReadSettings
 from transforms.content import (
     ContentSnapshot,
     PostgresContentLoader,
@@ -41,7 +41,6 @@ from transforms.resume import (
     ResumePlan,
     plan_resume,
 )
-from transforms.sinks.bigquery import BigQuerySinkOptions
 
 _LOG = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ def plan_from_options(
     if resume is not None:
         sinks = dataclasses.replace(
             sinks,
-            bigquery_holds=BigQueryIdsSince(bigquery_read_settings(options), resume.read_from),
+            bigquery_holds=BigQueryIdsSince(BigQueryReadSettings.from_options(options), resume.read_from),
             http_holds=(
                 LedgerIdsSince(sinks.http.ledger, sinks.http.ledger_redis_url, resume.read_from)
                 if sinks.http is not None and sinks.http.ledger is not None
@@ -123,17 +122,6 @@ def content_sources(
     return content, lookup
 
 
-def bigquery_read_settings(options: PipelineOptions) -> BigQueryReadSettings:
-    bigquery = options.view_as(BigQuerySinkOptions)
-    return BigQueryReadSettings(
-        project=bigquery.bigquery_project,
-        dataset=bigquery.bigquery_dataset,
-        events_table=bigquery.bigquery_events_table,
-        aggregates_table=bigquery.bigquery_aggregates_table,
-        rest_endpoint=bigquery.bigquery_rest_endpoint,
-    )
-
-
 def resumed_settings(settings: CoreSettings, resume: ResumePlan, now: datetime) -> CoreSettings:
     """The core's settings for a resumed job: windows from the resume point, and room for the re-read.
 
@@ -172,7 +160,7 @@ def plan_start(
         return start_offset, None
     resume_options = options.view_as(ResumeOptions)
     plan = plan_resume(
-        progress or BigQueryProgress(bigquery_read_settings(options)),
+        progress or BigQueryProgress(BigQueryReadSettings.from_options(options)),
         settings.windows.window_seconds,
         settings.windows.allowed_lateness_seconds,
         resume_options.resume_margin_seconds,

@@ -14,7 +14,6 @@ after the first run, and a backfill never duplicates what streaming wrote).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -23,6 +22,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
+from transforms.bigquery_reads import BigQueryReadSettings, Query, RunQueryFn
 from transforms.model import EnrichedEvent, WindowAggregate
 from transforms.postgres_source import TimeRange
 from transforms.rows import Row, window_aggregate_row
@@ -100,43 +100,6 @@ def check_window_aligned(time_range: TimeRange, window_seconds: int) -> None:
 # --- reading what BigQuery holds ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class BigQueryReadSettings:
-    """Where the backfill reads the sinks' current contents. ``rest_endpoint`` is the emulator's REST URL;
-    None means Google's BigQuery with the worker's default credentials."""
-
-    project: str
-    dataset: str
-    events_table: str
-    aggregates_table: str
-    rest_endpoint: str | None = None
-
-    def table_id(self, table: str) -> str:
-        return f"{self.project}.{self.dataset}.{table}"
-
-
-def bigquery_client(settings: BigQueryReadSettings) -> Any:
-    from google.cloud import bigquery
-
-    if settings.rest_endpoint is None:
-        return bigquery.Client(project=settings.project)
-    from google.auth.credentials import AnonymousCredentials
-
-    return bigquery.Client(
-        project=settings.project,
-        credentials=AnonymousCredentials(),
-        client_options={"api_endpoint": settings.rest_endpoint},
-    )
-
-
-@dataclass(frozen=True)
-class Query:
-    """Standard SQL with named TIMESTAMP parameters."""
-
-    sql: str
-    timestamps: tuple[tuple[str, datetime], ...]
-
-
 def existing_ids_query(settings: BigQueryReadSettings, time_range: TimeRange) -> Query:
     # The event_ts filter prunes the table's DATE(event_ts) partitions.
     table = settings.table_id(settings.events_table)
@@ -161,40 +124,6 @@ def current_aggregates_query(settings: BigQueryReadSettings, time_range: TimeRan
     )
 
 
-def run_query(client: Any, query: Query, page_size: int | None = None) -> Iterator[dict[str, Any]]:
-    """The query's rows as dicts, fetched page by page; its timestamps bound as query parameters."""
-    from google.cloud import bigquery
-
-    config = bigquery.QueryJobConfig(
-        query_parameters=[bigquery.ScalarQueryParameter(name, "TIMESTAMP", value) for name, value in query.timestamps]
-    )
-    for row in client.query_and_wait(query.sql, job_config=config, page_size=page_size):
-        yield dict(row)
-
-
-class RunQueryFn(beam.DoFn):
-    """Runs a query and yields its rows as dicts, page by page (memory stays flat for large results)."""
-
-    def __init__(self, settings: BigQueryReadSettings, page_size: int = 50_000) -> None:
-        self._settings = settings
-        self._page_size = page_size
-        self._client = None
-        self._rows_read = Metrics.counter(METRICS_NAMESPACE, "bigquery_rows_read")
-
-    def setup(self) -> None:
-        self._client = bigquery_client(self._settings)
-
-    def process(self, query: Query) -> Iterator[dict[str, Any]]:
-        for row in run_query(self._client, query, self._page_size):
-            self._rows_read.inc()
-            yield row
-
-    def teardown(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-
-
 class ReadExistingEventIds(beam.PTransform):
     """The ids ``enriched_events`` already holds for the range."""
 
@@ -207,7 +136,7 @@ class ReadExistingEventIds(beam.PTransform):
         return (
             begin
             | "Query" >> beam.Create([existing_ids_query(self._settings, self._time_range)])
-            | "Run" >> beam.ParDo(RunQueryFn(self._settings))
+            | "Run" >> beam.ParDo(RunQueryFn(self._settings, METRICS_NAMESPACE))
             | "Ids" >> beam.Map(lambda row: row["event_id"])
         )
 
@@ -226,7 +155,7 @@ class ReadCurrentAggregates(beam.PTransform):
         return (
             begin
             | "Query" >> beam.Create([query])
-            | "Run" >> beam.ParDo(RunQueryFn(self._settings))
+            | "Run" >> beam.ParDo(RunQueryFn(self._settings, METRICS_NAMESPACE))
             | "Key" >> beam.Map(lambda row: (aggregate_key(row), row))
         )
 

@@ -33,7 +33,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from transforms.backfill_filters import BigQueryReadSettings, Query, bigquery_client, run_query
+from transforms.bigquery_reads import BigQueryReadSettings, Query, bigquery_client, run_query
 from transforms.model import EnrichedEvent
 from transforms.sinks.http_ledger import DeliveryLedger
 from transforms.sinks.redis_top import connect

@@ -25,7 +25,6 @@ from tests.unit.helpers import PODCAST, plain_event
 from transforms.backfill_filters import (
     CHANGED,
     UNCHANGED,
-    BigQueryReadSettings,
     KeepNewEvents,
     SplitAggregatesByCurrentValue,
     aggregate_changed,
@@ -35,6 +34,7 @@ from transforms.backfill_filters import (
     existing_ids_query,
     window_range,
 )
+from transforms.bigquery_reads import BigQueryReadSettings
 from transforms.decode import decode_record
 from transforms.enrich import enrich
 from transforms.model import WindowAggregate
