@@ -46,6 +46,7 @@ from apache_beam.options.pipeline_options import (
 from pipelines.core import CoreOutputs, CoreSettings, build_core
 from pipelines.options import CoreOptions, with_state_cache
 from pipelines.outputs import SinkSettings, write_outputs
+from pipelines.preflight import PreflightError, check_postgres, one_line
 from transforms.backfill_filters import (
     KeepFinalPanes,
     KeepNewEvents,
@@ -63,7 +64,6 @@ from transforms.postgres_source import (
     RangeSummary,
     ReadEventsFromPostgres,
     TimeRange,
-    missing_source_tables,
     summarize_range,
 )
 from transforms.sinks.bigquery import LOCAL_STORAGE_WRITE, BigQuerySinkOptions, BigQuerySinkSettings
@@ -149,10 +149,6 @@ class BackfillOptions(PipelineOptions):
         )
 
 
-class PreflightError(Exception):
-    """A check before the pipeline failed; the message is one line for the operator."""
-
-
 @dataclass(frozen=True)
 class BackfillPlan:
     """Everything the pipeline is built from, checked before anything is written."""
@@ -170,10 +166,6 @@ class BackfillPlan:
     skip_writes: bool = False
     chunks: tuple[TimeRange, ...] = ()
     """The sub-ranges run one after another (one job each); empty before the preflight has counted them."""
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
 
 
 def plan_from_options(options: PipelineOptions) -> BackfillPlan:
@@ -208,7 +200,7 @@ def plan_from_options(options: PipelineOptions) -> BackfillPlan:
         if http is not None:
             http = dataclasses.replace(http, bounded_input=True)
     except ValueError as error:
-        raise PreflightError(_one_line(error)) from error
+        raise PreflightError(one_line(error)) from error
     if backfill.send_to_http_api and http is None:
         raise PreflightError("--send_to_http_api contradicts --http_api_sink=disabled")
     if bigquery.write_method == LOCAL_STORAGE_WRITE and not options.view_as(BigQuerySinkOptions).bigquery_rest_endpoint:
@@ -256,10 +248,8 @@ def preflight(options: PipelineOptions) -> BackfillPlan:
 def _check_postgres(plan: BackfillPlan, timeout: int) -> BackfillPlan:
     import psycopg2
 
+    check_postgres(plan.dsn, connect_timeout_seconds=timeout)
     try:
-        missing = missing_source_tables(plan.dsn, connect_timeout_seconds=timeout)
-        if missing:
-            raise PreflightError(f"PostgreSQL has no table {', '.join(missing)} (apply sql/postgres/001_schema.sql)")
         summary = summarize_range(plan.dsn, plan.time_range, connect_timeout_seconds=timeout)
         chunks: tuple[TimeRange, ...] = (plan.time_range,)
         if plan.chunk_rows and summary.rows > plan.chunk_rows:
@@ -270,7 +260,7 @@ def _check_postgres(plan: BackfillPlan, timeout: int) -> BackfillPlan:
             )
     except psycopg2.Error as error:
         # libpq's message names host and port, never the password.
-        raise PreflightError(f"cannot use PostgreSQL: {_one_line(error)}") from error
+        raise PreflightError(f"cannot use PostgreSQL: {one_line(error)}") from error
     return dataclasses.replace(plan, summary=summary, chunks=chunks)
 
 
@@ -349,7 +339,7 @@ def _check_bigquery(plan: BackfillPlan) -> None:
     try:
         client = bigquery_client(plan.bigquery_read)
     except auth_exceptions.GoogleAuthError as error:
-        raise PreflightError(f"cannot use BigQuery: {_one_line(error)}") from error
+        raise PreflightError(f"cannot use BigQuery: {one_line(error)}") from error
     try:
         for table in tables:
             table_id = plan.bigquery_read.table_id(table)
@@ -360,7 +350,7 @@ def _check_bigquery(plan: BackfillPlan) -> None:
                     f"BigQuery table {table_id} does not exist (create it with scripts/bigquery-ddl)"
                 ) from error
     except (api_exceptions.GoogleAPIError, http_exceptions.RequestException) as error:
-        raise PreflightError(f"cannot reach BigQuery at {where}: {_one_line(error)[:300]}") from error
+        raise PreflightError(f"cannot reach BigQuery at {where}: {one_line(error)[:300]}") from error
     finally:
         client.close()
 
@@ -373,7 +363,7 @@ def _check_redis(plan: BackfillPlan, timeout: int) -> None:
         client.ping()
     except redis.RedisError as error:
         # The URL may hold a password: name the error only.
-        raise PreflightError(f"cannot reach Redis (--redis_url): {_one_line(error)}") from error
+        raise PreflightError(f"cannot reach Redis (--redis_url): {one_line(error)}") from error
     finally:
         client.close()
 

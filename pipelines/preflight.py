@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
+from transforms.postgres_source import missing_source_tables
+
 
 class PreflightError(RuntimeError):
-    """A setting or a service the pipeline needs is wrong or missing; the message says which."""
+    """A setting or a service the pipeline needs is wrong or missing; the message is one line for the operator."""
 
 
-def check_postgres(dsn: str, tables: tuple[str, ...] = ("content", "engagement_events")) -> None:
-    """PostgreSQL is reachable with ``dsn`` and holds ``tables``."""
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (libpq's span several), or its type when it has none."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def check_postgres(dsn: str, connect_timeout_seconds: int = 10) -> None:
+    """PostgreSQL is reachable with ``dsn`` and holds the source tables."""
     import psycopg2
 
     try:
-        connection = psycopg2.connect(dsn, connect_timeout=10)
-    except psycopg2.OperationalError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PreflightError(f"cannot connect to PostgreSQL ({first_line})") from exc
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT name FROM unnest(%s::text[]) AS t(name) WHERE to_regclass(name) IS NULL", (list(tables),)
-            )
-            missing = [row[0] for row in cursor.fetchall()]
-    finally:
-        connection.close()
+        missing = missing_source_tables(dsn, connect_timeout_seconds=connect_timeout_seconds)
+    except psycopg2.Error as error:
+        # libpq's message names host and port, never the password.
+        raise PreflightError(f"cannot use PostgreSQL: {one_line(error)}") from error
     if missing:
-        raise PreflightError(f"PostgreSQL has no table {', '.join(missing)}; apply sql/postgres/*.sql first")
+        raise PreflightError(f"PostgreSQL has no table {', '.join(missing)} (apply sql/postgres/001_schema.sql)")
