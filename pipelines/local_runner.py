@@ -39,5 +39,6 @@ def prism_args(streaming: bool) -> list[str]:
         "--job_server_timeout=86400",
     ]
     if streaming:
-        args.append("--streaming")
+        # Our Prism patch 0007: the early panes a batch of elements fires share one bundle, not one each.
+        args += ["--streaming", "--experiments=prism_fire_panes_per_batch"]
     return args
