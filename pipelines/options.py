@@ -42,8 +42,12 @@ class CoreOptions(PipelineOptions):
         parser.add_argument(
             "--early_firing_seconds",
             type=int,
-            default=1,
-            help="Processing-time delay after which a window emits an early (partial) result, in whole seconds.",
+            default=0,
+            help=(
+                "Processing-time delay after which a window emits an early (partial) result, in whole seconds. "
+                "0 emits one as soon as new data reaches the window: a pane per key for each batch of events "
+                "the runner hands the aggregation."
+            ),
         )
         parser.add_argument(
             "--dedup_horizon_seconds",

@@ -115,7 +115,7 @@ def test_core_graph_end_to_end():
 def test_core_options_have_help_and_build_valid_settings():
     options = PipelineOptions(["--window_seconds=120", "--allowed_lateness_seconds=60", "--dedup_horizon_seconds=300"])
     settings = CoreSettings.from_options(options, streaming=True)
-    assert settings.windows == WindowSettings(120, 60, 1)
+    assert settings.windows == WindowSettings(120, 60, 0)  # early panes as soon as data arrives
     assert CoreSettings.from_options(options, streaming=False).streaming is False
 
     parser = __import__("argparse").ArgumentParser()

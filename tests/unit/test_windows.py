@@ -87,6 +87,34 @@ def test_early_pane_fires_in_processing_time_then_on_time_pane_accumulates():
     pipeline.run()
 
 
+def test_early_panes_at_zero_seconds_fire_for_each_batch_of_data_that_arrives():
+    settings = CoreSettings(
+        windows=WindowSettings(window_seconds=60, allowed_lateness_seconds=120, early_firing_seconds=0),
+        dedup_horizon_seconds=600,
+    )
+    stream = (
+        test_stream.TestStream()
+        .advance_watermark_to(at(0))
+        # No processing time passes: a pane per batch, not per delay.
+        .add_elements([plain_event(1, 5), plain_event(2, 10, duration_ms=2500)])
+        .add_elements([plain_event(3, 20)])
+        .advance_watermark_to(at(60))
+        .advance_watermark_to_infinity()
+    )
+    pipeline, panes = run_panes(stream, settings)
+    assert_that(
+        panes,
+        equal_to(
+            [
+                (0, "deep-dive-42", "EARLY", 2, Decimal("3.500"), 1),
+                (0, "deep-dive-42", "EARLY", 3, Decimal("4.500"), 1),
+                (0, "deep-dive-42", "ON_TIME", 3, Decimal("4.500"), 1),
+            ]
+        ),
+    )
+    pipeline.run()
+
+
 def test_late_event_within_allowed_lateness_corrects_the_window():
     stream = (
         test_stream.TestStream()
