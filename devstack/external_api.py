@@ -63,7 +63,7 @@ RECENT_EVENTS_KEPT = 10_000
 DEFAULT_EVENTS_LIMIT = 100
 INJECTABLE_STATUSES = frozenset({400, 429, 500, 502, 503, 504})
 
-log = logging.getLogger("devstack.external_api")
+_log = logging.getLogger("devstack.external_api")  # __name__ is __main__ when run as a script
 
 
 class BadRequestError(Exception):
@@ -290,11 +290,11 @@ class Handler(BaseHTTPRequestHandler):
             elif path == "/admin/faults":
                 faults = Faults.parse(json.loads(raw or b"{}"))
                 self.server.store.set_faults(faults)
-                log.info("faults set: %s", faults.describe())
+                _log.info("faults set: %s", faults.describe())
                 self._reply(Outcome(HTTPStatus.OK, faults.describe()))
             elif path == "/admin/reset":
                 self.server.store.reset()
-                log.info("data and faults reset")
+                _log.info("data and faults reset")
                 self._reply(Outcome(HTTPStatus.OK, {"reset": True}))
             else:
                 self._reply(Outcome(HTTPStatus.NOT_FOUND, {"error": f"no such resource: {path}"}))
@@ -354,7 +354,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         # The default writes the request line only (no headers), so the bearer token never reaches the log.
-        log.info("%s %s", self.address_string(), format % args)
+        _log.info("%s %s", self.address_string(), format % args)
 
 
 class ApiServer(ThreadingHTTPServer):
@@ -370,13 +370,13 @@ def serve(host: str, port: int, token: str, state_dir: Path | None) -> None:
     server = ApiServer((host, port), token)
 
     def shut_down(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %d: shutting down", signum)
+        _log.info("signal %d: shutting down", signum)
         # shutdown() waits for serve_forever() to return, which runs on this (the main) thread.
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, shut_down)
     signal.signal(signal.SIGINT, shut_down)
-    log.info("listening on http://%s:%d", host, server.server_address[1])
+    _log.info("listening on http://%s:%d", host, server.server_address[1])
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
@@ -385,7 +385,7 @@ def serve(host: str, port: int, token: str, state_dir: Path | None) -> None:
             state_dir.mkdir(parents=True, exist_ok=True)
             final = {"stats": server.store.stats(), **server.store.event_ids()}
             (state_dir / "final-state.json").write_text(json.dumps(final, indent=1) + "\n")
-        log.info("stopped")
+        _log.info("stopped")
 
 
 def main(argv: list[str] | None = None) -> None:

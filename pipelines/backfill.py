@@ -68,9 +68,9 @@ from transforms.postgres_source import (
 )
 from transforms.sinks.bigquery import LOCAL_STORAGE_WRITE, BigQuerySinkOptions, BigQuerySinkSettings
 from transforms.sinks.http_api import HttpSinkOptions, HttpSinkSettings
-from transforms.sinks.redis_top import RedisSinkConfig, RedisSinkOptions, WriteTopContentToRedis, connect
+from transforms.sinks.redis_top import RedisSinkOptions, RedisSinkSettings, WriteTopContentToRedis, connect
 
-LOG = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 PREFLIGHT_EXIT_STATUS = 2
 DEFAULT_CHUNK_ROWS = 250_000
@@ -195,7 +195,7 @@ def plan_from_options(options: PipelineOptions) -> BackfillPlan:
         # engagement_events.id is the primary key and the read splits are disjoint id ranges.
         core = dataclasses.replace(CoreSettings.from_options(options, streaming=False), ids_unique_at_source=True)
         bigquery = BigQuerySinkSettings.from_options(options)
-        redis_config = RedisSinkConfig.from_options(options, window_seconds=core.windows.window_seconds)
+        redis_config = RedisSinkSettings.from_options(options, window_seconds=core.windows.window_seconds)
         http = HttpSinkSettings.from_options(options) if backfill.send_to_http_api else None
         if http is not None:
             http = dataclasses.replace(http, bounded_input=True)
@@ -471,7 +471,7 @@ def log_summary(totals: dict[tuple[str, str], int]) -> None:
         for namespace, name in _SUMMARY_COUNTERS
         if (namespace, name) in totals
     ]
-    LOG.info("backfill done: %s", ", ".join(parts))
+    _log.info("backfill done: %s", ", ".join(parts))
 
 
 def run_chunks(options: PipelineOptions, plan: BackfillPlan) -> dict[tuple[str, str], int]:
@@ -491,7 +491,7 @@ def run_chunks(options: PipelineOptions, plan: BackfillPlan) -> dict[tuple[str, 
     started = time.monotonic()
     for index, chunk in enumerate(chunks, start=1):
         chunk_plan = plan_of_chunk(plan, chunk)
-        LOG.info(
+        _log.info(
             "backfill: chunk %d of %d, [%s, %s): %d rows",
             index,
             len(chunks),
@@ -501,7 +501,7 @@ def run_chunks(options: PipelineOptions, plan: BackfillPlan) -> dict[tuple[str, 
         )
         totals.update(_run_job(options, chunk_plan))
         done = totals.get(("backfill", "rows_read"), 0)
-        LOG.info(
+        _log.info(
             "backfill: %d of %d chunks done, %s",
             index,
             len(chunks),
@@ -526,7 +526,7 @@ def _run_job(options: PipelineOptions, plan: BackfillPlan) -> dict[tuple[str, st
     build_pipeline(pipeline, options, plan)
     result = pipeline.run()
     if submits_template(options):
-        LOG.info(
+        _log.info(
             "backfill: job written for the template launcher; its progress is the job's counters "
             "(backfill/rows_read, backfill/events_new, ...) in the Dataflow console"
         )
@@ -552,7 +552,7 @@ def _run_chunks_in_processes(
     totals: Counter[tuple[str, str]] = Counter()
     started = time.monotonic()
     workers = min(plan.parallel_chunks, len(chunks))
-    LOG.info("backfill: %d chunks, %d at a time, each job in a process of its own", len(chunks), workers)
+    _log.info("backfill: %d chunks, %d at a time, each job in a process of its own", len(chunks), workers)
     with ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=_start_chunk_process, initargs=(enriched,)
     ) as pool:
@@ -571,7 +571,7 @@ def _run_chunks_in_processes(
                 totals.update(future.result())
                 done_chunks += 1
             running = min(len(pending), workers)
-            LOG.info(
+            _log.info(
                 "backfill: %d of %d chunks done, %d running; %s",
                 done_chunks,
                 len(chunks),
@@ -615,13 +615,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return PREFLIGHT_EXIT_STATUS
     runner = options.view_as(StandardOptions).runner
     if runner in (None, "DirectRunner", "BundleBasedDirectRunner"):
-        LOG.warning(
+        _log.warning(
             "the Python DirectRunner runs this pipeline on its legacy engine, which can drop sink dead letters; "
             "use --runner=FnApiRunner (scripts/backfill does) or --runner=PrismRunner"
         )
     if plan.skip_writes:
-        LOG.info("backfill: --skip_writes: the graph runs in full, nothing is written to BigQuery, Redis or the API")
-    LOG.info(
+        _log.info("backfill: --skip_writes: the graph runs in full, nothing is written to BigQuery, Redis or the API")
+    _log.info(
         "backfill [%s, %s): %d rows in PostgreSQL (ids %s..%s), %d chunk(s), %d read splits, HTTP API %s",
         plan.time_range.start.isoformat(),
         plan.time_range.end.isoformat(),

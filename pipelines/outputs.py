@@ -27,13 +27,13 @@ from transforms.sinks.bigquery import (
     WriteWindowAggregates,
 )
 from transforms.sinks.http_api import HttpSinkSettings, WriteToHttpApi
-from transforms.sinks.redis_top import RedisSinkConfig, WriteTopContentToRedis
+from transforms.sinks.redis_top import RedisSinkSettings, WriteTopContentToRedis
 
 
 @dataclass(frozen=True)
 class SinkSettings:
     bigquery: BigQuerySinkSettings
-    redis: RedisSinkConfig
+    redis: RedisSinkSettings
     http: HttpSinkSettings | None
     """None when the HTTP sink is disabled (the backfill's default)."""
     bigquery_holds: IdLoader | None = None
@@ -47,7 +47,7 @@ class SinkSettings:
         bigquery = BigQuerySinkSettings.from_options(options)
         return cls(
             bigquery=dataclasses.replace(bigquery, allowed_lateness_seconds=allowed_lateness_seconds),
-            redis=RedisSinkConfig.from_options(options, window_seconds=window_seconds),
+            redis=RedisSinkSettings.from_options(options, window_seconds=window_seconds),
             http=HttpSinkSettings.from_options(options),
         )
 

@@ -42,7 +42,7 @@ from transforms.resume import (
     plan_resume,
 )
 
-_LOG = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def resumed_settings(settings: CoreSettings, resume: ResumePlan, now: datetime) 
     windows = dataclasses.replace(
         settings.windows, allowed_lateness_seconds=settings.windows.allowed_lateness_seconds + extra
     )
-    _LOG.info(
+    _log.info(
         "resume: allowed lateness %d s and de-duplication horizon %d s for the re-read",
         windows.allowed_lateness_seconds,
         settings.dedup_horizon_seconds + extra,
@@ -167,10 +167,10 @@ def plan_start(
     )
     fresh_start = (now - timedelta(seconds=settings.windows.open_seconds)).isoformat()
     if plan is None:
-        _LOG.info("resume: enriched_events is empty (a first run); reading from %s", fresh_start)
+        _log.info("resume: enriched_events is empty (a first run); reading from %s", fresh_start)
         return fresh_start, None
     if (now - plan.last_processed_at).total_seconds() > resume_options.resume_max_gap_seconds:
-        _LOG.warning(
+        _log.warning(
             "resume: the last run stopped at %s, more than --resume_max_gap_seconds=%d ago; reading from %s. "
             "Fill the gap with: scripts/backfill --start %s --end %s",
             plan.last_processed_at.isoformat(),
@@ -180,7 +180,7 @@ def plan_start(
             fresh_start,
         )
         return fresh_start, None
-    _LOG.info(plan.describe())
+    _log.info(plan.describe())
     return plan.read_from.isoformat(), plan
 
 
@@ -191,7 +191,7 @@ def run(argv: list[str] | None = None) -> None:
     options.view_as(SetupOptions).save_main_session = False
     check_postgres(options.view_as(CoreOptions).postgres_dsn)
     plan = plan_from_options(options)
-    _LOG.info("reading Kafka from %s", plan.kafka.start_offset)
+    _log.info("reading Kafka from %s", plan.kafka.start_offset)
     # Keeps the Java expansion service (and, for local runners, the Java worker inside it) alive for as
     # long as the job runs, not just while the graph is expanded.
     with SubprocessServer.cache_subprocesses(), beam.Pipeline(options=options) as pipeline:
@@ -206,7 +206,7 @@ def main() -> int:
         print(f"streaming: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        _LOG.info("stopped")
+        _log.info("stopped")
     return 0
 
 

@@ -28,7 +28,7 @@ from apache_beam.utils.timestamp import MAX_TIMESTAMP
 
 from transforms.model import Content
 
-_LOG = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class PostgresContentLoader:
                 snapshot = ContentSnapshot.of((_content_from_row(row) for row in cursor), loaded_at=loaded_at)
         finally:
             connection.close()
-        _LOG.info("Loaded %d content rows in %.2fs", len(snapshot), time.monotonic() - started)
+        _log.info("Loaded %d content rows in %.2fs", len(snapshot), time.monotonic() - started)
         return snapshot
 
 

@@ -23,7 +23,7 @@ from apache_beam.metrics import Metrics
 from transforms.decode import TABLE_ROW_COLUMNS, DecodeLimits, event_from_table_row
 from transforms.model import EngagementEvent, RawRecord, SourceCoordinates
 
-_LOG = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 # UUIDs and JSONB as text: psycopg2 would parse JSONB into Python objects, which event_from_table_row reads
 # from the text itself (its depth first).
@@ -195,7 +195,7 @@ class ProgressLog:
             rate = progress.rows / elapsed
             left = max(total - progress.rows, 0)
             eta = f"about {left / rate:.0f}s left" if rate > 0 else "time left unknown"
-            _LOG.info(
+            _log.info(
                 "backfill: %s %d of %d rows (%.1f%%), %.0f rows/s, %s",
                 step,
                 progress.rows,

@@ -36,7 +36,7 @@ from transforms.model import RawRecord, SourceCoordinates
 from transforms.postgres_source import TimeRange
 from transforms.rows import enriched_event_row, window_aggregate_row
 from transforms.sinks.bigquery import LOCAL_STORAGE_WRITE, BigQuerySinkSettings
-from transforms.sinks.redis_top import RedisKeys, RedisSinkConfig
+from transforms.sinks.redis_top import RedisKeys, RedisSinkSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 CDC_TOPIC = "cdc.public.engagement_events"
@@ -309,7 +309,7 @@ def test_overlapping_streaming_and_backfills_write_no_duplicates(
             project=stack.bq_project, dataset=dataset, write_method=LOCAL_STORAGE_WRITE,
             endpoint=stack.bq_grpc_endpoint, num_streams=2,
         ),
-        redis=RedisSinkConfig(url=stack.redis_url, keys=RedisKeys(prefix), top_refresh_seconds=0),
+        redis=RedisSinkSettings(url=stack.redis_url, keys=RedisKeys(prefix), top_refresh_seconds=0),
         http=None,
     )  # fmt: skip
     streaming_composition(stack, [record for record in streamed if _before(record, t2)], sinks)

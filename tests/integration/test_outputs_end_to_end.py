@@ -29,7 +29,7 @@ from transforms.model import RawRecord, SourceCoordinates
 from transforms.sinks.bigquery import LOCAL_STORAGE_WRITE, BigQuerySinkSettings
 from transforms.sinks.http_api import HttpSinkSettings, RetryPolicy
 from transforms.sinks.http_token import TokenSource
-from transforms.sinks.redis_top import RedisKeys, RedisSinkConfig, read_top_content
+from transforms.sinks.redis_top import RedisKeys, RedisSinkSettings, read_top_content
 
 ROOT = Path(__file__).resolve().parents[2]
 CDC_TOPIC = "cdc.public.engagement_events"
@@ -112,7 +112,7 @@ def test_every_event_once_at_every_sink_through_retries_and_a_replay(
             num_streams=2,
             batch_size=4,
         ),
-        redis=RedisSinkConfig(url=stack.redis_url, keys=RedisKeys(prefix), top_refresh_seconds=0),
+        redis=RedisSinkSettings(url=stack.redis_url, keys=RedisKeys(prefix), top_refresh_seconds=0),
         http=HttpSinkSettings(
             endpoint=f"{api_url}/v1/events",
             token_source=TokenSource(env_var="OUTPUTS_TEST_HTTP_API_TOKEN"),

@@ -27,7 +27,7 @@ from transforms.model import WindowAggregate
 from transforms.sinks import redis_top_cli
 from transforms.sinks.redis_top import (
     RedisKeys,
-    RedisSinkConfig,
+    RedisSinkSettings,
     TopEntry,
     WriteTopContentToRedis,
     from_score,
@@ -106,7 +106,7 @@ def closed_port() -> int:
 
 def test_refired_and_replayed_panes_leave_exact_final_rankings(stack, prefix, client):
     # Small batches, so batches are flushed from process() as well as at the end of bundles.
-    config = RedisSinkConfig(url=stack.redis_url, keys=RedisKeys(prefix), top_refresh_seconds=0, batch_size=2)
+    config = RedisSinkSettings(url=stack.redis_url, keys=RedisKeys(prefix), top_refresh_seconds=0, batch_size=2)
     keys = config.keys
     minute = current_minute()
     current, previous = minute, minute - timedelta(minutes=1)
@@ -196,7 +196,7 @@ def test_refired_and_replayed_panes_leave_exact_final_rankings(stack, prefix, cl
 
 
 def test_unreachable_redis_sends_every_ranked_aggregate_to_the_dead_letters(prefix):
-    config = RedisSinkConfig(
+    config = RedisSinkSettings(
         url=f"redis://127.0.0.1:{closed_port()}/0", keys=RedisKeys(prefix), retry_seconds=1.0, batch_size=2
     )
     minute = current_minute()
@@ -256,7 +256,7 @@ def private_redis(tmp_path):
 def test_a_redis_restart_within_the_retry_time_loses_no_write(private_redis):
     """Issue 17: a 3-second Redis restart dead-lettered aggregates; a failover must be ridden out instead."""
     port, servers, start = private_redis
-    config = RedisSinkConfig(url=f"redis://127.0.0.1:{port}/0", keys=RedisKeys("failover"), batch_size=2)
+    config = RedisSinkSettings(url=f"redis://127.0.0.1:{port}/0", keys=RedisKeys("failover"), batch_size=2)
     assert config.retry_seconds >= 30
     minute = current_minute()
     rows = [pane((str(uuid.uuid4()), f"Failover {index}"), minute, f"{index}.250", index) for index in range(1, 6)]
@@ -282,7 +282,7 @@ def test_a_redis_restart_within_the_retry_time_loses_no_write(private_redis):
 
 
 def test_a_rejected_write_is_dead_lettered_without_retrying(stack, prefix, client):
-    config = RedisSinkConfig(url=stack.redis_url, keys=RedisKeys(prefix))
+    config = RedisSinkSettings(url=stack.redis_url, keys=RedisKeys(prefix))
     minute = current_minute()
     client.set(config.keys.bucket(int(minute.timestamp())), "not a sorted set")
     row = pane((str(uuid.uuid4()), "Wrong type"), minute, "2.000", 1)
@@ -299,7 +299,7 @@ def test_a_rejected_write_is_dead_lettered_without_retrying(stack, prefix, clien
 
 def test_an_older_pane_arriving_late_does_not_overwrite_a_newer_one(stack, prefix, client):
     """Two bundles of writes can reach Redis out of order; the entry keeps the pane emitted last."""
-    config = RedisSinkConfig(url=stack.redis_url, keys=RedisKeys(prefix), top_refresh_seconds=0)
+    config = RedisSinkSettings(url=stack.redis_url, keys=RedisKeys(prefix), top_refresh_seconds=0)
     start = current_minute()
     content = (str(uuid.uuid4()), "Out of order")
     older = pane(content, start, "10.5", 3, pane_index=1)

@@ -32,7 +32,7 @@ from transforms.sinks import bigquery, redis_top
 from transforms.sinks.bigquery import BigQuerySinkSettings, WriteEnrichedEvents
 from transforms.sinks.http_api import HttpSinkSettings, WriteToHttpApi
 from transforms.sinks.http_token import TokenSource
-from transforms.sinks.redis_top import RedisSinkConfig, WriteTopContentToRedis
+from transforms.sinks.redis_top import RedisSinkSettings, WriteTopContentToRedis
 
 KAFKA = SourceCoordinates(kind="kafka", topic="cdc.public.engagement_events", partition=3, offset=77)
 TS = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
@@ -167,7 +167,7 @@ def test_redis_aggregates_that_cannot_be_converted_are_dead_letters_without_touc
 
     monkeypatch.setattr(redis_top, "to_score", refuse_seven)
     # Port 1 is closed: a write attempt would dead-letter the aggregate with "redis unreachable" instead.
-    config = RedisSinkConfig(url="redis://127.0.0.1:1/0", retry_seconds=0)
+    config = RedisSinkSettings(url="redis://127.0.0.1:1/0", retry_seconds=0)
     with test_pipeline.TestPipeline() as pipeline:
         dead = pipeline | beam.Create([aggregate(seconds="7.000")]) | WriteTopContentToRedis(config)
         assert_that(

@@ -16,8 +16,8 @@ from transforms.model import WindowAggregate
 from transforms.sinks.redis_top import (
     RankingSettings,
     RedisKeys,
-    RedisSinkConfig,
     RedisSinkOptions,
+    RedisSinkSettings,
     TopEntry,
     WriteTopContentToRedis,
     bucket_expires_at,
@@ -157,7 +157,7 @@ def test_buckets_expire_relative_to_their_window_so_replays_set_the_same_expiry(
 
 def test_options_have_defaults_and_build_a_validated_config():
     options = PipelineOptions(["--redis_key_prefix=staging", "--redis_url=redis://:secret@cache:6379/2"])
-    config = RedisSinkConfig.from_options(options, window_seconds=30)
+    config = RedisSinkSettings.from_options(options, window_seconds=30)
     assert config.keys == RedisKeys("staging")
     assert config.ranking == RankingSettings(window_seconds=30, horizon_minutes=10)
     assert (config.bucket_ttl_seconds, config.top_ttl_seconds, config.batch_size, config.retry_seconds) == (
@@ -168,9 +168,9 @@ def test_options_have_defaults_and_build_a_validated_config():
     )
     assert "secret" not in repr(config)
     with pytest.raises(ValueError, match="must divide"):
-        RedisSinkConfig.from_options(options, window_seconds=45 * 60)
+        RedisSinkSettings.from_options(options, window_seconds=45 * 60)
     with pytest.raises(ValueError, match="horizon"):
-        RedisSinkConfig.from_options(PipelineOptions(["--redis_bucket_ttl_seconds=300"]), window_seconds=60)
+        RedisSinkSettings.from_options(PipelineOptions(["--redis_bucket_ttl_seconds=300"]), window_seconds=60)
 
 
 def test_every_option_has_help():
@@ -191,7 +191,7 @@ def test_dead_letter_carries_the_aggregate_as_json():
 
 def test_unranked_and_expired_rows_are_skipped_and_counted_without_touching_redis():
     # Port 1 is closed: the test would produce dead letters if the sink tried to write anything.
-    config = RedisSinkConfig(url="redis://127.0.0.1:1/0", retry_seconds=0)
+    config = RedisSinkSettings(url="redis://127.0.0.1:1/0", retry_seconds=0)
     rows = [
         aggregate(content_missing=True),
         aggregate(content_id=None, content_missing=True),
@@ -212,7 +212,7 @@ def test_unranked_and_expired_rows_are_skipped_and_counted_without_touching_redi
 
 
 def test_windows_of_another_length_are_dead_lettered_not_mixed_into_the_ranking():
-    config = RedisSinkConfig(url="redis://127.0.0.1:1/0", retry_seconds=0)
+    config = RedisSinkSettings(url="redis://127.0.0.1:1/0", retry_seconds=0)
     row = aggregate(start=datetime.now(UTC).replace(microsecond=0), length=30)
     with test_pipeline.TestPipeline() as pipeline:
         dead = pipeline | beam.Create([row]) | WriteTopContentToRedis(config)

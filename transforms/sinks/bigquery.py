@@ -45,7 +45,7 @@ from transforms.sinks.bigquery_local import (
     WriteTableLocally,
 )
 
-LOG = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 TABLES_DDL = Path(__file__).resolve().parents[2] / "sql" / "bigquery" / "001_tables.sql"
 
@@ -473,5 +473,5 @@ class WriteDeadLetters(beam.PTransform):
 
 def _log_unwritable(dead_letter: DeadLetter) -> DeadLetter:
     # Sending it back to the table that refused it would loop; the log and the counter keep it visible.
-    LOG.error("dead letter could not be written to BigQuery: %s (%s)", dead_letter.reason, dead_letter.payload_text)
+    _log.error("dead letter could not be written to BigQuery: %s (%s)", dead_letter.reason, dead_letter.payload_text)
     return dead_letter

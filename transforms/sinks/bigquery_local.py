@@ -62,7 +62,7 @@ from transforms.batching import BatchAcrossBundles, BatchWithinBundleFn
 from transforms.instants import EPOCH, epoch_micros
 from transforms.state_cache import measure_cached_state_cheaply
 
-LOG = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -422,7 +422,7 @@ class TableAppender:
                 response = self._append_once(position, rows)
             except (api_exceptions.ServiceUnavailable, api_exceptions.DeadlineExceeded, api_exceptions.Aborted,
                     api_exceptions.InternalServerError, api_exceptions.TooManyRequests) as error:  # fmt: skip
-                LOG.warning("append to %s failed (attempt %d): %s", position.stream, attempt, error)
+                _log.warning("append to %s failed (attempt %d): %s", position.stream, attempt, error)
                 outcome = Outcome.TRANSIENT
             else:
                 outcome = classify(response)
@@ -664,7 +664,7 @@ class AppendBatchesFn(_AppendFn):
             position = StreamPosition(stream, offset.read() or 0)
             result = self._appender.append(position, rows)
             # What showed a runner reverting this state (docs/local-streaming.md); run with DEBUG to see it.
-            LOG.debug(
+            _log.debug(
                 "append %s rows at %s@%d in bundle %s: %s",
                 len(rows),
                 position.stream,

@@ -53,7 +53,7 @@ from transforms.model import DeadLetter, EnrichedEvent, SourceCoordinates, Stage
 from transforms.sinks.http_ledger import DeliveryLedger
 from transforms.sinks.http_token import SECRET_VERSION_PATTERN, Secret, TokenSource, redact
 
-log = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 METRICS_NAMESPACE = "sink.http"
 KEY_PREFIX = "engagement-events-v1-"
@@ -638,7 +638,7 @@ class PostBatchesFn(beam.DoFn):
             self._record_delivered(batch)
             return
         self._dead_lettered.inc(len(batch.events))
-        log.warning(
+        _log.warning(
             "HTTP API sink: %d events of batch %s dead-lettered: %s", len(batch.events), batch.key, delivery.reason
         )
         reason = f"HTTP API {self._endpoint} {delivery.reason} (Idempotency-Key {batch.key})"
@@ -661,7 +661,7 @@ class PostBatchesFn(beam.DoFn):
             except redis.RedisError as error:
                 if attempt == 2:
                     self._ledger_failed.inc(len(batch.events))
-                    log.warning("HTTP API sink: could not record batch %s in the ledger: %s", batch.key, error)
+                    _log.warning("HTTP API sink: could not record batch %s in the ledger: %s", batch.key, error)
                 else:
                     time.sleep(0.2 * (attempt + 1))
 

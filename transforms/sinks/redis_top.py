@@ -321,7 +321,7 @@ class RedisSinkOptions(PipelineOptions):
 
 
 @dataclass(frozen=True, repr=False)
-class RedisSinkConfig:
+class RedisSinkSettings:
     """The sink's validated settings; built from ``RedisSinkOptions`` and the pipeline's window length."""
 
     url: str
@@ -351,7 +351,7 @@ class RedisSinkConfig:
             raise ValueError("redis_retry_seconds must not be negative")
 
     @classmethod
-    def from_options(cls, options: PipelineOptions, window_seconds: int) -> RedisSinkConfig:
+    def from_options(cls, options: PipelineOptions, window_seconds: int) -> RedisSinkSettings:
         sink = options.view_as(RedisSinkOptions)
         return cls(
             url=sink.redis_url,
@@ -366,7 +366,7 @@ class RedisSinkConfig:
 
     def __repr__(self) -> str:
         # The URL may carry a password; keep it out of logs and pipeline graphs.
-        return f"RedisSinkConfig(keys={self.keys}, ranking={self.ranking}, url=<redacted>)"
+        return f"RedisSinkSettings(keys={self.keys}, ranking={self.ranking}, url=<redacted>)"
 
 
 def connect(url: str, connect_timeout_seconds: float = 2.0, socket_timeout_seconds: float = 5.0) -> redis.Redis:
@@ -420,7 +420,7 @@ def read_freshness(client: redis.Redis, keys: RedisKeys, since_ms: int) -> list[
 
 def queue_writes(
     pipe: redis.client.Pipeline,
-    config: RedisSinkConfig,
+    config: RedisSinkSettings,
     panes: Mapping[tuple[int, str], WindowAggregate],
     now: float,
     refresh_top: bool,
@@ -481,7 +481,7 @@ class WriteTopContentFn(beam.DoFn):
     trip. Writes are overwrites, so a batch that failed half-way is simply sent again.
     """
 
-    def __init__(self, config: RedisSinkConfig, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: RedisSinkSettings, clock: Callable[[], float] = time.time) -> None:
         self._config = config
         self._clock = clock
         self._client: redis.Redis | None = None
@@ -636,7 +636,7 @@ class WriteTopContentToRedis(beam.PTransform):
     stages' dead letters, so the pipelines can flatten them into one dead-letter sink.
     """
 
-    def __init__(self, config: RedisSinkConfig) -> None:
+    def __init__(self, config: RedisSinkSettings) -> None:
         super().__init__()
         self._config = config
 
