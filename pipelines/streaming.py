@@ -67,7 +67,8 @@ def plan_from_options(
     # run() forces --streaming; a bounded run (the FnApiRunner integration test) takes the bounded core, as the
     # BigQuery sink does, because the FnApiRunner cannot fire processing-time triggers.
     core = CoreSettings.from_options(options, streaming=options.view_as(StandardOptions).streaming)
-    start_offset, resume = plan_start(options, core, now, progress)
+    bigquery_read = BigQueryReadSettings.from_options(options)
+    start_offset, resume = plan_start(options, core, now, progress or BigQueryProgress(bigquery_read))
     if resume is not None:
         core = resumed_settings(core, resume, now)
     sinks = SinkSettings.from_options(
@@ -78,7 +79,7 @@ def plan_from_options(
     if resume is not None:
         sinks = dataclasses.replace(
             sinks,
-            bigquery_holds=BigQueryIdsSince(BigQueryReadSettings.from_options(options), resume.read_from),
+            bigquery_holds=BigQueryIdsSince(bigquery_read, resume.read_from),
             http_holds=(
                 LedgerIdsSince(sinks.http.ledger, sinks.http.ledger_redis_url, resume.read_from)
                 if sinks.http is not None and sinks.http.ledger is not None
@@ -147,7 +148,7 @@ def resumed_settings(settings: CoreSettings, resume: ResumePlan, now: datetime) 
 
 
 def plan_start(
-    options: PipelineOptions, settings: CoreSettings, now: datetime, progress: LastProcessedAt | None = None
+    options: PipelineOptions, settings: CoreSettings, now: datetime, progress: LastProcessedAt
 ) -> tuple[str, ResumePlan | None]:
     """Where KafkaIO starts, and the resume plan when ``--start_offset=resume`` has one (transforms/resume.py).
 
@@ -160,7 +161,7 @@ def plan_start(
         return start_offset, None
     resume_options = options.view_as(ResumeOptions)
     plan = plan_resume(
-        progress or BigQueryProgress(BigQueryReadSettings.from_options(options)),
+        progress,
         settings.windows.window_seconds,
         settings.windows.allowed_lateness_seconds,
         resume_options.resume_margin_seconds,
