@@ -804,7 +804,9 @@ def no_db_id_start(now: float | None = None) -> int:
 class PostgresSink:
     """Writes content and events to PostgreSQL, one transaction per batch."""
 
-    _EVENT_COLUMNS = "id, content_id, user_id, event_type, event_ts, duration_ms, device, raw_payload"
+    EVENT_COLUMNS = ("id", "content_id", "user_id", "event_type", "event_ts", "duration_ms", "device", "raw_payload")
+    """The SPEC columns, in ``Event.as_pg_tuple``'s order."""
+    REQUIRED_COLUMNS = ("id", "event_ts")
 
     def __init__(self, dsn: str) -> None:
         import psycopg2  # imported here so the pure layer and --no-db runs do not need a driver
@@ -817,6 +819,7 @@ class PostgresSink:
             cur.execute("SELECT pg_get_serial_sequence('engagement_events', 'id')")
             self._sequence: str = cur.fetchone()[0]
         self._conn.commit()
+        self._columns = self._live_columns()
 
     def close(self) -> None:
         self._conn.close()
@@ -865,12 +868,51 @@ class PostgresSink:
         Ids are reserved explicitly rather than read back with RETURNING so each id maps to its event by
         position with certainty, and COPY is several times cheaper than a multi-row INSERT.
         """
-        with self._conn.cursor() as cur:
-            ids = self._reserve(len(events))
-            buf = _CopyBuffer(e.as_pg_tuple(i) for e, i in zip(events, ids, strict=True))
-            cur.copy_expert(f"COPY engagement_events ({self._EVENT_COLUMNS}) FROM STDIN", buf)
+        import psycopg2
+
+        try:
+            ids = self._copy_events(events)
+        except psycopg2.errors.UndefinedColumn:
+            # The table changed under load (a column renamed or dropped): name the columns again, once.
+            self._conn.rollback()
+            self._columns = self._live_columns()
+            ids = self._copy_events(events)
         self._conn.commit()
         return ids, time.time()
+
+    def _copy_events(self, events: Sequence[Event]) -> list[int]:
+        positions = [self.EVENT_COLUMNS.index(column) for column in self._columns]
+        with self._conn.cursor() as cur:
+            ids = self._reserve(len(events))
+            rows = (e.as_pg_tuple(i) for e, i in zip(events, ids, strict=True))
+            buf = _CopyBuffer(tuple(row[p] for p in positions) for row in rows)
+            cur.copy_expert(f"COPY engagement_events ({', '.join(self._columns)}) FROM STDIN", buf)
+        return ids
+
+    def _live_columns(self) -> tuple[str, ...]:
+        """The SPEC columns the live table has, in SPEC order. A nullable one it lacks is left out (its events
+        lose that value), with a warning; a missing ``id`` or ``event_ts`` stops the generator."""
+        with self._conn.cursor() as cur:
+            cur.execute(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = 'engagement_events'"
+            )
+            live = {name for (name,) in cur.fetchall()}
+        self._conn.commit()
+        for column in self.REQUIRED_COLUMNS:
+            if column not in live:
+                raise GeneratorError(
+                    f"engagement_events has no column {column!r} (renamed or dropped?); the generator cannot "
+                    f"write events without it. Its columns: {', '.join(sorted(live)) or 'none (no such table)'}"
+                )
+        missing = [column for column in self.EVENT_COLUMNS if column not in live]
+        if missing:
+            print(
+                f"generator: warning: engagement_events has no column {', '.join(missing)} (renamed or dropped?); "
+                "writing events without it",
+                file=sys.stderr,
+            )
+        return tuple(column for column in self.EVENT_COLUMNS if column in live)
 
 
 def _copy_text(value: Any) -> str:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import redis
 import requests
@@ -116,6 +118,38 @@ def freshness_line(client: redis.Redis, now_ms: int) -> str:
     return f"p50 {percentile(0.5):.2f} s, p95 {percentile(0.95):.2f} s over {len(samples):,} pane writes"
 
 
+class SchemaDriftWatch:
+    """The job's schema-drift warnings (``transforms/decode.py``), read from its log as it grows: the latest
+    line per column, so the view says which columns change records lack now."""
+
+    MARKER = "schema drift: "
+    _COLUMN = re.compile(r"column '([^']+)'")
+
+    def __init__(self, log_path: Path) -> None:
+        self._path = log_path
+        # The log is appended to across runs: only this run's lines count.
+        self._offset = log_path.stat().st_size if log_path.exists() else 0
+        self._pending = b""
+        self._latest: dict[str, str] = {}
+
+    def lines(self) -> list[str]:
+        try:
+            with self._path.open("rb") as log:
+                log.seek(self._offset)
+                data = log.read()
+        except FileNotFoundError:
+            return []
+        self._offset += len(data)
+        *complete, self._pending = (self._pending + data).split(b"\n")
+        for raw in complete:
+            line = raw.decode("utf-8", "replace")
+            at = line.find(self.MARKER)
+            column = self._COLUMN.search(line, at) if at >= 0 else None
+            if column is not None:
+                self._latest[column.group(1)] = line[at + len(self.MARKER) :][:160]
+        return [self._latest[column] for column in sorted(self._latest)]
+
+
 class KafkaLag:
     """Records of the CDC topic the job has not consumed yet: newest offsets minus the group's committed ones."""
 
@@ -147,6 +181,7 @@ def _draw(
     client: redis.Redis,
     bq,  # noqa: ANN001 - a google.cloud.bigquery.Client
     lag: KafkaLag,
+    drift: SchemaDriftWatch,
     started: float,
     pipeline: subprocess.Popen,
 ) -> None:
@@ -172,6 +207,9 @@ def _draw(
         lines.append(f"Kafka lag: {behind:,} records not yet consumed" if behind is not None else "Kafka lag: ?")
     except Exception as exc:  # noqa: BLE001 - the view keeps drawing whatever one source says
         lines.append(f"Kafka lag: ? ({type(exc).__name__})")
+    drift_lines = drift.lines()
+    lines.append("Schema drift: " + ("none seen" if not drift_lines else f"{len(drift_lines)} column(s)"))
+    lines += [f"  {line}" for line in drift_lines]
     lines += ["", "Sinks:"]
     lines += [f"  {name:<20} {value}" for name, value in _counts(cfg, bq).items()]
     if pipeline.poll() is not None:
@@ -205,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     generator: subprocess.Popen | None = None
     client: redis.Redis | None = None
     lag: KafkaLag | None = None
+    drift = SchemaDriftWatch(cfg.log_dir / PIPELINE_LOG)
     try:
         pipeline = start_logged(
             cfg,
@@ -240,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         lag = KafkaLag(cfg.kafka_bootstrap)
         started = time.monotonic()
         while True:
-            _draw(cfg, client, bq, lag, started, pipeline)
+            _draw(cfg, client, bq, lag, drift, started, pipeline)
             time.sleep(args.refresh)
     except KeyboardInterrupt:
         pass

@@ -64,6 +64,7 @@ from transforms.postgres_source import (
     RangeSummary,
     ReadEventsFromPostgres,
     TimeRange,
+    missing_event_columns,
     summarize_range,
 )
 from transforms.sinks.bigquery import LOCAL_STORAGE_WRITE, BigQuerySinkOptions, BigQuerySinkSettings
@@ -250,6 +251,13 @@ def _check_postgres(plan: BackfillPlan, timeout: int) -> BackfillPlan:
 
     check_postgres(plan.dsn, connect_timeout_seconds=timeout)
     try:
+        if missing := missing_event_columns(plan.dsn, connect_timeout_seconds=timeout):
+            # The streaming job reads on with NULL in a lost nullable column (schema drift), since stopping would
+            # stop every sink; a backfill is a deliberate correction run, so it asks first instead of writing NULLs.
+            raise PreflightError(
+                f"engagement_events has no column {', '.join(missing)} (renamed or dropped?): the backfill reads "
+                "every SPEC §1 column; restore the column, or backfill from a database that has it"
+            )
         summary = summarize_range(plan.dsn, plan.time_range, connect_timeout_seconds=timeout)
         chunks: tuple[TimeRange, ...] = (plan.time_range,)
         if plan.chunk_rows and summary.rows > plan.chunk_rows:

@@ -9,8 +9,11 @@ with numbers or timestamps outside what the columns hold, or with text that is n
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import re
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,9 +37,16 @@ from transforms.model import (
     canonical_json,
 )
 
+_log = logging.getLogger(__name__)
+
 __all__ = ["DEAD_LETTER_TAG", "DecodeError", "DecodeLimits", "DecodeRecords", "Shape", "SkipReason", "decode_record"]
 
 EVENTS_TABLE = "engagement_events"
+NULLABLE_COLUMNS = ("content_id", "user_id", "event_type", "duration_ms", "device", "raw_payload")
+"""The SPEC §1 columns a row may hold NULL in. A change record without one of them (a column renamed or
+dropped in PostgreSQL) still becomes an event, with NULL there, counted as schema drift."""
+REQUIRED_COLUMNS = ("id", "event_ts")
+SCHEMA_DRIFT_LOG_SECONDS = 60.0
 
 DEFAULT_MAX_RECORD_BYTES = 1_000_000
 """SPEC §3's "1 MB", in SI bytes (Kafka's own default limit is 1 MiB plus 12 bytes, slightly more)."""
@@ -154,6 +164,8 @@ class Decoded:
     shape: Shape | None
     event: EngagementEvent | None = None
     skip: SkipReason | None = None
+    missing_columns: tuple[str, ...] = ()
+    """SPEC columns a change record's row lacks (schema drift); the event holds NULL in them."""
 
 
 def decode_record(value: bytes | None, limits: DecodeLimits = _DEFAULT_LIMITS) -> Decoded:
@@ -181,7 +193,7 @@ def decode_record(value: bytes | None, limits: DecodeLimits = _DEFAULT_LIMITS) -
         if not isinstance(payload, dict):
             raise DecodeError("unknown shape: 'payload' is not an object")
         inner = _decode_debezium(payload, limits)
-        return Decoded(shape=Shape.DEBEZIUM_WITH_SCHEMA, event=inner.event, skip=inner.skip)
+        return dataclasses.replace(inner, shape=Shape.DEBEZIUM_WITH_SCHEMA)
     return _decode_debezium(document, limits)
 
 
@@ -208,7 +220,11 @@ def _decode_envelope(envelope: dict[str, Any], limits: DecodeLimits) -> Decoded:
     if not isinstance(after, dict):
         raise DecodeError(f"Debezium op {op!r} without an 'after' row")
     committed = source.get("ts_ms") if isinstance(source, dict) else None
-    return Decoded(shape=shape, event=_validate_cdc_row(after, limits, _epoch_ms(committed)))
+    return Decoded(
+        shape=shape,
+        event=_validate_cdc_row(after, limits, _epoch_ms(committed)),
+        missing_columns=missing_columns(after),
+    )
 
 
 def _decode_flattened(row: dict[str, Any], limits: DecodeLimits) -> Decoded:
@@ -226,7 +242,19 @@ def _decode_flattened(row: dict[str, Any], limits: DecodeLimits) -> Decoded:
         raise DecodeError(f"unknown Debezium op {op!r}")
     fields = {name: value for name, value in row.items() if not name.startswith("__")}
     # ExtractNewRecordState adds the commit time as __source_ts_ms when configured with add.fields=source.ts_ms.
-    return Decoded(shape=shape, event=_validate_cdc_row(fields, limits, _epoch_ms(row.get("__source_ts_ms"))))
+    return Decoded(
+        shape=shape,
+        event=_validate_cdc_row(fields, limits, _epoch_ms(row.get("__source_ts_ms"))),
+        missing_columns=missing_columns(fields),
+    )
+
+
+def missing_columns(row: Mapping[str, Any]) -> tuple[str, ...]:
+    """The nullable SPEC columns absent from a change record's row, in table order.
+
+    Debezium writes every column of the table into each row, NULL or not, so an absent column means the table
+    changed (renamed or dropped), not a NULL. Columns the SPEC does not know are ignored."""
+    return tuple(column for column in NULLABLE_COLUMNS if column not in row)
 
 
 def _epoch_ms(value: Any) -> int | None:
@@ -238,6 +266,12 @@ def _epoch_ms(value: Any) -> int | None:
 
 def _validate_cdc_row(row: Mapping[str, Any], limits: DecodeLimits, committed_at_ms: int | None) -> EngagementEvent:
     """A row as Debezium serialises it: ISO-8601 timestamps, UUID strings, JSONB as a JSON string."""
+    for column in REQUIRED_COLUMNS:
+        if column not in row:
+            raise DecodeError(
+                f"missing column {column}: the change record's row has no {column!r} (was the column renamed "
+                f"or dropped in PostgreSQL?); its columns: {', '.join(sorted(row)[:12]) or 'none'}"
+            )
     raw_payload = row.get("raw_payload")
     if raw_payload is not None:
         if not isinstance(raw_payload, str):
@@ -424,6 +458,11 @@ class DecodeRecordsFn(beam.DoFn):
         self._skipped = {reason: Metrics.counter("decode", f"skipped_{reason.value}") for reason in SkipReason}
         self._shapes = {shape: Metrics.counter("decode", f"shape_{shape.value}") for shape in Shape}
         self._unexpected = Metrics.counter("decode", "unexpected_errors")
+        self._drift = {
+            column: Metrics.counter("decode", f"schema_drift_missing_{column}") for column in NULLABLE_COLUMNS
+        }
+        self._missing_now: frozenset[str] = frozenset()
+        self._last_drift_log: dict[str, float] = {}
 
     def process(self, record: RawRecord | EngagementEvent) -> Iterator[Any]:
         if isinstance(record, EngagementEvent):  # built from a table row by event_from_table_row
@@ -448,8 +487,37 @@ class DecodeRecordsFn(beam.DoFn):
             return
         event = decoded.event
         assert event is not None  # decode_record sets exactly one of event and skip
+        if decoded.shape is not Shape.PLAIN_JSON and (decoded.missing_columns or self._missing_now):
+            self._note_schema_drift(decoded.missing_columns)
         self._parsed.inc()
         yield TimestampedValue(event, beam_timestamp(event.event_ts))
+
+    def _note_schema_drift(self, missing: tuple[str, ...]) -> None:
+        """Counts each missing column; logs when a column goes missing or comes back, not per event.
+
+        Records from before and after a change can interleave (partitions, a backlog), so a column's log lines
+        are at most one a minute."""
+        for column in missing:
+            self._drift[column].inc()
+        now = frozenset(missing)
+        changed = now ^ self._missing_now
+        self._missing_now = now
+        clock = time.monotonic()
+        for column in sorted(changed):
+            if clock - self._last_drift_log.get(column, -SCHEMA_DRIFT_LOG_SECONDS) < SCHEMA_DRIFT_LOG_SECONDS:
+                continue
+            self._last_drift_log[column] = clock
+            if column in now:
+                _log.warning(
+                    "schema drift: change records of %s no longer carry column %r (renamed or dropped?); their "
+                    "events flow on with %s NULL, counted in decode/schema_drift_missing_%s",
+                    EVENTS_TABLE,
+                    column,
+                    column,
+                    column,
+                )
+            else:
+                _log.warning("schema drift: change records of %s carry column %r again", EVENTS_TABLE, column)
 
 
 class DecodeRecords(beam.PTransform):

@@ -103,6 +103,23 @@ def missing_source_tables(dsn: str, connect_timeout_seconds: int = 10) -> list[s
         connection.close()
 
 
+def missing_event_columns(dsn: str, connect_timeout_seconds: int = 10) -> list[str]:
+    """The SPEC columns of ``engagement_events`` the live table lacks (renamed or dropped), in SPEC order."""
+    import psycopg2
+
+    connection = psycopg2.connect(dsn, connect_timeout=connect_timeout_seconds)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_schema = current_schema() AND table_name = 'engagement_events'"
+            )
+            live = {name for (name,) in cursor.fetchall()}
+    finally:
+        connection.close()
+    return [column for column in TABLE_ROW_COLUMNS if column not in live]
+
+
 def summarize_range(dsn: str, time_range: TimeRange, connect_timeout_seconds: int = 10) -> RangeSummary:
     """Counts the rows of the range (the index on ``event_ts`` makes this cheap)."""
     import psycopg2

@@ -424,7 +424,21 @@ def empty_database(stack: StackConfig) -> Iterator[str]:
     psql(stack, f"DROP DATABASE IF EXISTS {name}")
 
 
-def test_preflight_refuses_what_it_cannot_use_before_writing(stack, dataset, prefix, capsys, empty_database) -> None:
+@pytest.fixture(scope="module")
+def drifted_database(stack: StackConfig) -> Iterator[str]:
+    """The SPEC schema with ``device`` renamed, as a schema change under load leaves it."""
+    name = f"backfill_drifted_{uuid.uuid4().hex[:8]}"
+    psql(stack, f"CREATE DATABASE {name} OWNER {ROLE}")
+    schema = (Path(__file__).resolve().parents[2] / "sql" / "postgres" / "001_schema.sql").read_text()
+    rename = "ALTER TABLE engagement_events RENAME COLUMN device TO device_name;"
+    psql(stack, f"{schema}\n{rename}", database=name, role=ROLE)
+    yield stack.pg_dsn.replace("dbname=engagement", f"dbname={name}")
+    psql(stack, f"DROP DATABASE IF EXISTS {name}")
+
+
+def test_preflight_refuses_what_it_cannot_use_before_writing(
+    stack, dataset, prefix, capsys, empty_database, drifted_database
+) -> None:
     hour = datetime(2030, 1, 1, tzinfo=UTC)
     good = backfill_options(stack, dataset, prefix, hour, hour + timedelta(hours=1))
 
@@ -444,6 +458,11 @@ def test_preflight_refuses_what_it_cannot_use_before_writing(stack, dataset, pre
     status, err = preflight_status(capsys, [*good, f"--postgres_dsn={empty_database}"])
     assert (status, err) == (2, "backfill: error: PostgreSQL has no table engagement_events, content "
                                 "(apply sql/postgres/001_schema.sql)\n")  # fmt: skip
+
+    status, err = preflight_status(capsys, [*good, f"--postgres_dsn={drifted_database}"])
+    assert (status, err) == (2, "backfill: error: engagement_events has no column device (renamed or dropped?): "
+                                "the backfill reads every SPEC §1 column; restore the column, or backfill from a "
+                                "database that has it\n")  # fmt: skip
 
     status, err = preflight_status(capsys, [*good, "--bigquery_dataset=no_such_dataset"])
     assert status == 2

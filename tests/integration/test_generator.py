@@ -14,13 +14,14 @@ import subprocess
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg2
 import pytest
 
 from devstack.config import REPO_ROOT, StackConfig
-from devstack.generator import Kind, Options, parse_mix, run
+from devstack.generator import GeneratorError, Kind, Options, Summary, parse_mix, run
 from transforms.decode import DecodeError, decode_record
 
 pytestmark = pytest.mark.integration
@@ -205,3 +206,34 @@ def test_kafka_json_mode_produces_duplicates_and_malformed_records(
     assert len(set(originals)) == len(originals)
     assert len(set(ids)) < len(ids)
     assert _query(pg_dsn, "SELECT count(*) FROM engagement_events WHERE id = ANY(%s)", (originals,)) == [(0,)]
+
+
+@pytest.fixture
+def drifted_dsn(cdc_stack: StackConfig) -> Iterator[str]:
+    """A database of the test's own with the SPEC schema, in which the test renames columns."""
+    from devstack.postgres import ROLE, psql
+
+    name = f"generator_drift_{uuid.uuid4().hex[:8]}"
+    psql(cdc_stack, f"CREATE DATABASE {name} OWNER {ROLE}")
+    psql(cdc_stack, (REPO_ROOT / "sql" / "postgres" / "001_schema.sql").read_text(), database=name, role=ROLE)
+    yield cdc_stack.pg_dsn.replace("dbname=engagement", f"dbname={name}")
+    psql(cdc_stack, f"DROP DATABASE IF EXISTS {name}")
+
+
+def test_the_generator_writes_the_columns_the_table_has_and_stops_clearly_without_event_ts(
+    drifted_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def generate() -> Summary:
+        options = Options(mode="postgres", rate=0, count=40, content=3, seed=5, dsn=drifted_dsn, quiet=True)
+        return run(options, log=io.StringIO())
+
+    _query(drifted_dsn, "ALTER TABLE engagement_events RENAME COLUMN device TO device_name; SELECT 1")
+    assert generate().records == 40
+    assert "engagement_events has no column device (renamed or dropped?); writing events without it" in (
+        capsys.readouterr().err
+    )
+    assert _query(drifted_dsn, "SELECT count(*), count(device_name) FROM engagement_events") == [(40, 0)]
+
+    _query(drifted_dsn, "ALTER TABLE engagement_events RENAME COLUMN event_ts TO event_time; SELECT 1")
+    with pytest.raises(GeneratorError, match=r"^engagement_events has no column 'event_ts' \(renamed or dropped\?\)"):
+        generate()

@@ -5,6 +5,7 @@ from uuid import UUID
 
 import apache_beam as beam
 import pytest
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -362,3 +363,58 @@ def test_a_missing_or_odd_commit_time_only_goes_unmeasured(committed):
 def test_a_plain_event_cannot_claim_a_commit_time():
     row = {"id": 7, "event_ts": "2026-11-22T10:15:30Z", "committed_at_ms": 1}
     assert decode_record(encode(row)).event.committed_at_ms is None
+
+
+# --- schema drift: a column renamed or dropped in PostgreSQL -------------------------------------------------
+
+
+def _renamed(row: dict, old: str, new: str) -> dict:
+    return {(new if name == old else name): value for name, value in row.items()}
+
+
+@pytest.mark.parametrize("shape", [envelope, flattened, lambda row: with_schema(envelope(row))])
+def test_a_missing_nullable_column_keeps_the_event_with_null_and_names_the_column(shape):
+    decoded = decode_record(encode(shape(_renamed(event_row(), "device", "device_name"))))
+    assert decoded.missing_columns == ("device",)
+    assert decoded.event == EXPECTED.model_copy(update={"device": None})
+
+
+def test_new_columns_are_ignored_and_a_full_row_reports_no_drift():
+    row = {**event_row(), "app_version": "1.2.3"}
+    decoded = decode_record(encode(envelope(row)))
+    assert decoded.missing_columns == ()
+    assert decoded.event == EXPECTED
+
+
+@pytest.mark.parametrize("column", ["id", "event_ts"])
+def test_a_missing_required_column_is_a_dead_letter_that_says_so(column):
+    with pytest.raises(DecodeError, match=rf"^missing column {column}: .*renamed or dropped.*{column}_renamed"):
+        decode_record(encode(envelope(_renamed(event_row(), column, f"{column}_renamed"))))
+
+
+def test_plain_events_may_leave_out_nullable_fields_without_counting_as_drift():
+    decoded = decode_record(encode({"id": 7, "event_ts": "2026-11-22T10:15:30Z"}))
+    assert decoded.missing_columns == ()
+    assert decoded.event.device is None
+
+
+def test_the_decoder_counts_each_missing_column_and_logs_it_once(caplog):
+    renamed = [encode(envelope({**_renamed(event_row(), "device", "device_name"), "id": i})) for i in range(1, 6)]
+    whole = encode(envelope({**event_row(), "id": 6}))
+    source = SourceCoordinates(kind="kafka", topic="t", partition=0, offset=0)
+    pipeline = test_pipeline.TestPipeline()
+    outputs = pipeline | beam.Create([RawRecord(value=v, source=source) for v in [*renamed, whole]]) | DecodeRecords()
+    assert_that(
+        outputs.events | beam.Map(lambda e: (e.id, e.device)), equal_to([*((i, None) for i in range(1, 6)), (6, "ios")])
+    )
+    with caplog.at_level("WARNING", logger="transforms.decode"):
+        result = pipeline.run()
+        result.wait_until_finish()
+    counters = {
+        c.key.metric.name: c.committed
+        for c in result.metrics().query(MetricsFilter().with_namespace("decode"))["counters"]
+    }
+    assert counters["schema_drift_missing_device"] == 5
+    assert "schema_drift_missing_user_id" not in counters or counters["schema_drift_missing_user_id"] == 0
+    no_longer = [r for r in caplog.records if "no longer carry column 'device'" in r.getMessage()]
+    assert len(no_longer) == 1
