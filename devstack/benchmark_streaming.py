@@ -25,6 +25,7 @@ import dataclasses
 import json
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -418,15 +419,57 @@ class Sample:
     machine_total_ticks: int
     cpu_by_service: dict[str, float] = field(default_factory=dict)
     """CPU seconds of each stack service and job part (devstack.cpu_usage)."""
+    rss_by_process: dict[str, int] = field(default_factory=dict)
+    """RSS of the job's processes by command name (python, prism, java)."""
+    redis_used_memory: int | None = None
+    """Redis's ``used_memory`` (the whole server: de-dup-free pane totals, buckets, ledger), every few samples."""
+
+
+def memory_trend(samples: Sequence[Sample], first: float, last: float, rows: int = 7) -> list[str]:
+    """RSS per job process and Redis's memory between two wall-clock times: ``rows`` points in time, then each
+    one's least-squares slope in MiB per hour over the second half (caches and JIT warm up in the first; a
+    bounded state shows a slope near 0 after that)."""
+    inside = [s for s in samples if first <= s.at <= last]
+    if len(inside) < 2:
+        return []
+    names = sorted({name for s in inside for name in s.rss_by_process})
+    series: dict[str, list[tuple[float, float]]] = {
+        name: [(s.at, s.rss_by_process[name] / 2**20) for s in inside if name in s.rss_by_process] for name in names
+    }
+    series["redis"] = [(s.at, s.redis_used_memory / 2**20) for s in inside if s.redis_used_memory is not None]
+    series = {name: points for name, points in series.items() if len(points) >= 2}
+    columns = list(series)
+    lines = ["memory (MiB)  " + "".join(f"{name:>10}" for name in columns)]
+    for index in range(rows):
+        at = first + (last - first) * index / max(rows - 1, 1)
+        cells = []
+        for name in columns:
+            _, nearest = min(series[name], key=lambda point: abs(point[0] - at))
+            cells.append(f"{nearest:>10,.0f}")
+        lines.append(f"  {at - first:>8,.0f}s  " + "".join(cells))
+    slopes = []
+    warm = first + (last - first) / 2
+    for name in columns:
+        points = [(at - first, value) for at, value in series[name] if at >= warm]
+        times = [at for at, _ in points]
+        values = [value for _, value in points]
+        slope = statistics.linear_regression(times, values).slope if len(set(times)) > 1 else 0.0
+        slopes.append(f"{slope * 3600:>+10,.1f}")
+    lines.append("  MiB/hour  " + "".join(slopes) + "   (least squares over the second half: the state once warm)")
+    return lines
 
 
 class ProcessSampler(threading.Thread):
     """Samples the job's RSS and CPU time, and the machine's CPU, every ``interval`` seconds."""
 
-    def __init__(self, session: int, interval: float = 0.5) -> None:
+    REDIS_EVERY = 20
+    """Redis's memory is read every 20th sample (10 s): INFO is cheap, but not free on a busy server."""
+
+    def __init__(self, session: int, interval: float = 0.5, redis_client: redis.Redis | None = None) -> None:
         super().__init__(name="process-sampler", daemon=True)
         self._session = session
         self._interval = interval
+        self._redis = redis_client
         self._stopping = threading.Event()
         self.samples: list[Sample] = []
         self.peak = 0
@@ -436,7 +479,13 @@ class ProcessSampler(threading.Thread):
         while not self._stopping.is_set():
             rss, by_name, cpu = session_usage(self._session)
             busy, total = machine_ticks()
-            self.samples.append(Sample(time.time(), rss, cpu, busy, total, cpu_seconds_by_service()))
+            used = None
+            if self._redis is not None and len(self.samples) % self.REDIS_EVERY == 0:
+                with contextlib.suppress(redis.RedisError):
+                    used = int(self._redis.info("memory")["used_memory"])
+            self.samples.append(
+                Sample(time.time(), rss, cpu, busy, total, cpu_seconds_by_service(), dict(by_name), used)
+            )
             if rss > self.peak:
                 self.peak, self.peak_breakdown = rss, by_name
             self._stopping.wait(self._interval)
@@ -444,6 +493,8 @@ class ProcessSampler(threading.Thread):
     def stop(self) -> None:
         self._stopping.set()
         self.join(timeout=5)
+        if self._redis is not None:
+            self._redis.close()
 
     def over(self, first: float, last: float) -> tuple[float | None, float | None, int | None]:
         """(job cores, machine busy share, peak RSS) between two wall-clock times."""
@@ -730,7 +781,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     try:
         pipeline = start_logged(resources.stack, argv, log_name, env={"HTTP_API_TOKEN": cfg.http_api_token})
         print(f"benchmark-streaming: job {resources.name} starting on Prism (log {log})", file=sys.stderr)
-        sampler = ProcessSampler(pipeline.pid)
+        sampler = ProcessSampler(pipeline.pid, redis_client=redis.Redis.from_url(cfg.redis_url))
         sampler.start()
         first_window = int(start.timestamp()) // window * window
         watcher = BucketWatcher(
@@ -826,6 +877,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
             print(
                 f"cores at {step.rate:,g}/s: " + ", ".join(f"{name} {cores:.2f}" for name, cores in by_service.items())
             )
+        print()
+        for line in memory_trend(sampler.samples, float(steps[0].committed.min()), float(steps[-1].committed.max())):
+            print(line)
         print()
         print(
             f"measured {len(mine):,} events in {len(steps)} steps; {watcher.polls:,} Redis polls "

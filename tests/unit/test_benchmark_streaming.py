@@ -1,10 +1,17 @@
-"""The streaming benchmark's verdict: a step keeps up when its backlog stops growing, whatever the latency."""
+"""The streaming benchmark: a step keeps up when its backlog stops growing, whatever the latency; memory over time."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from devstack.benchmark_streaming import StepFigures, backlog_growth_rate, step_figures, target_verdicts
+from devstack.benchmark_streaming import (
+    Sample,
+    StepFigures,
+    backlog_growth_rate,
+    memory_trend,
+    step_figures,
+    target_verdicts,
+)
 
 RATE = 200.0
 STEP_SECONDS = 60.0
@@ -78,3 +85,28 @@ def test_a_missed_target_names_the_figure_that_misses_it():
         "p95 commit->Redis <= 2 s at 1,000/s: not met (p95 1.00 s, did not keep up)"
     )
     assert target_verdicts([step(500, 1.0)])[2] == "job <= 0.3 of a core at 100/s: not measured"
+
+
+def test_the_memory_trend_shows_each_process_over_time_and_its_slope_per_hour():
+    mib = 2**20
+    samples = [
+        Sample(
+            at=1000.0 + t,
+            rss=0,
+            job_cpu_seconds=0.0,
+            machine_busy_ticks=0,
+            machine_total_ticks=0,
+            rss_by_process={"python": int((400 + t / 60) * mib), "prism": 200 * mib},  # +60 MiB/h, flat
+            redis_used_memory=(50 * mib if t % 10 == 0 else None),
+        )
+        for t in range(0, 1801)
+    ]
+    lines = memory_trend(samples, 1000.0, 2800.0, rows=3)
+    assert lines[0].split() == ["memory", "(MiB)", "prism", "python", "redis"]
+    assert lines[1].split() == ["0s", "200", "400", "50"]
+    assert lines[3].split() == ["1,800s", "200", "430", "50"]
+    assert lines[-1].split()[:4] == ["MiB/hour", "+0.0", "+60.0", "+0.0"]
+
+
+def test_no_trend_from_fewer_than_two_samples():
+    assert memory_trend([], 0.0, 10.0) == []
