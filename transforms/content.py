@@ -19,6 +19,7 @@ from typing import Protocol
 from uuid import UUID
 
 import apache_beam as beam
+import tenacity
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger
 from apache_beam.transforms.combiners import Latest
@@ -27,6 +28,7 @@ from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.timestamp import MAX_TIMESTAMP
 
 from transforms.model import Content
+from transforms.retry import Backoff, retrying
 
 _log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ def newest_snapshot(snapshots: Iterable[ContentSnapshot]) -> ContentSnapshot | N
 ContentLoader = Callable[[], ContentSnapshot]
 """Returns the whole current content table; must be picklable (it runs on workers)."""
 
+_LOOKUP_BACKOFF = Backoff(initial_seconds=0.4, max_seconds=5.0)
 _CONTENT_COLUMNS = "id, slug, title, content_type, length_seconds, publish_ts"
 
 
@@ -151,8 +154,18 @@ class PostgresContentLookup:
     def _query(self, content_id: UUID) -> tuple | None:
         import psycopg2
 
-        for attempt in range(1, self._attempts + 1):
-            try:
+        def forget_connection(_state: tenacity.RetryCallState) -> None:
+            self._connection = None
+
+        # A database outage is not bad input: after a few tries the error fails the bundle, which the runner
+        # retries, rather than mark events as missing content they really have.
+        for attempt in retrying(
+            tenacity.retry_if_exception_type(psycopg2.OperationalError),
+            _LOOKUP_BACKOFF,
+            attempts=self._attempts,
+            before_sleep=forget_connection,
+        ):
+            with attempt:
                 if self._connection is None or self._connection.closed:
                     self._connect()
                 with self._connection.cursor() as cursor:
@@ -161,13 +174,6 @@ class PostgresContentLookup:
                         (str(content_id),),
                     )
                     return cursor.fetchone()
-            except psycopg2.OperationalError:
-                # A database outage is not bad input: after a few tries let the runner retry the bundle
-                # rather than mark events as missing content they really have.
-                if attempt == self._attempts:
-                    raise
-                self._connection = None
-                time.sleep(0.2 * 2**attempt)
         return None
 
     def teardown(self) -> None:

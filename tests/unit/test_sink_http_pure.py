@@ -242,8 +242,8 @@ def test_retry_after_parsing(header, seconds):
 
 def test_backoff_ceiling_doubles_up_to_the_cap():
     policy = RetryPolicy(initial_backoff_seconds=0.5, max_backoff_seconds=30)
-    assert [policy.backoff_ceiling(n) for n in range(1, 9)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
-    assert policy.backoff_ceiling(10_000) == 30  # no overflow on absurd attempt counts
+    assert [policy.backoff.ceiling(n) for n in range(1, 9)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
+    assert policy.backoff.ceiling(10_000) == 30  # no overflow on absurd attempt counts
 
 
 def test_delay_is_full_jitter_with_retry_after_as_a_capped_floor():

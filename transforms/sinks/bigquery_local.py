@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import uuid
 import zlib
 from base64 import b64encode
@@ -46,6 +45,7 @@ from typing import Any, TypeVar
 
 import apache_beam as beam
 import grpc
+import tenacity
 from apache_beam.coders import BytesCoder, IterableCoder, StrUtf8Coder, TupleCoder, VarIntCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
@@ -60,6 +60,7 @@ from google.rpc import code_pb2
 
 from transforms.batching import BatchAcrossBundles, BatchWithinBundleFn
 from transforms.instants import EPOCH, epoch_micros
+from transforms.retry import Backoff, retrying
 from transforms.state_cache import measure_cached_state_cheaply
 
 _log = logging.getLogger(__name__)
@@ -371,6 +372,16 @@ class StorageWriteError(RuntimeError):
     """An append that retrying in place cannot fix; the bundle fails and the runner retries it."""
 
 
+_TRANSIENT_APPEND_ERRORS = (
+    api_exceptions.ServiceUnavailable,
+    api_exceptions.DeadlineExceeded,
+    api_exceptions.Aborted,
+    api_exceptions.InternalServerError,
+    api_exceptions.TooManyRequests,
+)
+_APPEND_BACKOFF = Backoff(initial_seconds=0.2, max_seconds=10.0)
+
+
 class TableAppender:
     """Appends batches of encoded rows to one table's COMMITTED streams at explicit offsets."""
 
@@ -380,13 +391,13 @@ class TableAppender:
         spec: TableSpec,
         message_class: type[message.Message],
         max_attempts: int = 6,
-        initial_backoff_seconds: float = 0.2,
+        backoff: Backoff = _APPEND_BACKOFF,
     ) -> None:
         self._client = client
         self._spec = spec
         self._schema = writer_schema(message_class)
         self._max_attempts = max_attempts
-        self._initial_backoff = initial_backoff_seconds
+        self._backoff = backoff
 
     def create_stream(self) -> str:
         parent = self._client.table_path(self._spec.project, self._spec.dataset, self._spec.table)
@@ -416,28 +427,36 @@ class TableAppender:
         WRITTEN: ``rows`` are in the table. ALREADY_WRITTEN: an earlier append landed at this offset (what it
         held is the caller's to know; see ``AppendGroupFn``). Any other outcome wrote nothing.
         """
-        backoff = self._initial_backoff
-        for attempt in range(1, self._max_attempts + 1):
-            try:
-                response = self._append_once(position, rows)
-            except (api_exceptions.ServiceUnavailable, api_exceptions.DeadlineExceeded, api_exceptions.Aborted,
-                    api_exceptions.InternalServerError, api_exceptions.TooManyRequests) as error:  # fmt: skip
-                _log.warning("append to %s failed (attempt %d): %s", position.stream, attempt, error)
-                outcome = Outcome.TRANSIENT
-            else:
-                outcome = classify(response)
-            if outcome is Outcome.ROWS_REJECTED:
-                return AppendResult(outcome, rejected_rows(response), retries=attempt - 1)
-            if outcome is Outcome.FATAL:
-                raise StorageWriteError(
-                    f"append to {self._spec.table_id} at offset {position.offset} failed: "
-                    f"code {response.error.code}: {response.error.message}"
-                )
-            if outcome is not Outcome.TRANSIENT:
-                return AppendResult(outcome, retries=attempt - 1)
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
-        raise StorageWriteError(f"append to {position.stream} still failing after {self._max_attempts} tries")
+        retry = retrying(
+            tenacity.retry_if_result(lambda answer: answer[0] is Outcome.TRANSIENT),
+            self._backoff,
+            attempts=self._max_attempts,
+        )
+        try:
+            outcome, response = retry(self._attempt, position, rows)
+        except tenacity.RetryError as error:
+            raise StorageWriteError(
+                f"append to {position.stream} still failing after {self._max_attempts} tries"
+            ) from error
+        retries = retry.statistics.get("attempt_number", 1) - 1
+        if outcome is Outcome.ROWS_REJECTED:
+            return AppendResult(outcome, rejected_rows(response), retries=retries)
+        if outcome is Outcome.FATAL:
+            raise StorageWriteError(
+                f"append to {self._spec.table_id} at offset {position.offset} failed: "
+                f"code {response.error.code}: {response.error.message}"
+            )
+        return AppendResult(outcome, retries=retries)
+
+    def _attempt(
+        self, position: StreamPosition, rows: Sequence[bytes]
+    ) -> tuple[Outcome, types.AppendRowsResponse | None]:
+        try:
+            response = self._append_once(position, rows)
+        except _TRANSIENT_APPEND_ERRORS as error:
+            _log.warning("append to %s failed: %s", position.stream, error)
+            return Outcome.TRANSIENT, None
+        return classify(response), response
 
     def refused_rows(self, probe_stream: str, rows: Sequence[bytes]) -> tuple[dict[int, str], int]:
         """Index in ``rows`` -> reason, for each row the table refuses, learned without writing anything.

@@ -39,6 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import apache_beam as beam
 import requests
+import tenacity
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.transforms.util import ReshufflePerKey
@@ -50,6 +51,7 @@ from requests.adapters import HTTPAdapter
 from transforms.batching import BatchAcrossBundles
 from transforms.dead_letters import DEAD_LETTER_TAG, GuardedMap
 from transforms.model import DeadLetter, EnrichedEvent, SourceCoordinates, Stage
+from transforms.retry import Backoff, retrying
 from transforms.sinks.http_ledger import DeliveryLedger
 from transforms.sinks.http_token import SECRET_VERSION_PATTERN, Secret, TokenSource, redact
 
@@ -61,6 +63,8 @@ KEY_PREFIX = "engagement-events-v1-"
 
 REASON_EXCERPT_CHARS = 200
 RETRY_AFTER_STATUSES = frozenset({429, 503})
+_LEDGER_BACKOFF = Backoff(initial_seconds=0.2, max_seconds=1.0)
+"""The ledger is best effort (a missed entry only means a restart may resend the batch): three quick tries."""
 
 
 # --- the endpoint in logs -------------------------------------------------------------------------------
@@ -214,14 +218,14 @@ class RetryPolicy:
         if self.max_backoff_seconds < self.initial_backoff_seconds:
             raise ValueError("max_backoff_seconds must be at least initial_backoff_seconds")
 
-    def backoff_ceiling(self, retry: int) -> float:
-        """The longest wait before retry number ``retry`` (1-based): exponential, capped."""
-        return min(self.max_backoff_seconds, self.initial_backoff_seconds * 2 ** min(retry - 1, 62))
+    @property
+    def backoff(self) -> Backoff:
+        return Backoff(self.initial_backoff_seconds, self.max_backoff_seconds)
 
     def delay(self, retry: int, retry_after: float | None, uniform: Callable[[], float]) -> float:
         """Full jitter (uniform in [0, ceiling]) spreads shards that failed together; a server's Retry-After
         (capped, so a bogus value cannot park a batch for hours) is a floor, never shortened."""
-        jittered = uniform() * self.backoff_ceiling(retry)
+        jittered = uniform() * self.backoff.ceiling(retry)
         if retry_after is None:
             return jittered
         return max(min(retry_after, self.retry_after_cap_seconds), jittered)
@@ -266,37 +270,49 @@ def deliver(
 ) -> Delivery:
     """Sends one batch until it is delivered, rejected, or out of attempts or time.
 
-    ``sleep`` returns False when waiting was interrupted. A wait that would end after the retry budget is
-    not started: the batch is dead-lettered at once instead of sleeping towards a certain give-up.
+    The retrying is ``transforms.retry``'s policy (full jitter, a budget never slept towards) with the wait
+    floored by the server's Retry-After. ``sleep`` returns False when waiting was interrupted. A wait that
+    would end after the retry budget is not started: the batch is dead-lettered at once instead of sleeping
+    towards a certain give-up.
     """
     started = clock()
-    attempt_number = 0
-    while True:
-        attempt_number += 1
-        attempt = send()
-        if attempt.verdict is Verdict.DELIVERED:
-            return Delivery(True, attempt_number, replayed=attempt.replayed)
-        if attempt.verdict is Verdict.REJECTED:
-            return Delivery(False, attempt_number, reason=f"rejected: {attempt.describe()}")
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        return policy.delay(state.attempt_number, state.outcome.result().retry_after, uniform)
+
+    def out_of_attempts_or_time(state: tenacity.RetryCallState) -> bool:
         elapsed = clock() - started
-        if attempt_number >= policy.max_attempts:
-            return Delivery(
-                False,
-                attempt_number,
-                reason=f"gave up after {attempt_number} attempts in {elapsed:.1f}s; last: {attempt.describe()}",
-            )
-        wait = policy.delay(attempt_number, attempt.retry_after, uniform)
-        if elapsed + wait > policy.max_retry_seconds:
-            return Delivery(
-                False,
-                attempt_number,
-                reason=(
-                    f"gave up after {attempt_number} attempts in {elapsed:.1f}s (next wait {wait:.1f}s would pass "
-                    f"the {policy.max_retry_seconds:g}s retry budget); last: {attempt.describe()}"
-                ),
-            )
-        if not sleep(wait):
+        return state.attempt_number >= policy.max_attempts or elapsed + state.upcoming_sleep > policy.max_retry_seconds
+
+    def interruptible(seconds: float) -> None:
+        if not sleep(seconds):
             raise DeliveryInterruptedError("shutting down while retrying a batch")
+
+    def give_up(state: tenacity.RetryCallState) -> Delivery:
+        attempt, attempts, elapsed = state.outcome.result(), state.attempt_number, clock() - started
+        if attempts >= policy.max_attempts:
+            reason = f"gave up after {attempts} attempts in {elapsed:.1f}s; last: {attempt.describe()}"
+        else:
+            reason = (
+                f"gave up after {attempts} attempts in {elapsed:.1f}s (next wait {state.upcoming_sleep:.1f}s would "
+                f"pass the {policy.max_retry_seconds:g}s retry budget); last: {attempt.describe()}"
+            )
+        return Delivery(False, attempts, reason=reason)
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_result(lambda attempt: attempt.verdict is Verdict.RETRY),
+        stop=out_of_attempts_or_time,
+        wait=wait,
+        sleep=interruptible,
+        retry_error_callback=give_up,
+    )
+    last = retrying(send)
+    if isinstance(last, Delivery):  # out of attempts or time (give_up)
+        return last
+    attempts = retrying.statistics.get("attempt_number", 1)
+    if last.verdict is Verdict.DELIVERED:
+        return Delivery(True, attempts, replayed=last.replayed)
+    return Delivery(False, attempts, reason=f"rejected: {last.describe()}")
 
 
 # --- settings and options -------------------------------------------------------------------------------
@@ -654,16 +670,14 @@ class PostBatchesFn(beam.DoFn):
             return
         import redis
 
-        for attempt in range(3):
-            try:
-                self._settings.ledger.record(self._ledger_client, batch.event_ids, time.time())
-                return
-            except redis.RedisError as error:
-                if attempt == 2:
-                    self._ledger_failed.inc(len(batch.events))
-                    _log.warning("HTTP API sink: could not record batch %s in the ledger: %s", batch.key, error)
-                else:
-                    time.sleep(0.2 * (attempt + 1))
+        ledger, client = self._settings.ledger, self._ledger_client
+        try:
+            retrying(tenacity.retry_if_exception_type(redis.RedisError), _LEDGER_BACKOFF, attempts=3)(
+                ledger.record, client, batch.event_ids, time.time()
+            )
+        except redis.RedisError as error:
+            self._ledger_failed.inc(len(batch.events))
+            _log.warning("HTTP API sink: could not record batch %s in the ledger: %s", batch.key, error)
 
     def _deliver(self, batch: Batch) -> Delivery:
         key, body = batch.key, batch.body()

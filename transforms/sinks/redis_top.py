@@ -31,13 +31,13 @@ from redis.retry import Retry
 
 from transforms.dead_letters import DEAD_LETTER_TAG, RejectCounter
 from transforms.model import DeadLetter, SourceCoordinates, Stage, WindowAggregate
+from transforms.retry import Backoff, retrying
 
 METRICS_NAMESPACE = "sink.redis"
 DEFAULT_PREFIX = "engagement"
 
 _MILLIS = Decimal("0.001")
-_RETRY_BASE_SECONDS = 0.1
-_RETRY_CAP_SECONDS = 2.0
+_RETRY_BACKOFF = Backoff(initial_seconds=0.1, max_seconds=2.0)
 _DEGRADED_SECONDS = 5.0
 DEFAULT_RETRY_SECONDS = 30.0
 """A managed Redis failover (Memorystore, ElastiCache) takes 10-30 s; a batch rides it out before a dead letter."""
@@ -597,12 +597,11 @@ class WriteTopContentFn(beam.DoFn):
 
     def _retrying(self, retry_seconds: float) -> tenacity.Retrying:
         """Transient errors retried for ``retry_seconds`` (0: one attempt), then the last one raised."""
-        return tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(_TRANSIENT_ERRORS),
-            stop=tenacity.stop_after_delay(retry_seconds),
-            wait=tenacity.wait_exponential_jitter(initial=_RETRY_BASE_SECONDS, max=_RETRY_CAP_SECONDS),
+        return retrying(
+            tenacity.retry_if_exception_type(_TRANSIENT_ERRORS),
+            _RETRY_BACKOFF,
+            within_seconds=retry_seconds,
             before_sleep=lambda _state: self._retried.inc(),
-            reraise=True,
         )
 
     def _execute(self, queue: Callable[[redis.client.Pipeline], None], retrying: tenacity.Retrying) -> None:
