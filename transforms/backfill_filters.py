@@ -29,8 +29,9 @@ from transforms.rows import Row, window_aggregate_row
 
 METRICS_NAMESPACE = "backfill"
 
-AggregateKey = tuple[datetime, str | None, bool]
-"""(window_start, content_id, content_missing): the identity of a window's row, as the view partitions it."""
+WindowRowKey = tuple[datetime, str | None, bool]
+"""(window_start, content_id, content_missing): the identity of a window's row, as the view partitions it.
+``transforms.aggregate.AggregateKey`` is the same without the window, which Beam carries beside it."""
 
 AGGREGATE_VALUE_COLUMNS = (
     "window_end",
@@ -55,7 +56,7 @@ def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
-def aggregate_key(row: Mapping[str, Any]) -> AggregateKey:
+def window_row_key(row: Mapping[str, Any]) -> WindowRowKey:
     content_id = row["content_id"]
     return _utc(row["window_start"]), str(content_id) if content_id is not None else None, bool(row["content_missing"])
 
@@ -150,13 +151,13 @@ class ReadCurrentAggregates(beam.PTransform):
         self._time_range = time_range
         self._window_seconds = window_seconds
 
-    def expand(self, begin: beam.pvalue.PBegin) -> beam.PCollection[tuple[AggregateKey, Row]]:
+    def expand(self, begin: beam.pvalue.PBegin) -> beam.PCollection[tuple[WindowRowKey, Row]]:
         query = current_aggregates_query(self._settings, self._time_range, self._window_seconds)
         return (
             begin
             | "Query" >> beam.Create([query])
             | "Run" >> beam.ParDo(RunQueryFn(self._settings, METRICS_NAMESPACE))
-            | "Key" >> beam.Map(lambda row: (aggregate_key(row), row))
+            | "Key" >> beam.Map(lambda row: (window_row_key(row), row))
         )
 
 
@@ -272,9 +273,9 @@ class _SplitByCurrentValueFn(beam.DoFn):
         self._changed = Metrics.counter(METRICS_NAMESPACE, "aggregates_changed")
         self._unchanged = Metrics.counter(METRICS_NAMESPACE, "aggregates_unchanged")
 
-    def process(self, aggregate: WindowAggregate, current: Mapping[AggregateKey, Row]) -> Iterator[Any]:
+    def process(self, aggregate: WindowAggregate, current: Mapping[WindowRowKey, Row]) -> Iterator[Any]:
         row = window_aggregate_row(aggregate)
-        if aggregate_changed(row, current.get(aggregate_key(row))):
+        if aggregate_changed(row, current.get(window_row_key(row))):
             self._changed.inc()
             yield aggregate
         else:
@@ -286,7 +287,7 @@ class SplitAggregatesByCurrentValue(beam.PTransform):
     """Aggregates whose value differs from the table's current one (main output, ``changed``) and those
     equal to it (``unchanged``). Elements keep their windows and timestamps."""
 
-    def __init__(self, current: beam.PCollection[tuple[AggregateKey, Row]]) -> None:
+    def __init__(self, current: beam.PCollection[tuple[WindowRowKey, Row]]) -> None:
         super().__init__()
         self._current = current
 

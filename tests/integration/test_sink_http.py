@@ -39,7 +39,7 @@ from transforms.sinks.http_api import (
     WriteToHttpApi,
     encode_event,
     event_document,
-    shard_of,
+    shard_of_event,
 )
 from transforms.sinks.http_ledger import DeliveryLedger
 from transforms.sinks.http_token import TokenSource
@@ -354,7 +354,7 @@ def test_an_unreachable_endpoint_dead_letters_after_the_retry_limit() -> None:
     assert sorted(dead.event_id for dead in run.dead_letters) == sorted(ids_of(events))
     assert all("gave up after 3 attempts" in dead.reason for dead in run.dead_letters)
     assert all("ConnectionError" in dead.reason for dead in run.dead_letters)
-    batches = len({shard_of(event_id, settings.shards) for event_id in ids_of(events)})
+    batches = len({shard_of_event(event_id, settings.shards) for event_id in ids_of(events)})
     assert run.counters["retried"] == 2 * batches  # 3 attempts each
 
 

@@ -28,11 +28,11 @@ from transforms.backfill_filters import (
     KeepNewEvents,
     SplitAggregatesByCurrentValue,
     aggregate_changed,
-    aggregate_key,
     check_window_aligned,
     current_aggregates_query,
     existing_ids_query,
     window_range,
+    window_row_key,
 )
 from transforms.bigquery_reads import BigQueryReadSettings
 from transforms.decode import decode_record
@@ -273,8 +273,8 @@ def test_a_window_the_table_lacks_is_written():
 
 def test_the_key_is_the_views_partition():
     row = window_aggregate_row(aggregate(content_id=None, content_missing=True))
-    assert aggregate_key(row) == (MINUTE, None, True)
-    assert aggregate_key(window_aggregate_row(aggregate())) == (MINUTE, str(PODCAST.id), False)
+    assert window_row_key(row) == (MINUTE, None, True)
+    assert window_row_key(window_aggregate_row(aggregate())) == (MINUTE, str(PODCAST.id), False)
 
 
 def test_only_changed_windows_go_to_bigquery_and_the_rest_to_redis_only():
@@ -285,7 +285,7 @@ def test_only_changed_windows_go_to_bigquery_and_the_rest_to_redis_only():
     )
     table = [stored(same), stored(corrected, event_count=1)]
     with test_pipeline.TestPipeline() as pipeline:
-        current = pipeline | "Current" >> beam.Create([(aggregate_key(row), row) for row in table])
+        current = pipeline | "Current" >> beam.Create([(window_row_key(row), row) for row in table])
         split = pipeline | beam.Create([same, corrected, new]) | SplitAggregatesByCurrentValue(current)
         assert_that(split[CHANGED], equal_to([corrected, new]), label="changed")
         assert_that(split[UNCHANGED], equal_to([same]), label="unchanged")

@@ -44,7 +44,7 @@ from transforms.sinks.bigquery_local import (
     refusal_sentinel,
     rejected_rows,
     row_json,
-    shard_of,
+    stream_of_row,
 )
 
 PROCESSED_AT = datetime(2026, 11, 22, 10, 0, 1, 123456, tzinfo=UTC)
@@ -123,8 +123,8 @@ def test_a_refused_row_reads_back_as_json_with_its_values() -> None:
 
 def test_shards_are_stable_and_in_range() -> None:
     rows = [bytes([i]) * 10 for i in range(100)]
-    shards = [shard_of(row, 4) for row in rows]
-    assert shards == [shard_of(row, 4) for row in rows]
+    shards = [stream_of_row(row, 4) for row in rows]
+    assert shards == [stream_of_row(row, 4) for row in rows]
     assert set(shards) == {0, 1, 2, 3}
 
 

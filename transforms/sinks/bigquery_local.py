@@ -241,8 +241,9 @@ def row_json(message_class: type[message.Message], spec: TableSpec, encoded: byt
     return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def shard_of(encoded: bytes, num_shards: int) -> int:
-    """A stable shard for a row: the same row lands on the same stream whichever worker encodes it."""
+def stream_of_row(encoded: bytes, num_shards: int) -> int:
+    """The write stream (shard) of an encoded row: the same row lands on the same stream whichever worker
+    encodes it. (The HTTP sink's ``shard_of_event`` shards event ids into batches: another purpose.)"""
     return zlib.crc32(encoded) % num_shards
 
 
@@ -509,7 +510,7 @@ class EncodeRowsFn(beam.DoFn):
                 self.REJECTED, (row, f"row cannot be encoded for {self._spec.table}: {error}")
             )
             return
-        yield shard_of(encoded, self._num_shards), encoded
+        yield stream_of_row(encoded, self._num_shards), encoded
 
 
 _PARKED_CODER = TupleCoder([StrUtf8Coder(), IterableCoder(BytesCoder())])

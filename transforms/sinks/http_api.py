@@ -121,7 +121,7 @@ def encode_event(enriched: EnrichedEvent) -> bytes:
     return text.encode("utf-8")
 
 
-def shard_of(event_id: int, shards: int) -> int:
+def shard_of_event(event_id: int, shards: int) -> int:
     # crc32 rather than hash(): the same id must land in the same shard on every worker and every run.
     return zlib.crc32(str(event_id).encode("ascii")) % shards
 
@@ -716,7 +716,7 @@ class PostBatchesFn(beam.DoFn):
 
 def _encode_and_shard(enriched: EnrichedEvent, shards: int) -> tuple[int, tuple[int, bytes]]:
     event_id = enriched.event.id
-    return shard_of(event_id, shards), (event_id, encode_event(enriched))
+    return shard_of_event(event_id, shards), (event_id, encode_event(enriched))
 
 
 class WriteToHttpApi(beam.PTransform):
