@@ -58,6 +58,7 @@ from transforms.backfill_filters import (
 from transforms.bigquery_reads import BigQueryReadSettings, bigquery_client
 from transforms.content import PostgresContentLoader, PostgresContentLookup, ReadContentOnce
 from transforms.dead_letters import flatten_dead_letters
+from transforms.postgres import fetch_all
 from transforms.postgres_source import (
     LogProgressFn,
     ProgressLog,
@@ -289,21 +290,16 @@ def rows_per_window(
     dsn: str, time_range: TimeRange, window_seconds: int, connect_timeout_seconds: int = 10
 ) -> list[tuple[int, int]]:
     """``(window start in epoch seconds, rows)`` for each window of the range that has rows, in order."""
-    import psycopg2
-
-    connection = psycopg2.connect(dsn, connect_timeout=connect_timeout_seconds)
-    try:
-        with connection.cursor() as cursor:
-            # Beam's fixed windows start at multiples of their size since the epoch; so does this bucket.
-            cursor.execute(
-                "SELECT (floor(extract(epoch FROM event_ts) / %(w)s) * %(w)s)::bigint AS window_start, count(*)"
-                " FROM engagement_events WHERE event_ts >= %(start)s AND event_ts < %(end)s"
-                " GROUP BY 1 ORDER BY 1",
-                {"w": window_seconds, "start": time_range.start, "end": time_range.end},
-            )
-            return [(int(start), int(rows)) for start, rows in cursor.fetchall()]
-    finally:
-        connection.close()
+    # Beam's fixed windows start at multiples of their size since the epoch; so does this bucket.
+    rows = fetch_all(
+        dsn,
+        "SELECT (floor(extract(epoch FROM event_ts) / %(w)s) * %(w)s)::bigint AS window_start, count(*)"
+        " FROM engagement_events WHERE event_ts >= %(start)s AND event_ts < %(end)s"
+        " GROUP BY 1 ORDER BY 1",
+        {"w": window_seconds, "start": time_range.start, "end": time_range.end},
+        connect_timeout_seconds,
+    )
+    return [(int(start), int(count)) for start, count in rows]
 
 
 def split_into_chunks(

@@ -28,6 +28,7 @@ from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.timestamp import MAX_TIMESTAMP
 
 from transforms.model import Content
+from transforms.postgres import fetch_all
 from transforms.retry import Backoff, retrying
 
 _log = logging.getLogger(__name__)
@@ -81,17 +82,10 @@ class PostgresContentLoader:
         self._dsn = dsn
 
     def __call__(self) -> ContentSnapshot:
-        import psycopg2  # imported on the worker, where the loader runs
-
         started = time.monotonic()
         loaded_at = time.time()
-        connection = psycopg2.connect(self._dsn)
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(f"SELECT {_CONTENT_COLUMNS} FROM content")  # noqa: S608 - constant column list
-                snapshot = ContentSnapshot.of((_content_from_row(row) for row in cursor), loaded_at=loaded_at)
-        finally:
-            connection.close()
+        rows = fetch_all(self._dsn, f"SELECT {_CONTENT_COLUMNS} FROM content")  # noqa: S608 - constant column list
+        snapshot = ContentSnapshot.of((_content_from_row(row) for row in rows), loaded_at=loaded_at)
         _log.info("Loaded %d content rows in %.2fs", len(snapshot), time.monotonic() - started)
         return snapshot
 

@@ -22,6 +22,7 @@ from apache_beam.metrics import Metrics
 
 from transforms.decode import TABLE_ROW_COLUMNS, DecodeLimits, event_from_table_row
 from transforms.model import EngagementEvent, RawRecord, SourceCoordinates
+from transforms.postgres import fetch_all
 
 _log = logging.getLogger(__name__)
 
@@ -89,51 +90,35 @@ SOURCE_TABLES = ("engagement_events", "content")
 
 def missing_source_tables(dsn: str, connect_timeout_seconds: int = 10) -> list[str]:
     """The tables of ``SOURCE_TABLES`` the database lacks; connecting is the reachability check."""
-    import psycopg2
-
-    connection = psycopg2.connect(dsn, connect_timeout=connect_timeout_seconds)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT name FROM unnest(%s::text[]) AS name WHERE to_regclass(name) IS NULL",
-                (list(SOURCE_TABLES),),
-            )
-            return [name for (name,) in cursor.fetchall()]
-    finally:
-        connection.close()
+    rows = fetch_all(
+        dsn,
+        "SELECT name FROM unnest(%s::text[]) AS name WHERE to_regclass(name) IS NULL",
+        (list(SOURCE_TABLES),),
+        connect_timeout_seconds,
+    )
+    return [name for (name,) in rows]
 
 
 def missing_event_columns(dsn: str, connect_timeout_seconds: int = 10) -> list[str]:
     """The SPEC columns of ``engagement_events`` the live table lacks (renamed or dropped), in SPEC order."""
-    import psycopg2
-
-    connection = psycopg2.connect(dsn, connect_timeout=connect_timeout_seconds)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT column_name FROM information_schema.columns"
-                " WHERE table_schema = current_schema() AND table_name = 'engagement_events'"
-            )
-            live = {name for (name,) in cursor.fetchall()}
-    finally:
-        connection.close()
+    rows = fetch_all(
+        dsn,
+        "SELECT column_name FROM information_schema.columns"
+        " WHERE table_schema = current_schema() AND table_name = 'engagement_events'",
+        connect_timeout_seconds=connect_timeout_seconds,
+    )
+    live = {name for (name,) in rows}
     return [column for column in TABLE_ROW_COLUMNS if column not in live]
 
 
 def summarize_range(dsn: str, time_range: TimeRange, connect_timeout_seconds: int = 10) -> RangeSummary:
     """Counts the rows of the range (the index on ``event_ts`` makes this cheap)."""
-    import psycopg2
-
-    connection = psycopg2.connect(dsn, connect_timeout=connect_timeout_seconds)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT count(*), min(id), max(id) FROM engagement_events WHERE event_ts >= %s AND event_ts < %s",
-                (time_range.start, time_range.end),
-            )
-            rows, min_id, max_id = cursor.fetchone()
-    finally:
-        connection.close()
+    [(rows, min_id, max_id)] = fetch_all(
+        dsn,
+        "SELECT count(*), min(id), max(id) FROM engagement_events WHERE event_ts >= %s AND event_ts < %s",
+        (time_range.start, time_range.end),
+        connect_timeout_seconds,
+    )
     return RangeSummary(rows=rows, min_id=min_id, max_id=max_id)
 
 

@@ -33,9 +33,7 @@ from transforms.sinks.bigquery import (
     to_beam_values,
 )
 from transforms.sinks.bigquery_local import (
-    Column,
     Outcome,
-    TableSpec,
     chunked,
     classify,
     encode_row,
@@ -46,6 +44,7 @@ from transforms.sinks.bigquery_local import (
     row_json,
     stream_of_row,
 )
+from transforms.sinks.bigquery_tables import Column, TableSpec
 
 PROCESSED_AT = datetime(2026, 11, 22, 10, 0, 1, 123456, tzinfo=UTC)
 COLUMNS = parse_table_columns(TABLES_DDL.read_text())

@@ -37,13 +37,8 @@ from transforms.dead_letters import DEAD_LETTER_TAG, GuardedMap, flatten_dead_le
 from transforms.expansion import java_expansion_service
 from transforms.model import DeadLetter, EnrichedEvent, SourceCoordinates, Stage, WindowAggregate
 from transforms.rows import Row, dead_letter_row, enriched_event_row, window_aggregate_row
-from transforms.sinks.bigquery_local import (
-    METRICS_NAMESPACE,
-    Column,
-    LocalWriteSettings,
-    TableSpec,
-    WriteTableLocally,
-)
+from transforms.sinks.bigquery_local import METRICS_NAMESPACE, LocalWriteSettings, WriteTableLocally
+from transforms.sinks.bigquery_tables import Column, TableSpec
 
 _log = logging.getLogger(__name__)
 

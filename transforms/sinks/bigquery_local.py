@@ -61,6 +61,7 @@ from google.rpc import code_pb2
 from transforms.batching import BatchAcrossBundles, BatchWithinBundleFn
 from transforms.instants import EPOCH, epoch_micros
 from transforms.retry import Backoff, retrying
+from transforms.sinks.bigquery_tables import Column, TableSpec
 from transforms.state_cache import measure_cached_state_cheaply
 
 _log = logging.getLogger(__name__)
@@ -86,27 +87,6 @@ _PROTO_TYPES: dict[str, int] = {
     "BYTES": _FieldType.TYPE_BYTES,
     "FLOAT64": _FieldType.TYPE_DOUBLE,
 }
-
-
-@dataclass(frozen=True)
-class Column:
-    name: str
-    type: str  # BigQuery standard SQL type: INT64, STRING, NUMERIC, TIMESTAMP, BOOL, BYTES, ...
-    required: bool = False
-
-
-@dataclass(frozen=True)
-class TableSpec:
-    """A destination table and its columns, in table order."""
-
-    project: str
-    dataset: str
-    table: str
-    columns: tuple[Column, ...]
-
-    @property
-    def table_id(self) -> str:
-        return f"{self.project}.{self.dataset}.{self.table}"
 
 
 # --- rows as protobuf -----------------------------------------------------------------------------------------
