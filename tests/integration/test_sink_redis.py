@@ -22,6 +22,8 @@ import redis
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import Timestamp
 
 from transforms.model import WindowAggregate
 from transforms.sinks import redis_top_cli
@@ -29,6 +31,7 @@ from transforms.sinks.redis_top import (
     RedisKeys,
     RedisSinkSettings,
     TopEntry,
+    WriteTopContentFn,
     WriteTopContentToRedis,
     from_score,
     read_top_content,
@@ -279,6 +282,45 @@ def test_a_redis_restart_within_the_retry_time_loses_no_write(private_redis):
         str(row.content_id): row.engagement_seconds_sum for row in rows
     }
     restarted.close()
+
+
+def test_entries_an_outage_dead_lettered_are_rewritten_once_redis_answers_again(private_redis):
+    """Issue 17: a window that gets no pane after an outage must not keep its stale entry until it expires."""
+    port, servers, start = private_redis
+    config = RedisSinkSettings(
+        url=f"redis://127.0.0.1:{port}/0", keys=RedisKeys("repair"), retry_seconds=2, top_refresh_seconds=0
+    )
+    minute = current_minute()
+    lost = [pane((str(uuid.uuid4()), f"Lost {index}"), minute, f"{index}.500", index) for index in range(1, 4)]
+    later = pane((str(uuid.uuid4()), "After"), minute, "9.000", 9)
+    sink = WriteTopContentFn(config)
+    sink.setup()
+    try:
+        servers[0].kill()
+        servers[0].wait()
+        letters = run_bundle(sink, lost)
+        assert len(letters) == len(lost)
+        assert all(letter.value.value.reason.startswith("redis unreachable after") for letter in letters)
+
+        servers.append(start())
+        time.sleep(5.5)  # past the sink's degraded mode (one attempt per batch right after an outage)
+        assert run_bundle(sink, [later]) == []
+    finally:
+        sink.teardown()
+    restarted = redis.Redis(port=port, decode_responses=True)
+    bucket = dict(restarted.zrange(config.keys.bucket(int(minute.timestamp())), 0, -1, withscores=True))
+    restarted.close()
+    assert {member: from_score(score) for member, score in bucket.items()} == {
+        str(row.content_id): row.engagement_seconds_sum for row in [*lost, later]
+    }
+
+
+def run_bundle(sink: WriteTopContentFn, rows: list[WindowAggregate]) -> list:
+    """One bundle through the DoFn by hand, so the test decides when each bundle runs; returns its outputs."""
+    sink.start_bundle()
+    window = GlobalWindow()
+    outputs = [out for row in rows for out in sink.process(row, Timestamp.of(row.window_start.timestamp()), window)]
+    return [*outputs, *(sink.finish_bundle() or [])]
 
 
 def test_a_rejected_write_is_dead_lettered_without_retrying(stack, prefix, client):

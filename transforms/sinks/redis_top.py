@@ -496,7 +496,10 @@ class WriteTopContentFn(beam.DoFn):
         self._batches = Metrics.counter(METRICS_NAMESPACE, "batches")
         self._top_refreshes = Metrics.counter(METRICS_NAMESPACE, "top_refreshes")
         self._freshness = Metrics.distribution(METRICS_NAMESPACE, "commit_to_write_ms")
+        self._repaired = Metrics.counter(METRICS_NAMESPACE, "repaired_after_outage")
         self._rejects = RejectCounter("redis")
+        self._unwritten: dict[tuple[int, str], WindowAggregate] = {}
+        """The newest pane of each bucket entry an outage dead-lettered, rewritten once Redis answers again."""
 
     def setup(self) -> None:
         config = self._config
@@ -565,6 +568,10 @@ class WriteTopContentFn(beam.DoFn):
             reason = failure_reason(exc, retrying.statistics)
             _log.warning("Redis sink: %d aggregates dead-lettered: %s", len(batch), reason)
             self._dead_lettered.inc(len(batch))
+            if isinstance(exc, _TRANSIENT_ERRORS):
+                # A window that gets no later pane would keep its stale entry until it expires: keep the
+                # newest pane of each entry and write it when Redis answers again (``_repair``).
+                self._unwritten = latest_panes([*self._unwritten.values(), *panes.values()])
             for pending in batch:
                 yield beam.pvalue.TaggedOutput(
                     DEAD_LETTER_TAG,
@@ -577,6 +584,26 @@ class WriteTopContentFn(beam.DoFn):
         if refresh_top:
             self._top_refreshes.inc()
             self._next_top_refresh = now + self._config.top_refresh_seconds
+        if self._unwritten:
+            self._repair(now)
+
+    def _repair(self, now: float) -> None:
+        """Rewrites the entries an outage dead-lettered, now that a write went through again. Safe in any order:
+        an entry is only overwritten by a newer pane, so a pane superseded meanwhile changes nothing. Best effort
+        (the dead letters stay the record): lost with the worker, retried at the next write if Redis fails again.
+        """
+        ttl = self._config.bucket_ttl_seconds
+        live = {key: pane for key, pane in self._unwritten.items() if bucket_expires_at(key[0], ttl) > now}
+        if live:
+            try:
+                self._execute(lambda pipe: queue_writes(pipe, self._config, live, now, True), self._retrying(0.0))
+            except redis.RedisError as exc:
+                _log.info("Redis sink: %d entries wait for Redis to answer again: %s", len(live), exc)
+                self._unwritten = live
+                return
+            self._repaired.inc(len(live))
+            _log.warning("Redis sink: rewrote %d bucket entries that an outage had dead-lettered", len(live))
+        self._unwritten = {}
 
     def _record_freshness(self, panes: Iterable[WindowAggregate]) -> None:
         """The Distribution for monitoring, and a capped list in Redis itself for scripts/run-local's view."""
