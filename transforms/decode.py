@@ -462,7 +462,7 @@ class DecodeRecordsFn(beam.DoFn):
             column: Metrics.counter("decode", f"schema_drift_missing_{column}") for column in NULLABLE_COLUMNS
         }
         self._missing_now: frozenset[str] = frozenset()
-        self._last_drift_log: dict[str, float] = {}
+        self._last_drift_log: dict[tuple[str, bool], float] = {}
 
     def process(self, record: RawRecord | EngagementEvent) -> Iterator[Any]:
         if isinstance(record, EngagementEvent):  # built from a table row by event_from_table_row
@@ -495,8 +495,8 @@ class DecodeRecordsFn(beam.DoFn):
     def _note_schema_drift(self, missing: tuple[str, ...]) -> None:
         """Counts each missing column; logs when a column goes missing or comes back, not per event.
 
-        Records from before and after a change can interleave (partitions, a backlog), so a column's log lines
-        are at most one a minute."""
+        Records from before and after a change can interleave (partitions, a backlog), so each column logs at
+        most one "no longer" and one "again" line a minute."""
         for column in missing:
             self._drift[column].inc()
         now = frozenset(missing)
@@ -504,9 +504,10 @@ class DecodeRecordsFn(beam.DoFn):
         self._missing_now = now
         clock = time.monotonic()
         for column in sorted(changed):
-            if clock - self._last_drift_log.get(column, -SCHEMA_DRIFT_LOG_SECONDS) < SCHEMA_DRIFT_LOG_SECONDS:
+            transition = (column, column in now)
+            if clock - self._last_drift_log.get(transition, -SCHEMA_DRIFT_LOG_SECONDS) < SCHEMA_DRIFT_LOG_SECONDS:
                 continue
-            self._last_drift_log[column] = clock
+            self._last_drift_log[transition] = clock
             if column in now:
                 _log.warning(
                     "schema drift: change records of %s no longer carry column %r (renamed or dropped?); their "
