@@ -299,17 +299,17 @@ def deliver(
             )
         return Delivery(False, attempts, reason=reason)
 
-    retrying = tenacity.Retrying(
+    sending = tenacity.Retrying(
         retry=tenacity.retry_if_result(lambda attempt: attempt.verdict is Verdict.RETRY),
         stop=out_of_attempts_or_time,
         wait=wait,
         sleep=interruptible,
         retry_error_callback=give_up,
     )
-    last = retrying(send)
+    last = sending(send)
     if isinstance(last, Delivery):  # out of attempts or time (give_up)
         return last
-    attempts = retrying.statistics.get("attempt_number", 1)
+    attempts = sending.statistics.get("attempt_number", 1)
     if last.verdict is Verdict.DELIVERED:
         return Delivery(True, attempts, replayed=last.replayed)
     return Delivery(False, attempts, reason=f"rejected: {last.describe()}")
