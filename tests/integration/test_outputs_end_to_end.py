@@ -27,7 +27,8 @@ from tests.integration.external_api import ExternalApiClient
 from transforms.content import PostgresContentLoader, PostgresContentLookup, ReadContentOnce
 from transforms.model import RawRecord, SourceCoordinates
 from transforms.sinks.bigquery import LOCAL_STORAGE_WRITE, BigQuerySinkSettings
-from transforms.sinks.http_api import HttpSinkSettings, RetryPolicy
+from transforms.sinks.http_api import HttpSinkSettings
+from transforms.sinks.http_delivery import RetryPolicy
 from transforms.sinks.http_token import TokenSource
 from transforms.sinks.redis_top import RedisKeys, RedisSinkSettings, read_top_content
 

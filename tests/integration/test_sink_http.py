@@ -31,18 +31,11 @@ from apache_beam.runners.runner import PipelineRunner
 from devstack.config import StackConfig
 from tests.integration.external_api import ExternalApiClient
 from transforms.model import DeadLetter, EngagementEvent, EnrichedEvent, Stage
-from transforms.sinks.http_api import (
-    KEY_PREFIX,
-    Batch,
-    HttpSinkSettings,
-    RetryPolicy,
-    WriteToHttpApi,
-    encode_event,
-    event_document,
-    shard_of_event,
-)
+from transforms.sinks.http_api import HttpSinkSettings, WriteToHttpApi
+from transforms.sinks.http_delivery import RetryPolicy
 from transforms.sinks.http_ledger import DeliveryLedger
 from transforms.sinks.http_token import TokenSource
+from transforms.sinks.http_wire import KEY_PREFIX, Batch, encode_event, event_document, shard_of_event
 
 TIMEOUT = 10
 # The 30-second outage; HTTP_SINK_OUTAGE_SECONDS tries others (SPEC: "down for minutes").

@@ -24,7 +24,7 @@ from transforms.rows import dead_letter_row, enriched_event_row
 from transforms.sinks.bigquery import TABLES_DDL, parse_table_columns
 from transforms.sinks.bigquery_local import encode_row, proto_message_class
 from transforms.sinks.bigquery_tables import TableSpec
-from transforms.sinks.http_api import encode_event
+from transforms.sinks.http_wire import encode_event
 
 PROPERTIES = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 KAFKA = SourceCoordinates(kind="kafka", topic="cdc.public.engagement_events", partition=0, offset=1)

@@ -15,27 +15,27 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.model import EngagementEvent, EnrichedEvent
 from transforms.sinks import http_token
-from transforms.sinks.http_api import (
-    KEY_PREFIX,
+from transforms.sinks.http_api import HttpSinkSettings, PostBatchesFn, WriteToHttpApi
+from transforms.sinks.http_delivery import (
     Attempt,
-    Batch,
     DeliveryInterruptedError,
-    HttpSinkSettings,
-    PostBatchesFn,
     RetryPolicy,
     Verdict,
-    WriteToHttpApi,
     classify_exception,
     classify_status,
     deliver,
+    parse_retry_after,
+)
+from transforms.sinks.http_token import Secret, TokenSource, redact
+from transforms.sinks.http_wire import (
+    KEY_PREFIX,
+    Batch,
     display_url,
     encode_event,
     event_document,
     idempotency_key,
-    parse_retry_after,
     shard_of_event,
 )
-from transforms.sinks.http_token import Secret, TokenSource, redact
 
 CONTENT_ID = UUID("11111111-1111-4111-8111-111111111111")
 USER_ID = UUID("00000000-0000-4000-8000-000000000001")

@@ -14,28 +14,24 @@ The body and the key depend only on the batch's events, never on time or attempt
 (by this DoFn, or by the runner re-running the bundle) carries the same key and the same body, and the API
 stores it once. docs/http-sink.md explains what is and is not guaranteed, and how an outage stays in this
 branch instead of stalling the rest of the pipeline.
+
+By role: the wire format (events, batches, keys) is ``http_wire``, the delivery rules (retries, Retry-After,
+give-up) ``http_delivery``, the token ``http_token``, the delivery ledger ``http_ledger``; this module holds
+the settings and options, the DoFn and the transform.
 """
 
 from __future__ import annotations
 
-import email.utils
-import hashlib
-import json
 import logging
-import random
 import re
 import threading
 import time
-import zlib
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
-from enum import StrEnum
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import apache_beam as beam
 import requests
@@ -52,267 +48,27 @@ from transforms.batching import BatchAcrossBundles
 from transforms.dead_letters import DEAD_LETTER_TAG, GuardedMap
 from transforms.model import DeadLetter, EnrichedEvent, SourceCoordinates, Stage
 from transforms.retry import Backoff, retrying
+from transforms.sinks.http_delivery import (
+    RETRY_AFTER_STATUSES,
+    Attempt,
+    Delivery,
+    RetryPolicy,
+    Verdict,
+    classify_exception,
+    classify_status,
+    deliver,
+    parse_retry_after,
+)
 from transforms.sinks.http_ledger import DeliveryLedger
 from transforms.sinks.http_token import SECRET_VERSION_PATTERN, Secret, TokenSource, redact
+from transforms.sinks.http_wire import Batch, display_url, encode_event, shard_of_event
 
 _log = logging.getLogger(__name__)
 
 METRICS_NAMESPACE = "sink.http"
-KEY_PREFIX = "engagement-events-v1-"
-"""Versions the key derivation and the event schema together: changing either must change every key."""
-
 REASON_EXCERPT_CHARS = 200
-RETRY_AFTER_STATUSES = frozenset({429, 503})
 _LEDGER_BACKOFF = Backoff(initial_seconds=0.2, max_seconds=1.0)
 """The ledger is best effort (a missed entry only means a restart may resend the batch): three quick tries."""
-
-
-# --- the endpoint in logs -------------------------------------------------------------------------------
-
-
-def display_url(url: str) -> str:
-    """The endpoint without user info or query string, which may carry credentials, for logs and reasons."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-# --- the wire format ------------------------------------------------------------------------------------
-
-
-def _decimal(value: Decimal | None) -> str | None:
-    # Fixed-point text, never an exponent ("0.000", not "0E-3"), so consumers parse it exactly.
-    return format(value, "f") if value is not None else None
-
-
-def _timestamp(value: datetime) -> str:
-    # Always six fractional digits and "Z", so equal instants are equal strings.
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def event_document(enriched: EnrichedEvent) -> dict[str, Any]:
-    """One event as the API receives it (schema v1, docs/http-sink.md).
-
-    Nothing here depends on processing time, so a re-sent event is byte-identical to its first send.
-    """
-    event = enriched.event
-    return {
-        "id": event.id,
-        "content_id": str(event.content_id) if event.content_id is not None else None,
-        "user_id": str(event.user_id) if event.user_id is not None else None,
-        "event_type": event.event_type,
-        "event_ts": _timestamp(event.event_ts),
-        "duration_ms": event.duration_ms,
-        "device": event.device,
-        "raw_payload": event.raw_payload,
-        "engagement_seconds": _decimal(enriched.engagement_seconds),
-        "engagement_pct": _decimal(enriched.engagement_pct),
-        "content_type": enriched.content_type,
-        "length_seconds": enriched.length_seconds,
-        "title": enriched.title,
-        "slug": enriched.slug,
-        "content_missing": enriched.content_missing,
-    }
-
-
-def encode_event(enriched: EnrichedEvent) -> bytes:
-    text = json.dumps(event_document(enriched), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return text.encode("utf-8")
-
-
-def shard_of_event(event_id: int, shards: int) -> int:
-    # crc32 rather than hash(): the same id must land in the same shard on every worker and every run.
-    return zlib.crc32(str(event_id).encode("ascii")) % shards
-
-
-def idempotency_key(event_ids: Iterable[int]) -> str:
-    """A key derived from the batch's ids alone: any retry or regrouping into the same set gets the same key."""
-    digest = hashlib.sha256(",".join(str(i) for i in sorted(event_ids)).encode("ascii")).hexdigest()
-    return KEY_PREFIX + digest
-
-
-@dataclass(frozen=True)
-class Batch:
-    """A batch in its canonical form: events ordered by id, each id once."""
-
-    events: tuple[tuple[int, bytes], ...]
-
-    @classmethod
-    def of(cls, encoded: Iterable[tuple[int, bytes]]) -> Batch:
-        # State (bag) order is not guaranteed to survive a regrouping; sorting makes the body depend only on
-        # which events are in the batch. A repeated id (possible only beyond the de-duplication horizon)
-        # is sent once.
-        unique: dict[int, bytes] = {}
-        for event_id, payload in sorted(encoded):
-            unique.setdefault(event_id, payload)
-        return cls(tuple(unique.items()))
-
-    @property
-    def event_ids(self) -> list[int]:
-        return [event_id for event_id, _ in self.events]
-
-    @property
-    def key(self) -> str:
-        return idempotency_key(self.event_ids)
-
-    def body(self) -> bytes:
-        return b'{"events":[' + b",".join(payload for _, payload in self.events) + b"]}"
-
-
-# --- retry rules ----------------------------------------------------------------------------------------
-
-
-class Verdict(StrEnum):
-    DELIVERED = "delivered"
-    RETRY = "retry"
-    REJECTED = "rejected"
-
-
-def classify_status(status: int) -> Verdict:
-    """SPEC §6: 408, 429 and 5xx are worth retrying; any other non-2xx will fail the same way again."""
-    if 200 <= status < 300:
-        return Verdict.DELIVERED
-    if status in (408, 429) or 500 <= status < 600:
-        return Verdict.RETRY
-    # 3xx included: redirects are not followed (a POST body and its token must not wander to another URL).
-    return Verdict.REJECTED
-
-
-def classify_exception(error: BaseException) -> Verdict:
-    """Transport failures are retried; a request that cannot be built (bad URL, bad header) never succeeds."""
-    if isinstance(error, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)):
-        return Verdict.RETRY
-    return Verdict.REJECTED
-
-
-def parse_retry_after(value: str | None, now: datetime) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date), or None if absent or invalid."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:  # RFC 9110 dates are GMT; parsedate_to_datetime leaves "-0000" naive
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - now).total_seconds())
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_attempts: int = 30
-    max_retry_seconds: float = 300.0
-    initial_backoff_seconds: float = 0.5
-    max_backoff_seconds: float = 30.0
-    retry_after_cap_seconds: float = 120.0
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
-        if self.max_retry_seconds < 0 or self.initial_backoff_seconds <= 0 or self.retry_after_cap_seconds < 0:
-            raise ValueError("retry durations must be positive")
-        if self.max_backoff_seconds < self.initial_backoff_seconds:
-            raise ValueError("max_backoff_seconds must be at least initial_backoff_seconds")
-
-    @property
-    def backoff(self) -> Backoff:
-        return Backoff(self.initial_backoff_seconds, self.max_backoff_seconds)
-
-    def delay(self, retry: int, retry_after: float | None, uniform: Callable[[], float]) -> float:
-        """Full jitter (uniform in [0, ceiling]) spreads shards that failed together; a server's Retry-After
-        (capped, so a bogus value cannot park a batch for hours) is a floor, never shortened."""
-        jittered = uniform() * self.backoff.ceiling(retry)
-        if retry_after is None:
-            return jittered
-        return max(min(retry_after, self.retry_after_cap_seconds), jittered)
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """The result of one POST, reduced to what the retry loop and the dead letters need."""
-
-    verdict: Verdict
-    status: int | None = None
-    retry_after: float | None = None
-    replayed: bool = False
-    detail: str = ""
-
-    def describe(self) -> str:
-        return f"HTTP {self.status}: {self.detail}" if self.status is not None else self.detail
-
-
-@dataclass(frozen=True)
-class Delivery:
-    delivered: bool
-    attempts: int
-    replayed: bool = False
-    reason: str = ""
-
-    @property
-    def retries(self) -> int:
-        return self.attempts - 1
-
-
-class DeliveryInterruptedError(Exception):
-    """The DoFn is being torn down while a batch waits to be retried; the runner will retry the bundle."""
-
-
-def deliver(
-    send: Callable[[], Attempt],
-    policy: RetryPolicy,
-    sleep: Callable[[float], bool],
-    clock: Callable[[], float] = time.monotonic,
-    uniform: Callable[[], float] = random.random,
-) -> Delivery:
-    """Sends one batch until it is delivered, rejected, or out of attempts or time.
-
-    The retrying is ``transforms.retry``'s policy (full jitter, a budget never slept towards) with the wait
-    floored by the server's Retry-After. ``sleep`` returns False when waiting was interrupted. A wait that
-    would end after the retry budget is not started: the batch is dead-lettered at once instead of sleeping
-    towards a certain give-up.
-    """
-    started = clock()
-
-    def wait(state: tenacity.RetryCallState) -> float:
-        return policy.delay(state.attempt_number, state.outcome.result().retry_after, uniform)
-
-    def out_of_attempts_or_time(state: tenacity.RetryCallState) -> bool:
-        elapsed = clock() - started
-        return state.attempt_number >= policy.max_attempts or elapsed + state.upcoming_sleep > policy.max_retry_seconds
-
-    def interruptible(seconds: float) -> None:
-        if not sleep(seconds):
-            raise DeliveryInterruptedError("shutting down while retrying a batch")
-
-    def give_up(state: tenacity.RetryCallState) -> Delivery:
-        attempt, attempts, elapsed = state.outcome.result(), state.attempt_number, clock() - started
-        if attempts >= policy.max_attempts:
-            reason = f"gave up after {attempts} attempts in {elapsed:.1f}s; last: {attempt.describe()}"
-        else:
-            reason = (
-                f"gave up after {attempts} attempts in {elapsed:.1f}s (next wait {state.upcoming_sleep:.1f}s would "
-                f"pass the {policy.max_retry_seconds:g}s retry budget); last: {attempt.describe()}"
-            )
-        return Delivery(False, attempts, reason=reason)
-
-    sending = tenacity.Retrying(
-        retry=tenacity.retry_if_result(lambda attempt: attempt.verdict is Verdict.RETRY),
-        stop=out_of_attempts_or_time,
-        wait=wait,
-        sleep=interruptible,
-        retry_error_callback=give_up,
-    )
-    last = sending(send)
-    if isinstance(last, Delivery):  # out of attempts or time (give_up)
-        return last
-    attempts = sending.statistics.get("attempt_number", 1)
-    if last.verdict is Verdict.DELIVERED:
-        return Delivery(True, attempts, replayed=last.replayed)
-    return Delivery(False, attempts, reason=f"rejected: {last.describe()}")
 
 
 # --- settings and options -------------------------------------------------------------------------------
