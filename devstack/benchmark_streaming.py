@@ -47,7 +47,7 @@ from devstack.config import StackConfig, load_config, use_instance
 from devstack.cpu_usage import cpu_seconds_by_service, machine_ticks, session_usage
 from devstack.process import stop_job
 from devstack.run_local import pipeline_args, start_logged
-from transforms.sinks.redis_top import RedisKeys
+from transforms.sinks.redis_layout import RedisKeys
 
 PROGRAM = "benchmark-streaming"
 

@@ -26,7 +26,7 @@ from devstack.cli import ensure_tables, ensure_up
 from devstack.config import REPO_ROOT, StackConfig, load_config
 from devstack.process import record_job, stop_job, stop_orphaned_jobs
 from pipelines.local_runner import prism_args
-from transforms.sinks.redis_top import RedisKeys, read_freshness, read_top_content
+from transforms.sinks.redis_layout import RedisKeys, read_freshness, read_top_content
 
 CONSUMER_GROUP = "engagement-local"
 CDC_TOPIC = "cdc.public.engagement_events"

@@ -36,7 +36,8 @@ from transforms.model import RawRecord, SourceCoordinates
 from transforms.postgres_source import TimeRange
 from transforms.rows import enriched_event_row, window_aggregate_row
 from transforms.sinks.bigquery import LOCAL_STORAGE_WRITE, BigQuerySinkSettings
-from transforms.sinks.redis_top import RedisKeys, RedisSinkSettings
+from transforms.sinks.redis_layout import RedisKeys
+from transforms.sinks.redis_top import RedisSinkSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 CDC_TOPIC = "cdc.public.engagement_events"

@@ -30,7 +30,8 @@ from transforms.sinks.bigquery import LOCAL_STORAGE_WRITE, BigQuerySinkSettings
 from transforms.sinks.http_api import HttpSinkSettings
 from transforms.sinks.http_delivery import RetryPolicy
 from transforms.sinks.http_token import TokenSource
-from transforms.sinks.redis_top import RedisKeys, RedisSinkSettings, read_top_content
+from transforms.sinks.redis_layout import RedisKeys, read_top_content
+from transforms.sinks.redis_top import RedisSinkSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 CDC_TOPIC = "cdc.public.engagement_events"

@@ -27,15 +27,8 @@ from apache_beam.utils.timestamp import Timestamp
 
 from transforms.model import WindowAggregate
 from transforms.sinks import redis_top_cli
-from transforms.sinks.redis_top import (
-    RedisKeys,
-    RedisSinkSettings,
-    TopEntry,
-    WriteTopContentFn,
-    WriteTopContentToRedis,
-    from_score,
-    read_top_content,
-)
+from transforms.sinks.redis_layout import RedisKeys, TopEntry, from_score, read_top_content
+from transforms.sinks.redis_top import RedisSinkSettings, WriteTopContentFn, WriteTopContentToRedis
 
 BUCKET_TTL = 900
 

@@ -41,7 +41,7 @@ from google.cloud import bigquery
 from devstack.config import StackConfig
 from pipelines.streaming import build_pipeline
 from tests.integration.external_api import ExternalApiClient
-from transforms.sinks.redis_top import RankingSettings, RedisKeys, read_top_content
+from transforms.sinks.redis_layout import RankingSettings, RedisKeys, read_top_content
 
 CDC_TOPIC = "cdc.public.engagement_events"
 WINDOW_SECONDS = 60

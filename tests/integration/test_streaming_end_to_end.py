@@ -39,7 +39,7 @@ import redis
 from devstack.config import REPO_ROOT, StackConfig
 from devstack.run_local import pipeline_args
 from tests.integration.external_api import ExternalApiClient
-from transforms.sinks.redis_top import RankingSettings, RedisKeys, from_score, read_top_content
+from transforms.sinks.redis_layout import RankingSettings, RedisKeys, from_score, read_top_content
 
 pytestmark = pytest.mark.integration
 

@@ -28,7 +28,7 @@ from transforms.model import (
     SourceCoordinates,
     Stage,
 )
-from transforms.sinks import bigquery, redis_top
+from transforms.sinks import bigquery, redis_layout
 from transforms.sinks.bigquery import BigQuerySinkSettings, WriteEnrichedEvents
 from transforms.sinks.http_api import HttpSinkSettings, WriteToHttpApi
 from transforms.sinks.http_token import TokenSource
@@ -165,7 +165,7 @@ def test_redis_aggregates_that_cannot_be_converted_are_dead_letters_without_touc
             raise OverflowError("cannot score")
         return float(seconds)
 
-    monkeypatch.setattr(redis_top, "to_score", refuse_seven)
+    monkeypatch.setattr(redis_layout, "to_score", refuse_seven)
     # Port 1 is closed: a write attempt would dead-letter the aggregate with "redis unreachable" instead.
     config = RedisSinkSettings(url="redis://127.0.0.1:1/0", retry_seconds=0)
     with test_pipeline.TestPipeline() as pipeline:

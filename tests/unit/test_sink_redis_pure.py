@@ -13,22 +13,19 @@ from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from transforms.model import WindowAggregate
-from transforms.sinks.redis_top import (
+from transforms.sinks.redis_layout import (
     RankingSettings,
     RedisKeys,
-    RedisSinkOptions,
-    RedisSinkSettings,
     TopEntry,
-    WriteTopContentToRedis,
     bucket_expires_at,
     content_expires_at,
-    dead_letter,
     from_score,
     is_ranked,
     latest_panes,
     rank,
     to_score,
 )
+from transforms.sinks.redis_top import RedisSinkOptions, RedisSinkSettings, WriteTopContentToRedis, dead_letter
 from transforms.sinks.redis_top_cli import build_parser, format_top
 
 MINUTE = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
@@ -242,7 +239,7 @@ def test_the_command_rejects_nonsense_arguments():
 
 
 def test_freshness_is_measured_from_each_panes_oldest_new_commit():
-    from transforms.sinks.redis_top import freshness_samples
+    from transforms.sinks.redis_layout import freshness_samples
 
     panes = [
         aggregate().model_copy(update={"oldest_commit_ms": 1_000}),
@@ -253,7 +250,7 @@ def test_freshness_is_measured_from_each_panes_oldest_new_commit():
 
 
 def test_the_live_view_reads_only_recent_freshness_samples():
-    from transforms.sinks.redis_top import read_freshness
+    from transforms.sinks.redis_layout import read_freshness
 
     class Newest:
         def lrange(self, key, start, stop):

@@ -17,14 +17,14 @@ from typing import TextIO
 
 import redis
 
-from transforms.sinks.redis_top import (
+from transforms.sinks.redis_layout import (
     DEFAULT_PREFIX,
     RankingSettings,
     TopEntry,
-    connect,
     read_ranking_settings,
     read_top_content,
 )
+from transforms.sinks.redis_top import connect
 
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
