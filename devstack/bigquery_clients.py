@@ -30,7 +30,7 @@ from google.cloud.bigquery_storage_v1.services.big_query_read.transports import 
 from google.cloud.bigquery_storage_v1.services.big_query_write.transports import BigQueryWriteGrpcTransport
 from google.protobuf import descriptor_pb2, message
 
-from transforms.sinks.bigquery_local import build_message_class, writer_schema
+from transforms.sinks.bigquery_proto import build_message_class, writer_schema
 
 # BigQuery accepts append requests of up to 10 MB; gRPC's default 4 MB limit would reject large batches first.
 _MAX_MESSAGE_BYTES = 20 * 1024 * 1024

@@ -42,13 +42,8 @@ from transforms.sinks.bigquery import (
     WriteEnrichedEvents,
     WriteRows,
 )
-from transforms.sinks.bigquery_local import (
-    AppendBatchesFn,
-    AppendGroupFn,
-    create_streams,
-    encode_row,
-    proto_message_class,
-)
+from transforms.sinks.bigquery_local import AppendBatchesFn, AppendGroupFn, create_streams
+from transforms.sinks.bigquery_proto import encode_row, proto_message_class
 
 ROOT = Path(__file__).resolve().parents[2]
 _ids = itertools.count(int(uuid.uuid4().int % 10**12) * 1000)

@@ -22,7 +22,7 @@ from transforms.enrich import enrich
 from transforms.model import Content, EngagementEvent, RawRecord, SourceCoordinates, Stage
 from transforms.rows import dead_letter_row, enriched_event_row
 from transforms.sinks.bigquery import TABLES_DDL, parse_table_columns
-from transforms.sinks.bigquery_local import encode_row, proto_message_class
+from transforms.sinks.bigquery_proto import encode_row, proto_message_class
 from transforms.sinks.bigquery_tables import TableSpec
 from transforms.sinks.http_wire import encode_event
 

@@ -32,15 +32,13 @@ from transforms.sinks.bigquery import (
     refused_row_dead_letter,
     to_beam_values,
 )
-from transforms.sinks.bigquery_local import (
-    Outcome,
+from transforms.sinks.bigquery_append import Outcome, classify, rejected_rows
+from transforms.sinks.bigquery_proto import (
     chunked,
-    classify,
     encode_row,
     proto_message_class,
     proto_value,
     refusal_sentinel,
-    rejected_rows,
     row_json,
     stream_of_row,
 )
