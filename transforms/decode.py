@@ -47,6 +47,7 @@ NULLABLE_COLUMNS = ("content_id", "user_id", "event_type", "duration_ms", "devic
 dropped in PostgreSQL) still becomes an event, with NULL there, counted as schema drift."""
 REQUIRED_COLUMNS = ("id", "event_ts")
 SCHEMA_DRIFT_LOG_SECONDS = 60.0
+SCHEMA_DRIFT_SETTLE_SECONDS = 10.0
 
 DEFAULT_MAX_RECORD_BYTES = 1_000_000
 """SPEC §3's "1 MB", in SI bytes (Kafka's own default limit is 1 MiB plus 12 bytes, slightly more)."""
@@ -461,7 +462,8 @@ class DecodeRecordsFn(beam.DoFn):
         self._drift = {
             column: Metrics.counter("decode", f"schema_drift_missing_{column}") for column in NULLABLE_COLUMNS
         }
-        self._missing_now: frozenset[str] = frozenset()
+        self._missing_now: set[str] = set()
+        self._last_missing_at: dict[str, float] = {}
         self._last_drift_log: dict[tuple[str, bool], float] = {}
 
     def process(self, record: RawRecord | EngagementEvent) -> Iterator[Any]:
@@ -493,32 +495,38 @@ class DecodeRecordsFn(beam.DoFn):
         yield TimestampedValue(event, beam_timestamp(event.event_ts))
 
     def _note_schema_drift(self, missing: tuple[str, ...]) -> None:
-        """Counts each missing column; logs when a column goes missing or comes back, not per event.
+        """Counts each missing column; logs when a column goes missing and when it is back, not per event.
 
-        Records from before and after a change can interleave (partitions, a backlog), so each column logs at
-        most one "no longer" and one "again" line a minute."""
+        Records from before and after a change interleave for a while (partitions, a backlog), so a column
+        counts as back only once no record has lacked it for ``SCHEMA_DRIFT_SETTLE_SECONDS``, and each column
+        logs at most one line a minute per direction."""
+        clock = time.monotonic()
         for column in missing:
             self._drift[column].inc()
-        now = frozenset(missing)
-        changed = now ^ self._missing_now
-        self._missing_now = now
-        clock = time.monotonic()
-        for column in sorted(changed):
-            transition = (column, column in now)
-            if clock - self._last_drift_log.get(transition, -SCHEMA_DRIFT_LOG_SECONDS) < SCHEMA_DRIFT_LOG_SECONDS:
-                continue
-            self._last_drift_log[transition] = clock
-            if column in now:
-                _log.warning(
-                    "schema drift: change records of %s no longer carry column %r (renamed or dropped?); their "
-                    "events flow on with %s NULL, counted in decode/schema_drift_missing_%s",
-                    EVENTS_TABLE,
-                    column,
-                    column,
-                    column,
-                )
-            else:
-                _log.warning("schema drift: change records of %s carry column %r again", EVENTS_TABLE, column)
+            self._last_missing_at[column] = clock
+            if column not in self._missing_now:
+                self._missing_now.add(column)
+                self._log_drift(column, gone=True, clock=clock)
+        for column in sorted(self._missing_now.difference(missing)):
+            if clock - self._last_missing_at[column] >= SCHEMA_DRIFT_SETTLE_SECONDS:
+                self._missing_now.discard(column)
+                self._log_drift(column, gone=False, clock=clock)
+
+    def _log_drift(self, column: str, gone: bool, clock: float) -> None:
+        if clock - self._last_drift_log.get((column, gone), -SCHEMA_DRIFT_LOG_SECONDS) < SCHEMA_DRIFT_LOG_SECONDS:
+            return
+        self._last_drift_log[column, gone] = clock
+        if gone:
+            _log.warning(
+                "schema drift: change records of %s no longer carry column %r (renamed or dropped?); their "
+                "events flow on with %s NULL, counted in decode/schema_drift_missing_%s",
+                EVENTS_TABLE,
+                column,
+                column,
+                column,
+            )
+        else:
+            _log.warning("schema drift: change records of %s carry column %r again", EVENTS_TABLE, column)
 
 
 class DecodeRecords(beam.PTransform):

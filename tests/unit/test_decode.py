@@ -15,6 +15,7 @@ from transforms.decode import (
     DecodeError,
     DecodeLimits,
     DecodeRecords,
+    DecodeRecordsFn,
     Shape,
     SkipReason,
     decode_record,
@@ -418,3 +419,31 @@ def test_the_decoder_counts_each_missing_column_and_logs_it_once(caplog):
     assert "schema_drift_missing_user_id" not in counters or counters["schema_drift_missing_user_id"] == 0
     no_longer = [r for r in caplog.records if "no longer carry column 'device'" in r.getMessage()]
     assert len(no_longer) == 1
+
+
+def test_a_column_counts_as_back_only_after_records_stop_lacking_it(monkeypatch, caplog):
+    """Records from before and after a rename interleave: a record with the column amid records without it
+    must not announce the column back (the live view would say so while it is still missing)."""
+    now = [1000.0]
+    monkeypatch.setattr("transforms.decode.time.monotonic", lambda: now[0])
+    source = SourceCoordinates(kind="kafka", topic="t", partition=0, offset=0)
+    without = RawRecord(value=encode(envelope(_renamed(event_row(), "device", "device_name"))), source=source)
+    with_device = RawRecord(value=encode(envelope(event_row())), source=source)
+    decoder = DecodeRecordsFn()
+
+    def feed(record: RawRecord, at: float) -> None:
+        now[0] = at
+        list(decoder.process(record))
+
+    with caplog.at_level("WARNING", logger="transforms.decode"):
+        feed(without, 1000.0)
+        feed(with_device, 1001.0)  # an older record from another partition
+        feed(without, 1002.0)
+        feed(with_device, 1005.0)
+        assert [record.getMessage() for record in caplog.records] == [
+            "schema drift: change records of engagement_events no longer carry column 'device' (renamed or "
+            "dropped?); their events flow on with device NULL, counted in decode/schema_drift_missing_device"
+        ]
+        feed(with_device, 1012.5)  # ten seconds without a record lacking it
+    assert caplog.records[-1].getMessage().endswith("carry column 'device' again")
+    assert len(caplog.records) == 2
