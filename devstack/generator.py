@@ -801,6 +801,10 @@ def no_db_id_start(now: float | None = None) -> int:
     return NO_DB_ID_BASE + millis * 1000
 
 
+COLUMN_RECHECK_SECONDS = 10.0
+"""While a SPEC column is missing from the live table, how often the generator looks whether it is back."""
+
+
 class PostgresSink:
     """Writes content and events to PostgreSQL, one transaction per batch."""
 
@@ -819,6 +823,7 @@ class PostgresSink:
             cur.execute("SELECT pg_get_serial_sequence('engagement_events', 'id')")
             self._sequence: str = cur.fetchone()[0]
         self._conn.commit()
+        self._columns_missing: tuple[str, ...] = ()
         self._columns = self._live_columns()
 
     def close(self) -> None:
@@ -870,6 +875,9 @@ class PostgresSink:
         """
         import psycopg2
 
+        if self._columns != self.EVENT_COLUMNS and time.monotonic() >= self._recheck_columns_at:
+            # A column was missing: it may be back (renamed back, or re-added).
+            self._columns = self._live_columns()
         try:
             ids = self._copy_events(events)
         except psycopg2.errors.UndefinedColumn:
@@ -905,13 +913,17 @@ class PostgresSink:
                     f"engagement_events has no column {column!r} (renamed or dropped?); the generator cannot "
                     f"write events without it. Its columns: {', '.join(sorted(live)) or 'none (no such table)'}"
                 )
-        missing = [column for column in self.EVENT_COLUMNS if column not in live]
-        if missing:
+        missing = tuple(column for column in self.EVENT_COLUMNS if column not in live)
+        if missing and missing != self._columns_missing:
             print(
                 f"generator: warning: engagement_events has no column {', '.join(missing)} (renamed or dropped?); "
                 "writing events without it",
                 file=sys.stderr,
             )
+        elif not missing and self._columns_missing:
+            print("generator: engagement_events has every SPEC column again", file=sys.stderr)
+        self._columns_missing = missing
+        self._recheck_columns_at = time.monotonic() + COLUMN_RECHECK_SECONDS
         return tuple(column for column in self.EVENT_COLUMNS if column in live)
 
 

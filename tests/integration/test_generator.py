@@ -234,6 +234,12 @@ def test_the_generator_writes_the_columns_the_table_has_and_stops_clearly_withou
     )
     assert _query(drifted_dsn, "SELECT count(*), count(device_name) FROM engagement_events") == [(40, 0)]
 
+    _query(drifted_dsn, "ALTER TABLE engagement_events RENAME COLUMN device_name TO device; SELECT 1")
+    assert generate().records == 40
+    [(rows, with_device)] = _query(drifted_dsn, "SELECT count(*), count(device) FROM engagement_events")
+    assert rows == 80
+    assert with_device > 0  # the column is back, and the generator writes it again
+
     _query(drifted_dsn, "ALTER TABLE engagement_events RENAME COLUMN event_ts TO event_time; SELECT 1")
     with pytest.raises(GeneratorError, match=r"^engagement_events has no column 'event_ts' \(renamed or dropped\?\)"):
         generate()
