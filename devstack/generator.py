@@ -810,7 +810,6 @@ class PostgresSink:
 
     EVENT_COLUMNS = ("id", "content_id", "user_id", "event_type", "event_ts", "duration_ms", "device", "raw_payload")
     """The SPEC columns, in ``Event.as_pg_tuple``'s order."""
-    REQUIRED_COLUMNS = ("id", "event_ts")
 
     def __init__(self, dsn: str) -> None:
         import psycopg2  # imported here so the pure layer and --no-db runs do not need a driver
@@ -823,6 +822,7 @@ class PostgresSink:
             cur.execute("SELECT pg_get_serial_sequence('engagement_events', 'id')")
             self._sequence: str = cur.fetchone()[0]
         self._conn.commit()
+        self._dsn = dsn
         self._columns_missing: tuple[str, ...] = ()
         self._columns = self._live_columns()
 
@@ -900,20 +900,17 @@ class PostgresSink:
     def _live_columns(self) -> tuple[str, ...]:
         """The SPEC columns the live table has, in SPEC order. A nullable one it lacks is left out (its events
         lose that value), with a warning; a missing ``id`` or ``event_ts`` stops the generator."""
-        with self._conn.cursor() as cur:
-            cur.execute(
-                "SELECT column_name FROM information_schema.columns "
-                "WHERE table_schema = current_schema() AND table_name = 'engagement_events'"
-            )
-            live = {name for (name,) in cur.fetchall()}
-        self._conn.commit()
-        for column in self.REQUIRED_COLUMNS:
-            if column not in live:
+        # The pipeline's own rules (imported here: they pull in Beam, which --no-db runs do not need).
+        from transforms.decode import REQUIRED_COLUMNS
+        from transforms.postgres_source import missing_event_columns
+
+        missing = tuple(missing_event_columns(self._dsn))
+        for column in REQUIRED_COLUMNS:
+            if column in missing:
                 raise GeneratorError(
                     f"engagement_events has no column {column!r} (renamed or dropped?); the generator cannot "
-                    f"write events without it. Its columns: {', '.join(sorted(live)) or 'none (no such table)'}"
+                    "write events without it"
                 )
-        missing = tuple(column for column in self.EVENT_COLUMNS if column not in live)
         if missing and missing != self._columns_missing:
             print(
                 f"generator: warning: engagement_events has no column {', '.join(missing)} (renamed or dropped?); "
@@ -924,7 +921,7 @@ class PostgresSink:
             print("generator: engagement_events has every SPEC column again", file=sys.stderr)
         self._columns_missing = missing
         self._recheck_columns_at = time.monotonic() + COLUMN_RECHECK_SECONDS
-        return tuple(column for column in self.EVENT_COLUMNS if column in live)
+        return tuple(column for column in self.EVENT_COLUMNS if column not in missing)
 
 
 def _copy_text(value: Any) -> str:
