@@ -25,7 +25,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming
 
 from transforms.model import EVENT_TYPES, EnrichedEvent, WindowAggregate
-from transforms.state_cache import measure_cached_state_cheaply
+from transforms.state_cache import prepare_worker_state
 
 AggregateKey = tuple[str | None, bool]
 """(content id as a string or None, content_missing): disjoint groups, so totals add up across rows."""
@@ -240,7 +240,7 @@ class AccumulatePanesFn(beam.DoFn):
         }
 
     def setup(self) -> None:
-        measure_cached_state_cheaply()
+        prepare_worker_state()
 
     def process(
         self,
@@ -344,7 +344,7 @@ class CoalescePanesFn(beam.DoFn):
         self._coalesced = Metrics.counter("aggregate", "bigquery_panes_coalesced")
 
     def setup(self) -> None:
-        measure_cached_state_cheaply()
+        prepare_worker_state()
 
     def process(
         self,

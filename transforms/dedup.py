@@ -45,7 +45,7 @@ from apache_beam.transforms.window import GlobalWindow, GlobalWindows, Timestamp
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from transforms.model import EngagementEvent
-from transforms.state_cache import measure_cached_state_cheaply
+from transforms.state_cache import prepare_worker_state
 
 BLOCK_IDS = 128
 """Ids per de-dup state cell: a 16-byte bitmap."""
@@ -124,7 +124,7 @@ class DeduplicateByIdFn(beam.DoFn):
         self._duplicates = Metrics.counter("dedup", "duplicates_dropped")
 
     def setup(self) -> None:
-        measure_cached_state_cheaply()
+        prepare_worker_state()
 
     def process(
         self,

@@ -1,19 +1,85 @@
-"""Keeps the SDK worker's state cache from costing more CPU than the state reads it saves.
+"""Two process-wide adjustments to the Python SDK worker's user state, applied by every stateful DoFn.
 
-Beam's state cache weighs every value it stores with ``objsize.get_deep_size``. By default objsize first
-collects the globals of every loaded module (about 1,800 modules in this worker) to leave them out of the
-measure, on each call: 0.7 ms per cached write, 40 % of the Python worker's CPU in the streaming job
-(py-spy, docs/benchmarks.md). Our state values (bytes, small tuples and dataclasses) reference no module
-globals, so skipping that step measures them the same, in 11 µs. objsize offers the switch as a process-wide
-setting (``default_settings.update``); every stateful DoFn applies it in ``setup()``, so it holds on each
-worker, local or on Dataflow, before the first state write.
+**Sizing the cache.** Beam's state cache weighs every value it stores with ``objsize.get_deep_size``. By
+default objsize first collects the globals of every loaded module (about 1,800 modules in this worker) to
+leave them out of the measure, on each call: 0.7 ms per cached write, 40 % of the Python worker's CPU in the
+streaming job (py-spy, docs/benchmarks.md). Our state values (bytes, small tuples and dataclasses) reference
+no module globals, so skipping that step measures them the same, in 11 µs.
+
+**Committing in one round trip.** At the end of a bundle the worker writes back every state cell the bundle
+touched (``FnApiUserStateContext.commit``), one cell after the other, waiting for the runner's answer to each
+before it sends the next. A stage that touched 200 keys waits for 200 round trips before its bundle, and the
+outputs it holds, can end. The requests travel on one ordered stream, which the runner answers in order, so
+sending them all and then waiting for every answer writes the same state in the same order, in about one
+round trip (docs/local-streaming.md, "State commits").
+
+Both hold on each worker, local or on Dataflow, once a stateful DoFn's ``setup()`` has run, before its first
+bundle ends.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from typing import Any
+
 import objsize
+from apache_beam.runners.worker import bundle_processor
+
+_LOG = logging.getLogger(__name__)
+_ORIGINAL_COMMIT: Callable[[Any], None] = bundle_processor.FnApiUserStateContext.commit
 
 
 def measure_cached_state_cheaply() -> None:
     """Idempotent and process-wide; only the size estimate's exclusions change, never a value."""
     objsize.default_settings.update(exclude_modules_globals=False)
+
+
+def _state_writes(state: Any) -> list[Any] | None:
+    """The requests that write ``state`` back, sent now; None when its kind is not a bag underneath."""
+    bag = getattr(state, "_underlying_bag_state", state)
+    if type(bag) is not bundle_processor.SynchronousBagRuntimeState:
+        return None
+    handler, key = bag._state_handler, bag._state_key
+    futures = []
+    if bag._cleared:
+        futures.append(handler.clear(key))
+    if bag._added_elements:
+        futures.append(handler.extend(key, bag._value_coder.get_impl(), bag._added_elements))
+    return futures
+
+
+def commit_in_one_round_trip(context: Any) -> None:
+    """``FnApiUserStateContext.commit`` with every write sent before the first answer is awaited."""
+    pending = []
+    for state in context._all_states.values():
+        futures = _state_writes(state)
+        if futures is None:
+            state.commit()  # a kind we do not know (set, multimap): Beam's own commit, in turn
+        else:
+            pending.extend(futures)
+    for future in pending:
+        response = future.get()
+        if response is not None and response.error:
+            raise RuntimeError(f"the runner refused a state write: {response.error}")
+
+
+def commit_state_in_one_round_trip() -> None:
+    """Idempotent and process-wide; falls back to Beam's commit if its internals are not what we expect."""
+    context_class = bundle_processor.FnApiUserStateContext
+    if context_class.commit is commit_in_one_round_trip:
+        return
+    bag_class = bundle_processor.SynchronousBagRuntimeState
+    probe = bag_class.__new__(bag_class)
+    bag_class.__init__(probe, None, None, None)  # type: ignore[arg-type]
+    expected = {"_state_handler", "_state_key", "_value_coder", "_cleared", "_added_elements"}
+    if context_class.commit is not _ORIGINAL_COMMIT or not expected <= set(vars(probe)):
+        _LOG.warning("Beam's state commit is not the one this module knows; state commits stay one at a time")
+        return
+    context_class.commit = commit_in_one_round_trip
+
+
+def prepare_worker_state() -> None:
+    """Both adjustments; call from every stateful DoFn's ``setup()``."""
+    measure_cached_state_cheaply()
+    commit_state_in_one_round_trip()

@@ -65,7 +65,7 @@ from transforms.sinks.bigquery_proto import (
     stream_of_row,
 )
 from transforms.sinks.bigquery_tables import TableSpec
-from transforms.state_cache import measure_cached_state_cheaply
+from transforms.state_cache import prepare_worker_state
 
 _log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class _AppendFn(beam.DoFn):
         self._batches = Metrics.distribution(METRICS_NAMESPACE, f"{spec.table}.batch_rows")
 
     def setup(self) -> None:
-        measure_cached_state_cheaply()
+        prepare_worker_state()
         self._client = insecure_write_client(self._endpoint)
         self._appender = TableAppender(self._client, self._spec, proto_message_class(self._spec))
 
