@@ -22,7 +22,7 @@ from apache_beam.transforms.userstate import (
 )
 from apache_beam.transforms.window import FixedWindows, GlobalWindows, IntervalWindow
 from apache_beam.utils.timestamp import Duration, Timestamp
-from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming
+from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming, WindowedValue
 
 from transforms.model import EVENT_TYPES, EnrichedEvent, WindowAggregate
 from transforms.state_cache import prepare_worker_state
@@ -103,6 +103,54 @@ class EngagementTotalsFn(beam.CombineFn):
 
     def extract_output(self, totals: EngagementTotals) -> EngagementTotals:
         return totals
+
+
+class MergeTotalsFn(beam.CombineFn):
+    """Combines partial ``EngagementTotals`` (``SumWithinBundleFn``'s) into one."""
+
+    def create_accumulator(self) -> EngagementTotals:
+        return EngagementTotals()
+
+    def add_input(self, totals: EngagementTotals, partial: EngagementTotals) -> EngagementTotals:
+        totals.merge(partial)
+        return totals
+
+    def merge_accumulators(self, accumulators: Iterable[EngagementTotals]) -> EngagementTotals:
+        merged = EngagementTotals()
+        for totals in accumulators:
+            merged.merge(totals)
+        return merged
+
+    def extract_output(self, totals: EngagementTotals) -> EngagementTotals:
+        return totals
+
+
+class SumWithinBundleFn(beam.DoFn):
+    """(key, event) -> (key, partial totals): one element per key and window of a bundle, not one per event.
+
+    What a runner does when it lifts a combine, done by hand: under a count trigger neither Prism nor the
+    FnApiRunner lifts one, so every event crossed into the aggregation on its own, each a pickled event, a
+    trigger evaluation and an ``add_input`` in the runner's per-element machinery. A partial carries its
+    window's last timestamp: it is in the same window as its events, so lateness and pane timing, which
+    depend on the window alone, are the same as theirs.
+    """
+
+    def start_bundle(self) -> None:
+        self._partials: dict[tuple[AggregateKey, IntervalWindow], EngagementTotals] = {}
+
+    def process(
+        self, keyed: tuple[AggregateKey, EnrichedEvent], window: IntervalWindow = beam.DoFn.WindowParam
+    ) -> None:
+        key, event = keyed
+        totals = self._partials.get((key, window))
+        if totals is None:
+            totals = self._partials[key, window] = EngagementTotals()
+        totals.add(event)
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        for (key, window), totals in self._partials.items():
+            yield WindowedValue((key, totals), window.max_timestamp(), [window])
+        self._partials = {}
 
 
 def aggregate_key(event: EnrichedEvent) -> AggregateKey:
@@ -289,7 +337,7 @@ class AggregateWindows(beam.PTransform):
 
     def expand(self, events: beam.PCollection[EnrichedEvent]) -> beam.PCollection[WindowAggregate]:
         settings = self._settings
-        panes = (
+        keyed = (
             events
             | "FixedWindows"
             >> beam.WindowInto(
@@ -301,16 +349,19 @@ class AggregateWindows(beam.PTransform):
                 allowed_lateness=Duration.of(settings.allowed_lateness_seconds),
             )
             | "KeyByContent" >> beam.Map(lambda event: (aggregate_key(event), event))
-            | "SumPerContent" >> beam.CombinePerKey(EngagementTotalsFn())
         )
-        if self._streaming:
-            return (
-                panes
-                | "PaneDeltas" >> beam.ParDo(pane_delta)
-                | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
-                | "AccumulatePanes" >> beam.ParDo(AccumulatePanesFn(settings.allowed_lateness_seconds))
-            )
-        return panes | "ToRows" >> beam.ParDo(ToWindowAggregateFn())
+        if not self._streaming:
+            # Batch's default trigger lets the runner lift the combine itself.
+            panes = keyed | "SumPerContent" >> beam.CombinePerKey(EngagementTotalsFn())
+            return panes | "ToRows" >> beam.ParDo(ToWindowAggregateFn())
+        return (
+            keyed
+            | "SumWithinBundle" >> beam.ParDo(SumWithinBundleFn())
+            | "SumPerContent" >> beam.CombinePerKey(MergeTotalsFn())
+            | "PaneDeltas" >> beam.ParDo(pane_delta)
+            | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
+            | "AccumulatePanes" >> beam.ParDo(AccumulatePanesFn(settings.allowed_lateness_seconds))
+        )
 
 
 CoalesceKey = tuple[str | None, bool, int]
