@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import apache_beam as beam
-from apache_beam.coders import PickleCoder, VarIntCoder
+from apache_beam.coders import VarIntCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import trigger
 from apache_beam.transforms.timeutil import TimeDomain
@@ -25,7 +25,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming, WindowedValue
 
 from transforms.model import EVENT_TYPES, EnrichedEvent, WindowAggregate
-from transforms.state_cache import prepare_worker_state
+from transforms.state_cache import PickledCell, pickled_cell, prepare_worker_state
 
 AggregateKey = tuple[str | None, bool]
 """(content id as a string or None, content_missing): disjoint groups, so totals add up across rows."""
@@ -278,7 +278,7 @@ class AccumulatePanesFn(beam.DoFn):
     lateness and would drop per-window state at the window's end, before its late panes.
     """
 
-    TOTALS = ReadModifyWriteStateSpec("totals", PickleCoder())
+    TOTALS = pickled_cell("totals")
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
 
     def __init__(self, allowed_lateness_seconds: int) -> None:
@@ -297,9 +297,10 @@ class AccumulatePanesFn(beam.DoFn):
         expiry: RuntimeTimer = beam.DoFn.TimerParam(EXPIRY),
     ) -> Iterator[WindowAggregate]:
         (key, _), (window, timing, _, delta) = keyed
-        totals, index = totals_state.read() or (EngagementTotals(), 0)
+        cell = PickledCell(totals_state)
+        totals, index = cell.read() or (EngagementTotals(), 0)
         totals.merge(delta)
-        totals_state.write((totals, index + 1))
+        cell.write((totals, index + 1))
         expiry.set(window.end + self._lateness)
         # The pane's index is counted here: sinks keep the highest, and Prism's pane indices are not in
         # firing order (docs/local-streaming.md, "Pane labels").
@@ -383,7 +384,7 @@ class CoalescePanesFn(beam.DoFn):
     (its end plus the allowed lateness) is let through then: the final value is never held back.
     """
 
-    PENDING = ReadModifyWriteStateSpec("pending", PickleCoder())
+    PENDING = pickled_cell("pending")
     LAST_SENT_MS = ReadModifyWriteStateSpec("last_sent_ms", VarIntCoder())
     FLUSH = TimerSpec("flush", TimeDomain.REAL_TIME)
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
@@ -406,28 +407,30 @@ class CoalescePanesFn(beam.DoFn):
         expiry: RuntimeTimer = beam.DoFn.TimerParam(EXPIRY),
     ) -> Iterator[WindowAggregate]:
         aggregate = keyed[1]
+        pending_cell = PickledCell(pending_state)
         expiry.set(Timestamp.from_utc_datetime(aggregate.window_end) + self._lateness)
         now_ms = int(time.time() * 1000)
         last_sent = last_sent_state.read()
         if last_sent is None or now_ms - last_sent >= self._interval_ms:
-            pending_state.clear()
+            pending_cell.clear()
             last_sent_state.write(now_ms)
             self._passed.inc()
             yield aggregate
             return
-        pending = pending_state.read()
+        pending = pending_cell.read()
         if pending is not None:
             self._coalesced.inc()
             if pending.pane_index > aggregate.pane_index:
                 return  # the panes of a key arrive out of order on some runners; the higher index is newer
         else:
             flush.set(Timestamp(micros=(last_sent + self._interval_ms) * 1000))
-        pending_state.write(aggregate)
+        pending_cell.write(aggregate)
 
     def _take_pending(self, pending_state: ReadModifyWriteRuntimeState) -> WindowAggregate | None:
-        pending = pending_state.read()
+        pending_cell = PickledCell(pending_state)
+        pending = pending_cell.read()
         if pending is not None:
-            pending_state.clear()
+            pending_cell.clear()
             self._passed.inc()
         return pending
 
