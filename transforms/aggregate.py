@@ -105,23 +105,11 @@ class EngagementTotalsFn(beam.CombineFn):
         return totals
 
 
-class MergeTotalsFn(beam.CombineFn):
-    """Combines partial ``EngagementTotals`` (``SumWithinBundleFn``'s) into one."""
+class MergeTotalsFn(EngagementTotalsFn):
+    """Combines partial ``EngagementTotals`` (``SumWithinBundleFn``'s) rather than events."""
 
-    def create_accumulator(self) -> EngagementTotals:
-        return EngagementTotals()
-
-    def add_input(self, totals: EngagementTotals, partial: EngagementTotals) -> EngagementTotals:
+    def add_input(self, totals: EngagementTotals, partial: EngagementTotals) -> EngagementTotals:  # type: ignore[override]
         totals.merge(partial)
-        return totals
-
-    def merge_accumulators(self, accumulators: Iterable[EngagementTotals]) -> EngagementTotals:
-        merged = EngagementTotals()
-        for totals in accumulators:
-            merged.merge(totals)
-        return merged
-
-    def extract_output(self, totals: EngagementTotals) -> EngagementTotals:
         return totals
 
 
