@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import json
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from devstack import bigquery_clients
 from devstack.cli import ensure_tables, ensure_up
 from devstack.config import StackConfig, load_config, use_instance
 from devstack.cpu_usage import cpu_seconds_by_service, machine_ticks, session_usage
+from devstack.interrupts import stop_on_first_signal
 from devstack.process import stop_job
 from devstack.run_local import pipeline_args, start_logged
 from transforms.sinks.redis_layout import RedisKeys
@@ -618,10 +618,6 @@ def last_needed_counts(ranked: Ranked, mine: np.ndarray) -> dict[BucketKey, int]
     return needed
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def parse_rates(text: str) -> list[float]:
     rates = [float(part) for part in text.split(",") if part.strip()]
     if not rates or any(rate <= 0 for rate in rates):
@@ -897,9 +893,6 @@ def run_benchmark(args: argparse.Namespace) -> int:
         print("benchmark-streaming: interrupted", file=sys.stderr)
         exit_status = 130
     finally:
-        # A second Ctrl-C must not cut the shutdown short and leave the job running.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for step in steps:
             if step.process is not None:
                 stop_job(
@@ -922,9 +915,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # Both stop the run the same way; SIGINT explicitly too, since a shell starts background jobs ignoring it.
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
+    stop_on_first_signal()
     return run_benchmark(args)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import requests
 from devstack import bigquery_clients
 from devstack.cli import ensure_tables, ensure_up
 from devstack.config import REPO_ROOT, StackConfig, load_config
+from devstack.interrupts import stop_on_first_signal
 from devstack.process import record_job, stop_job, stop_orphaned_jobs
 from pipelines.local_runner import prism_args
 from transforms.sinks.redis_layout import RedisKeys, read_freshness, read_top_content
@@ -78,11 +78,6 @@ def start_logged(
     )
     record_job(cfg, log_name, process.pid)
     return process
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    """SIGTERM takes Ctrl-C's path: the children run in sessions of their own, so only we can stop them."""
-    raise KeyboardInterrupt
 
 
 def _counts(cfg: StackConfig, bq) -> dict[str, str]:  # noqa: ANN001 - a google.cloud.bigquery.Client
@@ -227,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allowed-lateness-seconds", type=int, default=300)
     parser.add_argument("--no-generator", action="store_true", help="run the pipeline only; feed it yourself")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    # SIGTERM takes Ctrl-C's path: the children run in sessions of their own, so only we can stop them.
+    stop_on_first_signal()
 
     cfg = load_config()
     print("run-local: starting the local stack (the first time installs it: a few minutes)")
@@ -284,9 +280,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        # A second Ctrl-C or SIGTERM must not cut the shutdown short and leave a child running.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if generator is not None:
             stop_job(cfg, generator, "the generator", GENERATOR_LOG, "run-local", timeout=20)
         if pipeline is not None:
