@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.transforms.window import GlobalWindows
 
 from pipelines.core import CoreOutputs
+from transforms.dead_letters import flatten_dead_letters
 from transforms.model import DeadLetter, EnrichedEvent
 from transforms.resume import IdLoader, SkipDelivered
 from transforms.sinks.bigquery import (
@@ -98,13 +98,7 @@ def write_outputs(core: CoreOutputs, sinks: SinkSettings) -> beam.PCollection[De
             to_http = to_http | "Resume HTTP" >> SkipDelivered("http", sinks.http_holds)
         dead_letters.append(to_http | "External HTTP API" >> WriteToHttpApi(sinks.http))
     return (
-        [
-            # Stages emit dead letters in their own windows (decode's are in event time); one global
-            # window lets them flow into a single sink.
-            collection | f"Rewindow dead letters {index}" >> beam.WindowInto(GlobalWindows())
-            for index, collection in enumerate(dead_letters)
-        ]
-        | "All dead letters" >> beam.Flatten()
+        flatten_dead_letters("All dead letters", *dead_letters)
         | "Count dead letters" >> beam.ParDo(CountDeadLettersFn())
         | "BigQuery dead_letters" >> WriteDeadLetters(sinks.bigquery)
     )

@@ -23,7 +23,7 @@ import redis
 import tenacity
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.transforms.window import BoundedWindow, GlobalWindows
+from apache_beam.transforms.window import BoundedWindow
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 from redis.backoff import NoBackoff
@@ -462,8 +462,7 @@ def failure_reason(exc: redis.RedisError, statistics: Mapping[str, Any]) -> str:
 class WriteTopContentToRedis(beam.PTransform):
     """WindowAggregate -> Redis top-content buckets; returns the dead letters of what could not be written.
 
-    The dead letters are re-windowed into the global window with the default trigger, like the other
-    stages' dead letters, so the pipelines can flatten them into one dead-letter sink.
+    The aggregates, and so the dead letters, are in the global window already (``AggregateWindows``).
     """
 
     def __init__(self, config: RedisSinkSettings) -> None:
@@ -474,4 +473,4 @@ class WriteTopContentToRedis(beam.PTransform):
         outputs = aggregates | "OverwriteBuckets" >> beam.ParDo(WriteTopContentFn(self._config)).with_outputs(
             DEAD_LETTER_TAG, main="written"
         )
-        return outputs[DEAD_LETTER_TAG] | "DeadLettersToGlobalWindow" >> beam.WindowInto(GlobalWindows())
+        return outputs[DEAD_LETTER_TAG]
