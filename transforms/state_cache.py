@@ -11,7 +11,7 @@ touched (``FnApiUserStateContext.commit``), one cell after the other, waiting fo
 before it sends the next. A stage that touched 200 keys waits for 200 round trips before its bundle, and the
 outputs it holds, can end. The requests travel on one ordered stream, which the runner answers in order, so
 sending them all and then waiting for every answer writes the same state in the same order, in about one
-round trip (docs/local-streaming.md, "State commits").
+round trip (docs/local-streaming.md, "The SDK worker waited on its own state writes").
 
 Both hold on each worker, local or on Dataflow, once a stateful DoFn's ``setup()`` has run, before its first
 bundle ends.
