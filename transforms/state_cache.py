@@ -78,9 +78,7 @@ def commit_state_in_one_round_trip() -> None:
     context_class = bundle_processor.FnApiUserStateContext
     if context_class.commit is commit_in_one_round_trip:
         return
-    bag_class = bundle_processor.SynchronousBagRuntimeState
-    probe = bag_class.__new__(bag_class)
-    bag_class.__init__(probe, None, None, None)  # type: ignore[arg-type]
+    probe = bundle_processor.SynchronousBagRuntimeState(None, None, None)  # type: ignore[arg-type]
     expected = {"_state_handler", "_state_key", "_value_coder", "_cleared", "_added_elements"}
     if context_class.commit is not _ORIGINAL_COMMIT or not expected <= set(vars(probe)):
         _LOG.warning("Beam's state commit is not the one this module knows; state commits stay one at a time")
