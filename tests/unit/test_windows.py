@@ -11,7 +11,7 @@ from apache_beam.transforms import trigger
 
 from pipelines.core import CoreSettings, build_core
 from tests.unit.helpers import PODCAST, VIDEO, at, plain_event, snapshot
-from transforms.aggregate import WindowSettings, window_trigger
+from transforms.aggregate import FLUSH_GRID_MS, WindowSettings, flush_due_ms, window_trigger
 
 SETTINGS = CoreSettings(
     windows=WindowSettings(window_seconds=60, allowed_lateness_seconds=120, early_firing_seconds=1),
@@ -255,3 +255,13 @@ def test_bigquery_gets_one_row_per_burst_of_panes_and_the_final_value():
     # The first pane at once; the newest of the burst when the window can no longer change.
     assert_that(rows, equal_to([("EARLY", 1), ("LATE", 40)]))
     pipeline.run()
+
+
+def test_coalesced_panes_flush_on_a_whole_second_at_least_an_interval_after_the_last():
+    # Keys whose panes were sent at different milliseconds of one second flush together, in one bundle.
+    sent = [1_700_000_000_000 + offset for offset in (1, 250, 999, 1000)]
+    due = [flush_due_ms(last_sent, 10_000) for last_sent in sent]
+    assert due == [1_700_000_011_000, 1_700_000_011_000, 1_700_000_011_000, 1_700_000_011_000]
+    for last_sent, flush_at in zip(sent, due, strict=True):
+        assert flush_at % FLUSH_GRID_MS == 0
+        assert last_sent + 10_000 <= flush_at < last_sent + 10_000 + FLUSH_GRID_MS
