@@ -44,7 +44,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from pipelines.core import CoreOutputs, CoreSettings, build_core
-from pipelines.options import CoreOptions, with_state_cache
+from pipelines.options import CoreOptions, postgres_from_options, with_state_cache
 from pipelines.outputs import SinkSettings, write_outputs
 from pipelines.preflight import PreflightError, check_postgres, one_line
 from transforms.backfill_filters import (
@@ -58,7 +58,7 @@ from transforms.backfill_filters import (
 from transforms.bigquery_reads import BigQueryReadSettings, bigquery_client
 from transforms.content import PostgresContentLoader, PostgresContentLookup, ReadContentOnce
 from transforms.dead_letters import flatten_dead_letters
-from transforms.postgres import fetch_all
+from transforms.postgres import PostgresDsn, fetch_all
 from transforms.postgres_source import (
     LogProgressFn,
     ProgressLog,
@@ -157,7 +157,8 @@ class BackfillPlan:
 
     time_range: TimeRange
     summary: RangeSummary
-    dsn: str
+    dsn: PostgresDsn
+    """Its password, if any, read by whoever connects (``postgres_from_options``)."""
     read_splits: int
     core: CoreSettings
     sinks: SinkSettings
@@ -198,6 +199,7 @@ def plan_from_options(options: PipelineOptions) -> BackfillPlan:
         core = dataclasses.replace(CoreSettings.from_options(options, streaming=False), ids_unique_at_source=True)
         bigquery = BigQuerySinkSettings.from_options(options)
         redis_config = RedisSinkSettings.from_options(options, window_seconds=core.windows.window_seconds)
+        postgres = postgres_from_options(options)
         http = HttpSinkSettings.from_options(options) if backfill.send_to_http_api else None
         if http is not None:
             http = dataclasses.replace(http, bounded_input=True)
@@ -210,7 +212,7 @@ def plan_from_options(options: PipelineOptions) -> BackfillPlan:
     plan = BackfillPlan(
         time_range=time_range,
         summary=RangeSummary(rows=0, min_id=None, max_id=None),
-        dsn=core_options.postgres_dsn,
+        dsn=postgres,
         read_splits=backfill.read_splits,
         core=core,
         sinks=SinkSettings(bigquery=bigquery, redis=redis_config, http=http),
@@ -287,7 +289,7 @@ def first_chunk_rows(plan: BackfillPlan) -> int | None:
 
 
 def rows_per_window(
-    dsn: str, time_range: TimeRange, window_seconds: int, connect_timeout_seconds: int = 10
+    dsn: str | PostgresDsn, time_range: TimeRange, window_seconds: int, connect_timeout_seconds: int = 10
 ) -> list[tuple[int, int]]:
     """``(window start in epoch seconds, rows)`` for each window of the range that has rows, in order."""
     # Beam's fixed windows start at multiples of their size since the epoch; so does this bucket.

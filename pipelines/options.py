@@ -5,7 +5,10 @@ Every option here is also a parameter of the Dataflow flex template (templates/m
 
 from __future__ import annotations
 
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from transforms.postgres import PostgresDsn, dsn_has_password
+from transforms.secrets import SecretSource, check_secret_version
 
 
 class CoreOptions(PipelineOptions):
@@ -16,7 +19,23 @@ class CoreOptions(PipelineOptions):
         parser.add_argument(
             "--postgres_dsn",
             default="host=127.0.0.1 port=55432 dbname=engagement user=engagement password=engagement",
-            help="libpq connection string of the PostgreSQL database holding the content table.",
+            help=(
+                "libpq connection string of the PostgreSQL database holding the content table (e.g. with "
+                "sslmode=verify-full for Cloud SQL). Without a password when the password comes from "
+                "--postgres_password_secret or --postgres_password_file, as it must on Dataflow: the string "
+                "travels in the job graph."
+            ),
+        )
+        parser.add_argument(
+            "--postgres_password_secret",
+            help=(
+                "Secret Manager secret version holding the PostgreSQL password "
+                "(projects/PROJECT/secrets/NAME/versions/VERSION), read by each worker when it connects."
+            ),
+        )
+        parser.add_argument(
+            "--postgres_password_file",
+            help="File holding the PostgreSQL password, read when connecting (local runs; not on Dataflow).",
         )
         parser.add_argument(
             "--max_record_bytes",
@@ -96,3 +115,33 @@ def with_state_cache(argv: list[str]) -> list[str]:
     if any(arg == "--max_cache_memory_usage_mb" or arg.startswith("--max_cache_memory_usage_mb=") for arg in argv):
         return argv
     return [*argv, f"--max_cache_memory_usage_mb={STATE_CACHE_MB}"]
+
+
+def postgres_from_options(options: PipelineOptions) -> PostgresDsn:
+    """The PostgreSQL connection, its password kept out of the graph; checked where the pipeline is built.
+
+    On Dataflow a password written into ``--postgres_dsn`` would be pickled into the job graph, readable in the
+    staging bucket: it is refused there, in favour of ``--postgres_password_secret``."""
+    core = options.view_as(CoreOptions)
+    on_dataflow = "Dataflow" in str(options.view_as(StandardOptions).runner)
+    if core.postgres_password_secret and core.postgres_password_file:
+        raise ValueError("give --postgres_password_secret or --postgres_password_file, not both")
+    in_dsn = dsn_has_password(core.postgres_dsn)
+    if in_dsn and (core.postgres_password_secret or core.postgres_password_file):
+        raise ValueError("--postgres_dsn holds a password and a password source is given too: keep one")
+    if on_dataflow and in_dsn:
+        raise ValueError(
+            "--postgres_dsn holds a password, which would travel in the job graph: give it as "
+            "--postgres_password_secret (a Secret Manager version) instead"
+        )
+    if on_dataflow and core.postgres_password_file:
+        raise ValueError("Dataflow workers do not have the launcher's files: give --postgres_password_secret")
+    what = "the PostgreSQL password"
+    if core.postgres_password_secret:
+        check_secret_version("--postgres_password_secret", core.postgres_password_secret)
+        return PostgresDsn(core.postgres_dsn, SecretSource(secret_version=core.postgres_password_secret, what=what))
+    if core.postgres_password_file:
+        source = SecretSource(file_path=core.postgres_password_file, what=what)
+        source.read()  # a missing file fails the launch, not every worker
+        return PostgresDsn(core.postgres_dsn, source)
+    return PostgresDsn(core.postgres_dsn)

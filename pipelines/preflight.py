@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from transforms.postgres import PostgresDsn
 from transforms.postgres_source import missing_source_tables
 
 
@@ -14,7 +15,7 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def check_postgres(dsn: str, connect_timeout_seconds: int = 10) -> None:
+def check_postgres(dsn: str | PostgresDsn, connect_timeout_seconds: int = 10) -> None:
     """PostgreSQL is reachable with ``dsn`` and holds the source tables."""
     import psycopg2
 

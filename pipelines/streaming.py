@@ -19,7 +19,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, 
 from apache_beam.utils.subprocess_server import SubprocessServer
 
 from pipelines.core import CoreSettings, build_core
-from pipelines.options import CoreOptions, with_state_cache
+from pipelines.options import CoreOptions, postgres_from_options, with_state_cache
 from pipelines.outputs import SinkSettings, write_outputs
 from pipelines.preflight import PreflightError, check_postgres
 from transforms.bigquery_reads import BigQueryReadSettings
@@ -32,6 +32,7 @@ from transforms.content import (
 )
 from transforms.enrich import ContentLookupFactory
 from transforms.kafka_source import KafkaReadOptions, KafkaReadSettings, ReadRawRecordsFromKafka
+from transforms.postgres import PostgresDsn
 from transforms.resume import (
     BigQueryIdsSince,
     BigQueryProgress,
@@ -55,6 +56,8 @@ class StreamingPlan:
     """For a resume: windows from the re-read's start, lateness and de-dup horizon widened to cover it."""
     sinks: SinkSettings
     """For a resume: the ids each sink already holds from the overlap."""
+    postgres: PostgresDsn
+    """The content table's database, its password (if any) read by the workers (``postgres_from_options``)."""
     resume: ResumePlan | None = None
 
 
@@ -87,23 +90,22 @@ def plan_from_options(
             ),
         )
     kafka = KafkaReadSettings.from_options(options, start_offset=start_offset)
-    return StreamingPlan(kafka=kafka, core=core, sinks=sinks, resume=resume)
+    return StreamingPlan(kafka=kafka, core=core, sinks=sinks, resume=resume, postgres=postgres_from_options(options))
 
 
 def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions, plan: StreamingPlan | None = None) -> None:
     """Applies the whole streaming graph to ``pipeline``: read, core, outputs. Plans first unless given ``plan``."""
     plan = plan or plan_from_options(options)
     raw = pipeline | "Read Kafka" >> ReadRawRecordsFromKafka(plan.kafka)
-    content, lookup = content_sources(pipeline, options.view_as(CoreOptions))
+    content, lookup = content_sources(pipeline, options.view_as(CoreOptions), plan.postgres)
     core = build_core(raw, content, plan.core, content_lookup=lookup)
     write_outputs(core, plan.sinks)
 
 
 def content_sources(
-    pipeline: beam.Pipeline, core_options: CoreOptions
+    pipeline: beam.Pipeline, core_options: CoreOptions, dsn: PostgresDsn
 ) -> tuple[beam.PCollection[ContentSnapshot], ContentLookupFactory | None]:
     """The content side input (refreshing, or read once) and the point lookup behind it, if enabled."""
-    dsn = core_options.postgres_dsn
     refresh = core_options.content_refresh_seconds
     # With the side input read once, the lookup's expiring cache is what brings content edits in.
     hit_ttl = refresh if refresh > 0 else 60.0
@@ -190,7 +192,11 @@ def run(argv: list[str] | None = None) -> None:
     options.view_as(StandardOptions).streaming = True
     # DoFns refer to module-level code of this package; workers must import it, not unpickle __main__.
     options.view_as(SetupOptions).save_main_session = False
-    check_postgres(options.view_as(CoreOptions).postgres_dsn)
+    try:
+        postgres = postgres_from_options(options)
+    except ValueError as error:
+        raise PreflightError(str(error)) from error
+    check_postgres(postgres)
     plan = plan_from_options(options)
     _log.info("reading Kafka from %s", plan.kafka.start_offset)
     # Keeps the Java expansion service (and, for local runners, the Java worker inside it) alive for as

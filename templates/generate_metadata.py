@@ -20,7 +20,7 @@ from typing import Any
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from templates.launch import BACKFILL_OPTIONS, MULTI_VALUE_SEPARATOR, STREAMING_OPTIONS, option_actions
-from transforms.sinks.http_token import SECRET_VERSION_PATTERN
+from transforms.secrets import SECRET_VERSION_PATTERN
 
 TEMPLATES_DIR = Path(__file__).resolve().parent
 
@@ -52,6 +52,7 @@ _REGEXES = {
     "http_api_url": r"^https?://\S+$",
     "http_api_token_env": r"^[A-Za-z_][A-Za-z0-9_]*$",
     "http_api_token_secret": SECRET_VERSION_PATTERN,
+    "postgres_password_secret": SECRET_VERSION_PATTERN,
     "start": _INSTANT,
     "end": _INSTANT,
     "kafka_consumer_config": r"^(\s*[A-Za-z0-9_.\-]+=[^\n]*\n?)+$",

@@ -1,5 +1,6 @@
 """What the flex template launcher does before either pipeline's own ``main``: template parameters to Beam
-arguments, and the checks only the launcher can make (the HTTP API token's secret is readable).
+arguments, and the checks only the launcher can make (the secrets of the HTTP API token and of the PostgreSQL
+password are readable).
 
 Dataflow passes every template parameter as one ``--name=value`` argument, which does not fit two kinds of
 option: on/off flags (``action="store_true"`` rejects ``=true``) and repeatable options
@@ -17,9 +18,9 @@ from pipelines import backfill
 from pipelines.options import CoreOptions
 from transforms.kafka_source import KafkaReadOptions
 from transforms.resume import ResumeOptions
+from transforms.secrets import read_secret_version
 from transforms.sinks.bigquery import BigQuerySinkOptions
 from transforms.sinks.http_api import HttpSinkOptions
-from transforms.sinks.http_token import read_secret_version
 from transforms.sinks.redis_top import RedisSinkOptions
 
 
@@ -84,9 +85,9 @@ def prepare(
 ) -> list[str]:
     """The pipeline's arguments from the template's, after the checks only the launcher can make.
 
-    The HTTP API token's secret is read once here, with the job's service account, so a wrong name or a missing
-    permission fails the launch with one line instead of every worker's ``setup()``. The value is dropped:
-    workers read the secret themselves (transforms/sinks/http_token.py)."""
+    The HTTP API token's and the PostgreSQL password's secrets are read once here, with the job's service
+    account, so a wrong name or a missing permission fails the launch with one line instead of every worker's
+    ``setup()``. The values are dropped: workers read the secrets themselves (transforms/secrets.py)."""
     arguments = template_arguments(argv, option_classes)
     options = PipelineOptions(arguments)
     if options.view_as(StandardOptions).runner == "DataflowRunner" and not (
@@ -98,10 +99,16 @@ def prepare(
     if http.http_api_sink != "disabled" and http.http_api_token_secret:
         if http.http_api_token_file:
             raise LaunchError("give http_api_token_secret or http_api_token_file, not both")
-        try:
-            token = secret_reader(http.http_api_token_secret)
-        except ValueError as error:
-            raise LaunchError(str(error)) from error
-        if not token:
-            raise LaunchError(f"the Secret Manager version {http.http_api_token_secret} is empty")
+        _check_secret(secret_reader, http.http_api_token_secret)
+    if password_secret := options.view_as(CoreOptions).postgres_password_secret:
+        _check_secret(secret_reader, password_secret)
     return arguments
+
+
+def _check_secret(secret_reader: Callable[[str], str], version_name: str) -> None:
+    try:
+        value = secret_reader(version_name)
+    except ValueError as error:
+        raise LaunchError(str(error)) from error
+    if not value:
+        raise LaunchError(f"the Secret Manager version {version_name} is empty")

@@ -17,13 +17,17 @@
 #   TEMPLATE_PATH    gs:// prefix build.sh wrote the specs to (default gs://$BUCKET/templates/engagement-pipeline/$IMAGE_TAG)
 #   JOB_NAME         job name (default engagement-streaming, or engagement-backfill-<UTC time>); an update keeps it
 #   SERVICE_ACCOUNT  worker and launcher service account email (needs Dataflow worker, BigQuery data editor,
-#                    Secret Manager accessor for the token, and access to the network's services)
+#                    Secret Manager accessor for the token's and the password's secrets, and access to the
+#                    network's services)
 #   NETWORK, SUBNETWORK  VPC network and subnetwork (SUBNETWORK as regions/REGION/subnetworks/NAME or a full URL);
 #                    the launcher and the workers reach Kafka, PostgreSQL, Redis and the HTTP API from there
 #   PUBLIC_IPS       true to give workers public IPs (default false: use Cloud NAT or Private Google Access)
 #   HTTP_API_TOKEN_SECRET  Secret Manager version of the HTTP API token, projects/P/secrets/S/versions/V; the
 #                    launcher checks it and the workers read it (the token itself is never a parameter). Without it, disable the sink with
 #                    http_api_sink=disabled.
+#   POSTGRES_PASSWORD_SECRET  Secret Manager version of the PostgreSQL password (postgres_password_secret): the
+#                    launcher checks it and the workers read it when they connect. postgres_dsn must then hold
+#                    no password (one there would travel in the job graph, so the job refuses it).
 #   STREAMING_MODE   exactly_once, the only mode this job accepts: Dataflow's at-least-once mode may deliver
 #                    an element again after the de-duplication, and the aggregates would count it twice. For a
 #                    cheaper BigQuery write, keep exactly once and pass bigquery_use_at_least_once=true.
@@ -72,6 +76,9 @@ parameters=("sdk_container_image=$image")
 if [ -n "${HTTP_API_TOKEN_SECRET:-}" ]; then
   parameters+=("http_api_token_secret=$HTTP_API_TOKEN_SECRET")
 fi
+if [ -n "${POSTGRES_PASSWORD_SECRET:-}" ]; then
+  parameters+=("postgres_password_secret=$POSTGRES_PASSWORD_SECRET")
+fi
 case "${STREAMING_MODE:-exactly_once}" in
   exactly_once) ;;
   at_least_once)
@@ -87,6 +94,10 @@ for parameter in "$@"; do
   [[ "$parameter" != *"$separator"* ]] || die "parameter '${parameter%%=*}' holds the separator character"
   case "${parameter%%=*}" in
     http_api_token | token) die "never pass the HTTP API token as a parameter: set HTTP_API_TOKEN_SECRET" ;;
+    postgres_dsn)
+      [[ "$parameter" != *password=* ]] ||
+        die "postgres_dsn holds a password, which would travel in the job graph: set POSTGRES_PASSWORD_SECRET"
+      ;;
   esac
   parameters+=("$parameter")
 done

@@ -28,7 +28,7 @@ from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.timestamp import MAX_TIMESTAMP
 
 from transforms.model import Content
-from transforms.postgres import fetch_all
+from transforms.postgres import PostgresDsn, as_postgres, fetch_all
 from transforms.retry import Backoff, retrying
 
 _log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def _content_from_row(row: tuple) -> Content:
 class PostgresContentLoader:
     """Reads the whole ``content`` table. A new connection per load: loads are minutes apart."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str | PostgresDsn) -> None:
         self._dsn = dsn
 
     def __call__(self) -> ContentSnapshot:
@@ -110,7 +110,11 @@ class PostgresContentLookup:
     """
 
     def __init__(
-        self, dsn: str, miss_ttl_seconds: float = 5.0, attempts: int = 3, hit_ttl_seconds: float = 300.0
+        self,
+        dsn: str | PostgresDsn,
+        miss_ttl_seconds: float = 5.0,
+        attempts: int = 3,
+        hit_ttl_seconds: float = 300.0,
     ) -> None:
         self._dsn = dsn
         self._miss_ttl = miss_ttl_seconds
@@ -124,9 +128,7 @@ class PostgresContentLookup:
         self._connect()
 
     def _connect(self) -> None:
-        import psycopg2
-
-        self._connection = psycopg2.connect(self._dsn)
+        self._connection = as_postgres(self._dsn).connect()
         self._connection.autocommit = True
 
     def get(self, content_id: UUID) -> Content | None:

@@ -8,19 +8,51 @@ opened in their ``setup()`` instead.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
+
+from transforms.secrets import SecretSource, read_cached
+
+
+@dataclass(frozen=True)
+class PostgresDsn:
+    """A libpq connection string and, apart from it, where the password is read (transforms/secrets.py).
+
+    The password of ``password`` is read by whoever connects (a worker, the launcher's checks), never stored
+    here, so the connection travels in the job graph without it. ``dsn`` may still hold a password of its own
+    (the local stack's default does); ``from_options`` refuses that on Dataflow. Without either, libpq's own
+    sources apply (``PGPASSWORD``, ``~/.pgpass``)."""
+
+    dsn: str
+    password: SecretSource | None = None
+
+    def connect(self, **kwargs: Any) -> Any:
+        import psycopg2  # imported where a connection is made, so the pure layers do not need the driver
+
+        if self.password is not None:
+            kwargs["password"] = read_cached(self.password).reveal()
+        return psycopg2.connect(self.dsn, **kwargs)
+
+
+def as_postgres(dsn: str | PostgresDsn) -> PostgresDsn:
+    """Callers may pass a plain connection string (tests, local scripts)."""
+    return dsn if isinstance(dsn, PostgresDsn) else PostgresDsn(dsn)
+
+
+def dsn_has_password(dsn: str) -> bool:
+    from psycopg2.extensions import parse_dsn
+
+    return bool(parse_dsn(dsn).get("password"))
 
 
 def fetch_all(
-    dsn: str,
+    dsn: str | PostgresDsn,
     sql: str,
     params: Sequence[Any] | Mapping[str, Any] = (),
     connect_timeout_seconds: int | None = None,
 ) -> list[tuple[Any, ...]]:
     """The rows of ``sql``; psycopg2's errors propagate (libpq's messages name host and port, never a password)."""
-    import psycopg2  # imported where the query runs, so the pure layers do not need the driver
-
-    connection = psycopg2.connect(dsn, connect_timeout=connect_timeout_seconds)
+    connection = as_postgres(dsn).connect(connect_timeout=connect_timeout_seconds)
     try:
         with connection.cursor() as cursor:
             cursor.execute(sql, params)

@@ -22,7 +22,7 @@ from apache_beam.metrics import Metrics
 
 from transforms.decode import TABLE_ROW_COLUMNS, DecodeLimits, event_from_table_row
 from transforms.model import EngagementEvent, RawRecord, SourceCoordinates
-from transforms.postgres import fetch_all
+from transforms.postgres import PostgresDsn, as_postgres, fetch_all
 
 _log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class RangeSummary:
 SOURCE_TABLES = ("engagement_events", "content")
 
 
-def missing_source_tables(dsn: str, connect_timeout_seconds: int = 10) -> list[str]:
+def missing_source_tables(dsn: str | PostgresDsn, connect_timeout_seconds: int = 10) -> list[str]:
     """The tables of ``SOURCE_TABLES`` the database lacks; connecting is the reachability check."""
     rows = fetch_all(
         dsn,
@@ -99,7 +99,7 @@ def missing_source_tables(dsn: str, connect_timeout_seconds: int = 10) -> list[s
     return [name for (name,) in rows]
 
 
-def missing_event_columns(dsn: str, connect_timeout_seconds: int = 10) -> list[str]:
+def missing_event_columns(dsn: str | PostgresDsn, connect_timeout_seconds: int = 10) -> list[str]:
     """The SPEC columns of ``engagement_events`` the live table lacks (renamed or dropped), in SPEC order."""
     rows = fetch_all(
         dsn,
@@ -111,7 +111,7 @@ def missing_event_columns(dsn: str, connect_timeout_seconds: int = 10) -> list[s
     return [column for column in TABLE_ROW_COLUMNS if column not in live]
 
 
-def summarize_range(dsn: str, time_range: TimeRange, connect_timeout_seconds: int = 10) -> RangeSummary:
+def summarize_range(dsn: str | PostgresDsn, time_range: TimeRange, connect_timeout_seconds: int = 10) -> RangeSummary:
     """Counts the rows of the range (the index on ``event_ts`` makes this cheap)."""
     [(rows, min_id, max_id)] = fetch_all(
         dsn,
@@ -242,7 +242,7 @@ class ReadIdRangeFn(beam.DoFn):
 
     def __init__(
         self,
-        dsn: str,
+        dsn: str | PostgresDsn,
         time_range: TimeRange,
         total_rows: int,
         fetch_size: int = 10_000,
@@ -261,10 +261,8 @@ class ReadIdRangeFn(beam.DoFn):
         self._connection = None
 
     def setup(self) -> None:
-        import psycopg2
-
         # UTC: the rows' timestamps are written into their JSON in the session's time zone.
-        self._connection = psycopg2.connect(self._dsn, options="-c TimeZone=UTC")
+        self._connection = as_postgres(self._dsn).connect(options="-c TimeZone=UTC")
         # A repeatable snapshot per split; read-only so a backfill can never write the source.
         self._connection.set_session(readonly=True)
 
@@ -315,7 +313,7 @@ class ReadEventsFromPostgres(beam.PTransform):
 
     def __init__(
         self,
-        dsn: str,
+        dsn: str | PostgresDsn,
         time_range: TimeRange,
         summary: RangeSummary,
         splits: int,

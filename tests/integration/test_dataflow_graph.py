@@ -37,6 +37,10 @@ from transforms.sinks.http_token import TokenSource
 SECRET_TOKEN = "token-from-secret-manager-5b1f"
 ENVIRONMENT_TOKEN = "token-in-launcher-environment-9c2e"
 TOKEN_SECRET = "projects/example/secrets/http-api-token/versions/1"
+POSTGRES_PASSWORD = "postgres-password-from-secret-manager-31c8"
+POSTGRES_PASSWORD_SECRET = "projects/example/secrets/postgres-password/versions/2"
+# Secret Manager has no local equivalent: a stand-in reader gives the launcher's checks each secret's payload.
+SECRETS = {TOKEN_SECRET: SECRET_TOKEN, POSTGRES_PASSWORD_SECRET: POSTGRES_PASSWORD}
 IMAGE = "us-central1-docker.pkg.dev/example/engagement/engagement-streaming:test"
 BIGQUERY_WRITE_URN = "beam:transform:org.apache.beam:bigquery_write:v1"
 
@@ -55,6 +59,7 @@ TEMPLATE_ARGUMENTS = [
     "--redis_url=redis://redis.invalid:6379/0",
     "--http_api_url=https://api.invalid/v1/events",
     f"--http_api_token_secret={TOKEN_SECRET}",
+    f"--postgres_password_secret={POSTGRES_PASSWORD_SECRET}",
     "--kafka_consumer_config=security.protocol=PLAINTEXT\nclient.id=engagement-dataflow",
 ]
 
@@ -69,8 +74,7 @@ def dataflow_job():
 def _build_job(monkeypatch: pytest.MonkeyPatch) -> DataflowJob:
     # The launcher's environment holds a token too: it must not leak into the graph by that route either.
     monkeypatch.setenv("HTTP_API_TOKEN", ENVIRONMENT_TOKEN)
-    # Secret Manager has no local equivalent: a stand-in reader returns the token the launcher checks.
-    arguments = prepare(TEMPLATE_ARGUMENTS, STREAMING_OPTIONS, secret_reader=lambda name: SECRET_TOKEN)
+    arguments = prepare(TEMPLATE_ARGUMENTS, STREAMING_OPTIONS, secret_reader=SECRETS.__getitem__)
     options = PipelineOptions(arguments)
     with SubprocessServer.cache_subprocesses():
         pipeline = beam.Pipeline(options=options)
@@ -153,6 +157,13 @@ def test_the_http_api_sink_reads_its_token_from_the_secret_and_the_token_is_nowh
     assert len(staged) > 20  # the payloads were opened, so the search below looks inside them
     for token in (SECRET_TOKEN, ENVIRONMENT_TOKEN):
         assert not any(token.encode() in blob for blob in staged), token
+
+
+def test_workers_read_the_postgresql_password_from_its_secret_and_it_is_nowhere_in_the_staged_job(dataflow_job):
+    staged = _staged_bytes(dataflow_job.job)
+    # The content side input's loader and the point lookup carry the secret's name, not its payload.
+    assert sum(POSTGRES_PASSWORD_SECRET.encode() in blob for blob in staged) >= 1
+    assert not any(POSTGRES_PASSWORD.encode() in blob for blob in staged)
 
 
 def test_a_multi_line_template_parameter_becomes_repeated_kafka_properties(dataflow_job):

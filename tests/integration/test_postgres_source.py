@@ -17,7 +17,9 @@ from devstack.config import StackConfig
 from devstack.postgres import ROLE, psql
 from transforms.decode import DecodeError, DecodeLimits, decode_record
 from transforms.model import EngagementEvent, RawRecord
+from transforms.postgres import PostgresDsn
 from transforms.postgres_source import _ROW_AS_JSON, IdRange, ReadIdRangeFn, TimeRange
+from transforms.secrets import SecretSource
 
 SCHEMA = Path(__file__).resolve().parents[2] / "sql" / "postgres" / "001_schema.sql"
 EVERYTHING = TimeRange(datetime(1, 1, 1, tzinfo=UTC), datetime(9999, 12, 31, tzinfo=UTC))
@@ -84,7 +86,7 @@ def source(stack: StackConfig) -> Iterator[str]:
     psql(stack, f"DROP DATABASE IF EXISTS {name}")
 
 
-def read_all(dsn: str) -> list[EngagementEvent | RawRecord]:
+def read_all(dsn: str | PostgresDsn) -> list[EngagementEvent | RawRecord]:
     reader = ReadIdRangeFn(dsn, EVERYTHING, total_rows=len(ROWS), fetch_size=5)
     reader.setup()
     try:
@@ -128,6 +130,22 @@ def test_the_reader_builds_the_event_decoding_the_document_gives_or_hands_over_t
             assert isinstance(element, RawRecord), what
             assert element.value == document, what
             assert element.source.describe() == f"postgres:engagement_events/{json.loads(document)['id']}", what
+
+
+def test_the_reader_connects_with_a_password_read_from_its_source_not_from_the_dsn(source: str, tmp_path: Path) -> None:
+    from psycopg2.extensions import make_dsn, parse_dsn
+
+    settings = parse_dsn(source)
+    password = settings.pop("password")
+    without_password = make_dsn(**settings)
+    password_file = tmp_path / "password"
+    password_file.write_text(password + "\n")
+    assert read_all(PostgresDsn(without_password, SecretSource(file_path=str(password_file)))) == read_all(source)
+    # The server checks the password (scram-sha-256 over TCP): a wrong one is refused, and not echoed.
+    password_file.write_text("not-the-password")
+    with pytest.raises(psycopg2.OperationalError, match="password authentication failed") as refused:
+        read_all(PostgresDsn(without_password, SecretSource(file_path=str(password_file))))
+    assert "not-the-password" not in str(refused.value)
 
 
 def test_the_rows_handed_over_are_the_ones_decoding_refuses_or_reads_its_own_way(source: str) -> None:

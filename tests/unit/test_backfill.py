@@ -43,6 +43,8 @@ from transforms.rows import window_aggregate_row
 
 MINUTE = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 LOCAL = ["--bigquery_project=p", "--bigquery_dataset=d"]
+# On Dataflow the DSN must not hold a password (pipelines/options.py: postgres_from_options).
+DATAFLOW = ["--runner=DataflowRunner", "--postgres_dsn=host=db.internal dbname=engagement user=engagement"]
 
 
 def aggregate(**changes) -> WindowAggregate:
@@ -191,8 +193,8 @@ def test_ranges_are_chunked_by_default_only_on_runners_that_hold_the_job_in_loca
         return plan_from_options(PipelineOptions([*argv, *extra])).chunk_rows
 
     assert chunk_rows() == chunk_rows("--runner=PrismRunner") == chunk_rows("--runner=DirectRunner") == 250_000
-    assert chunk_rows("--runner=DataflowRunner") == 0
-    assert chunk_rows("--runner=DataflowRunner", "--chunk_rows=500") == 500
+    assert chunk_rows(*DATAFLOW) == 0
+    assert chunk_rows(*DATAFLOW, "--chunk_rows=500") == 500
     assert chunk_rows("--runner=PrismRunner", "--chunk_rows=0") == 0
 
 
@@ -203,14 +205,14 @@ def test_chunks_run_in_parallel_by_default_on_one_process_per_core_locally():
         return plan_from_options(PipelineOptions([*argv, *extra])).parallel_chunks
 
     assert parallel_chunks("--runner=FnApiRunner") == parallel_chunks("--runner=PrismRunner") == os.cpu_count()
-    assert parallel_chunks("--runner=DataflowRunner") == 1
+    assert parallel_chunks(*DATAFLOW) == 1
     assert parallel_chunks("--parallel_chunks=3") == 3
     with pytest.raises(PreflightError, match="--parallel_chunks must be at least 1"):
         parallel_chunks("--parallel_chunks=0")
 
 
 def test_a_template_launch_is_one_job():
-    argv = [*LOCAL, "--start=2026-11-22T10:00:00Z", "--end=2026-11-22T11:00:00Z", "--runner=DataflowRunner"]
+    argv = [*LOCAL, "--start=2026-11-22T10:00:00Z", "--end=2026-11-22T11:00:00Z", *DATAFLOW]
     template = "--template_location=gs://bucket/templates/job_object"
     assert plan_from_options(PipelineOptions([*argv, template])).chunk_rows == 0
     with pytest.raises(PreflightError, match="a template launch submits one job"):

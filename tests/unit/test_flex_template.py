@@ -445,6 +445,18 @@ def test_run_refuses_a_token_value_and_unknown_pipelines():
     assert run_script("run.sh", "batch", **LAUNCH_ENV).returncode == 2
 
 
+def test_run_passes_the_postgres_password_secret_and_refuses_a_password_in_the_dsn():
+    dsn = "postgres_dsn=host=10.0.0.7 dbname=engagement user=pipeline"
+    secret = "projects/p/secrets/postgres-password/versions/1"
+    completed = run_script("run.sh", "streaming", dsn, **LAUNCH_ENV, DRY_RUN="true", POSTGRES_PASSWORD_SECRET=secret)
+    assert completed.returncode == 0, completed.stderr
+    assert f"postgres_password_secret={secret}" in completed.stdout
+    completed = run_script("run.sh", "streaming", f"{dsn} password=hunter2", **LAUNCH_ENV, DRY_RUN="true")
+    assert completed.returncode == 2
+    assert "POSTGRES_PASSWORD_SECRET" in completed.stderr
+    assert "hunter2" not in completed.stderr
+
+
 def test_run_updates_a_streaming_job_in_place_only():
     completed = run_script("run.sh", "streaming", **LAUNCH_ENV, DRY_RUN="true", UPDATE="true")
     assert "--update" in completed.stdout

@@ -13,8 +13,8 @@ import pytest
 import requests
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from transforms import secrets
 from transforms.model import EngagementEvent, EnrichedEvent
-from transforms.sinks import http_token
 from transforms.sinks.http_api import HttpSinkSettings, PostBatchesFn, WriteToHttpApi
 from transforms.sinks.http_delivery import (
     Attempt,
@@ -394,7 +394,7 @@ def test_token_from_file(tmp_path):
 def test_token_from_a_secret_manager_version(monkeypatch):
     # Secret Manager has no local equivalent: the client call is replaced, the name handling is real.
     read = []
-    monkeypatch.setattr(http_token, "read_secret_version", lambda name: read.append(name) or TOKEN)
+    monkeypatch.setattr(secrets, "read_secret_version", lambda name: read.append(name) or TOKEN)
     assert TokenSource(secret_version="projects/p/secrets/s/versions/2").read().reveal() == TOKEN
     assert read == ["projects/p/secrets/s/versions/2"]
 
@@ -469,7 +469,7 @@ def test_token_file_option_wins_over_the_environment(tmp_path, monkeypatch):
 
 
 def test_a_secret_outranks_the_variable_and_is_not_read_while_the_graph_is_built(monkeypatch):
-    monkeypatch.setattr(http_token, "read_secret_version", lambda name: pytest.fail("read at build time"))
+    monkeypatch.setattr(secrets, "read_secret_version", lambda name: pytest.fail("read at build time"))
     secret = "projects/p/secrets/token/versions/4"
     options = PipelineOptions(["--http_api_url=https://api.example.com/v1/events", f"--http_api_token_secret={secret}"])
     assert HttpSinkSettings.from_options(options).token_source == TokenSource(secret_version=secret)
