@@ -8,7 +8,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 
-from transforms.batching import BatchAcrossBundles, BatchWithinBundleFn, rebatched
+from transforms.batching import BatchAcrossBundles, BatchWithinBundleFn, next_whole_second, rebatched
 
 
 def test_values_are_listed_per_key_and_the_rest_leaves_when_the_bundle_ends() -> None:
@@ -54,3 +54,11 @@ def test_every_value_arrives_once_in_batches_of_at_most_the_batch_size() -> None
         values = batches | "Values" >> beam.FlatMapTuple(lambda key, values: [(key, value) for value in values])
         assert_that(sizes | beam.Distinct(), equal_to([True]), label="sizes")
         assert_that(values, equal_to(elements), label="values")
+
+
+def test_buffering_timers_count_from_the_next_whole_second_so_that_all_keys_share_them(monkeypatch):
+    for now, expected in ((1_700_000_000.001, 1_700_000_001.0), (1_700_000_000.999, 1_700_000_001.0)):
+        monkeypatch.setattr("time.time", lambda now=now: now)
+        assert next_whole_second() == expected
+    monkeypatch.setattr("time.time", lambda: 1_700_000_002.0)
+    assert next_whole_second() == 1_700_000_002.0
