@@ -8,7 +8,7 @@ from __future__ import annotations
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from transforms.postgres import PostgresDsn, dsn_has_password
-from transforms.secrets import SecretSource, check_secret_version
+from transforms.secrets import password_source_from
 
 
 class CoreOptions(PipelineOptions):
@@ -118,30 +118,16 @@ def with_state_cache(argv: list[str]) -> list[str]:
 
 
 def postgres_from_options(options: PipelineOptions) -> PostgresDsn:
-    """The PostgreSQL connection, its password kept out of the graph; checked where the pipeline is built.
-
-    On Dataflow a password written into ``--postgres_dsn`` would be pickled into the job graph, readable in the
-    staging bucket: it is refused there, in favour of ``--postgres_password_secret``."""
+    """The PostgreSQL connection, its password kept out of the graph (``password_source_from``)."""
     core = options.view_as(CoreOptions)
-    on_dataflow = "Dataflow" in str(options.view_as(StandardOptions).runner)
-    if core.postgres_password_secret and core.postgres_password_file:
-        raise ValueError("give --postgres_password_secret or --postgres_password_file, not both")
-    in_dsn = dsn_has_password(core.postgres_dsn)
-    if in_dsn and (core.postgres_password_secret or core.postgres_password_file):
-        raise ValueError("--postgres_dsn holds a password and a password source is given too: keep one")
-    if on_dataflow and in_dsn:
-        raise ValueError(
-            "--postgres_dsn holds a password, which would travel in the job graph: give it as "
-            "--postgres_password_secret (a Secret Manager version) instead"
-        )
-    if on_dataflow and core.postgres_password_file:
-        raise ValueError("Dataflow workers do not have the launcher's files: give --postgres_password_secret")
-    what = "the PostgreSQL password"
-    if core.postgres_password_secret:
-        check_secret_version("--postgres_password_secret", core.postgres_password_secret)
-        return PostgresDsn(core.postgres_dsn, SecretSource(secret_version=core.postgres_password_secret, what=what))
-    if core.postgres_password_file:
-        source = SecretSource(file_path=core.postgres_password_file, what=what)
-        source.read()  # a missing file fails the launch, not every worker
-        return PostgresDsn(core.postgres_dsn, source)
-    return PostgresDsn(core.postgres_dsn)
+    password = password_source_from(
+        what="the PostgreSQL password",
+        target_option="--postgres_dsn",
+        target_has_password=dsn_has_password(core.postgres_dsn),
+        secret_option="--postgres_password_secret",  # noqa: S106 - an option name
+        secret=core.postgres_password_secret,
+        file_option="--postgres_password_file",
+        file_path=core.postgres_password_file,
+        on_dataflow="Dataflow" in str(options.view_as(StandardOptions).runner),
+    )
+    return PostgresDsn(core.postgres_dsn, password)

@@ -53,6 +53,7 @@ _REGEXES = {
     "http_api_token_env": r"^[A-Za-z_][A-Za-z0-9_]*$",
     "http_api_token_secret": SECRET_VERSION_PATTERN,
     "postgres_password_secret": SECRET_VERSION_PATTERN,
+    "redis_password_secret": SECRET_VERSION_PATTERN,
     "start": _INSTANT,
     "end": _INSTANT,
     "kafka_consumer_config": r"^(\s*[A-Za-z0-9_.\-]+=[^\n]*\n?)+$",

@@ -1,6 +1,6 @@
 """What the flex template launcher does before either pipeline's own ``main``: template parameters to Beam
 arguments, and the checks only the launcher can make (the secrets of the HTTP API token and of the PostgreSQL
-password are readable).
+and Redis passwords are readable).
 
 Dataflow passes every template parameter as one ``--name=value`` argument, which does not fit two kinds of
 option: on/off flags (``action="store_true"`` rejects ``=true``) and repeatable options
@@ -85,7 +85,7 @@ def prepare(
 ) -> list[str]:
     """The pipeline's arguments from the template's, after the checks only the launcher can make.
 
-    The HTTP API token's and the PostgreSQL password's secrets are read once here, with the job's service
+    The secrets (HTTP API token, PostgreSQL and Redis passwords) are read once here, with the job's service
     account, so a wrong name or a missing permission fails the launch with one line instead of every worker's
     ``setup()``. The values are dropped: workers read the secrets themselves (transforms/secrets.py)."""
     arguments = template_arguments(argv, option_classes)
@@ -100,8 +100,12 @@ def prepare(
         if http.http_api_token_file:
             raise LaunchError("give http_api_token_secret or http_api_token_file, not both")
         _check_secret(secret_reader, http.http_api_token_secret)
-    if password_secret := options.view_as(CoreOptions).postgres_password_secret:
-        _check_secret(secret_reader, password_secret)
+    for password_secret in (
+        options.view_as(CoreOptions).postgres_password_secret,
+        options.view_as(RedisSinkOptions).redis_password_secret,
+    ):
+        if password_secret:
+            _check_secret(secret_reader, password_secret)
     return arguments
 
 

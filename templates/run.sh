@@ -17,7 +17,7 @@
 #   TEMPLATE_PATH    gs:// prefix build.sh wrote the specs to (default gs://$BUCKET/templates/engagement-pipeline/$IMAGE_TAG)
 #   JOB_NAME         job name (default engagement-streaming, or engagement-backfill-<UTC time>); an update keeps it
 #   SERVICE_ACCOUNT  worker and launcher service account email (needs Dataflow worker, BigQuery data editor,
-#                    Secret Manager accessor for the token's and the password's secrets, and access to the
+#                    Secret Manager accessor for the token's and the passwords' secrets, and access to the
 #                    network's services)
 #   NETWORK, SUBNETWORK  VPC network and subnetwork (SUBNETWORK as regions/REGION/subnetworks/NAME or a full URL);
 #                    the launcher and the workers reach Kafka, PostgreSQL, Redis and the HTTP API from there
@@ -28,6 +28,8 @@
 #   POSTGRES_PASSWORD_SECRET  Secret Manager version of the PostgreSQL password (postgres_password_secret): the
 #                    launcher checks it and the workers read it when they connect. postgres_dsn must then hold
 #                    no password (one there would travel in the job graph, so the job refuses it).
+#   REDIS_PASSWORD_SECRET  Secret Manager version of the Redis AUTH password (Memorystore's AUTH string), the same
+#                    way (redis_password_secret); redis_url then holds no password.
 #   STREAMING_MODE   exactly_once, the only mode this job accepts: Dataflow's at-least-once mode may deliver
 #                    an element again after the de-duplication, and the aggregates would count it twice. For a
 #                    cheaper BigQuery write, keep exactly once and pass bigquery_use_at_least_once=true.
@@ -79,6 +81,9 @@ fi
 if [ -n "${POSTGRES_PASSWORD_SECRET:-}" ]; then
   parameters+=("postgres_password_secret=$POSTGRES_PASSWORD_SECRET")
 fi
+if [ -n "${REDIS_PASSWORD_SECRET:-}" ]; then
+  parameters+=("redis_password_secret=$REDIS_PASSWORD_SECRET")
+fi
 case "${STREAMING_MODE:-exactly_once}" in
   exactly_once) ;;
   at_least_once)
@@ -97,6 +102,10 @@ for parameter in "$@"; do
     postgres_dsn)
       [[ "$parameter" != *password=* ]] ||
         die "postgres_dsn holds a password, which would travel in the job graph: set POSTGRES_PASSWORD_SECRET"
+      ;;
+    redis_url)
+      [[ "$parameter" != *://*:*@* ]] ||
+        die "redis_url holds a password, which would travel in the job graph: set REDIS_PASSWORD_SECRET"
       ;;
   esac
   parameters+=("$parameter")

@@ -36,7 +36,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from transforms.bigquery_reads import BigQueryReadSettings, Query, bigquery_client, run_query
 from transforms.model import EnrichedEvent
 from transforms.sinks.http_ledger import DeliveryLedger
-from transforms.sinks.redis_top import connect
+from transforms.sinks.redis_top import RedisUrl, connect
 
 METRICS_NAMESPACE = "resume"
 DEFAULT_MARGIN_SECONDS = 60
@@ -182,7 +182,7 @@ class LedgerIdsSince:
     """An ``IdLoader``: the ids the HTTP sink's delivery ledger holds from ``since`` on."""
 
     ledger: DeliveryLedger
-    redis_url: str
+    redis_url: str | RedisUrl
     since: datetime
 
     def __call__(self) -> frozenset[int]:

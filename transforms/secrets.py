@@ -114,3 +114,40 @@ def read_cached(source: SecretSource) -> Secret:
 @functools.cache
 def _read_version_once(source: SecretSource) -> Secret:
     return source.read()
+
+
+def password_source_from(
+    *,
+    what: str,
+    target_option: str,
+    target_has_password: bool,
+    secret_option: str,
+    secret: str | None,
+    file_option: str,
+    file_path: str | None,
+    on_dataflow: bool,
+) -> SecretSource | None:
+    """Where a service's password is read, from its options; checked where the pipeline is built.
+
+    The target (a DSN, a URL) travels in the job graph, so on Dataflow a password inside it is refused in favour
+    of the secret; Dataflow workers have none of the launcher's files either. A file is read once here, so a
+    missing one fails the launch rather than every worker. None: the target's own password, or none at all."""
+    if secret and file_path:
+        raise ValueError(f"give {secret_option} or {file_option}, not both")
+    if target_has_password and (secret or file_path):
+        raise ValueError(f"{target_option} holds a password and a password source is given too: keep one")
+    if on_dataflow and target_has_password:
+        raise ValueError(
+            f"{target_option} holds a password, which would travel in the job graph: give it as {secret_option} "
+            "(a Secret Manager version) instead"
+        )
+    if on_dataflow and file_path:
+        raise ValueError(f"Dataflow workers do not have the launcher's files: give {secret_option}")
+    if secret:
+        check_secret_version(secret_option, secret)
+        return SecretSource(secret_version=secret, what=what)
+    if file_path:
+        source = SecretSource(file_path=file_path, what=what)
+        source.read()
+        return source
+    return None

@@ -39,8 +39,14 @@ ENVIRONMENT_TOKEN = "token-in-launcher-environment-9c2e"
 TOKEN_SECRET = "projects/example/secrets/http-api-token/versions/1"
 POSTGRES_PASSWORD = "postgres-password-from-secret-manager-31c8"
 POSTGRES_PASSWORD_SECRET = "projects/example/secrets/postgres-password/versions/2"
+REDIS_PASSWORD = "redis-auth-string-from-secret-manager-0e77"
+REDIS_PASSWORD_SECRET = "projects/example/secrets/redis-auth/versions/4"
 # Secret Manager has no local equivalent: a stand-in reader gives the launcher's checks each secret's payload.
-SECRETS = {TOKEN_SECRET: SECRET_TOKEN, POSTGRES_PASSWORD_SECRET: POSTGRES_PASSWORD}
+SECRETS = {
+    TOKEN_SECRET: SECRET_TOKEN,
+    POSTGRES_PASSWORD_SECRET: POSTGRES_PASSWORD,
+    REDIS_PASSWORD_SECRET: REDIS_PASSWORD,
+}
 IMAGE = "us-central1-docker.pkg.dev/example/engagement/engagement-streaming:test"
 BIGQUERY_WRITE_URN = "beam:transform:org.apache.beam:bigquery_write:v1"
 
@@ -60,6 +66,7 @@ TEMPLATE_ARGUMENTS = [
     "--http_api_url=https://api.invalid/v1/events",
     f"--http_api_token_secret={TOKEN_SECRET}",
     f"--postgres_password_secret={POSTGRES_PASSWORD_SECRET}",
+    f"--redis_password_secret={REDIS_PASSWORD_SECRET}",
     "--kafka_consumer_config=security.protocol=PLAINTEXT\nclient.id=engagement-dataflow",
 ]
 
@@ -159,11 +166,14 @@ def test_the_http_api_sink_reads_its_token_from_the_secret_and_the_token_is_nowh
         assert not any(token.encode() in blob for blob in staged), token
 
 
-def test_workers_read_the_postgresql_password_from_its_secret_and_it_is_nowhere_in_the_staged_job(dataflow_job):
+def test_workers_read_the_postgresql_and_redis_passwords_from_their_secrets_which_are_nowhere_in_the_staged_job(
+    dataflow_job,
+):
     staged = _staged_bytes(dataflow_job.job)
-    # The content side input's loader and the point lookup carry the secret's name, not its payload.
-    assert sum(POSTGRES_PASSWORD_SECRET.encode() in blob for blob in staged) >= 1
-    assert not any(POSTGRES_PASSWORD.encode() in blob for blob in staged)
+    # The content loader and lookup, the Redis sink and the HTTP ledger carry the secrets' names, not their payloads.
+    for name, password in ((POSTGRES_PASSWORD_SECRET, POSTGRES_PASSWORD), (REDIS_PASSWORD_SECRET, REDIS_PASSWORD)):
+        assert any(name.encode() in blob for blob in staged), name
+        assert not any(password.encode() in blob for blob in staged), name
 
 
 def test_a_multi_line_template_parameter_becomes_repeated_kafka_properties(dataflow_job):

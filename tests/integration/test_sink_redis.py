@@ -26,9 +26,16 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms.model import WindowAggregate
+from transforms.secrets import SecretSource
 from transforms.sinks import redis_top_cli
 from transforms.sinks.redis_layout import RedisKeys, TopEntry, from_score, read_top_content
-from transforms.sinks.redis_top import RedisSinkSettings, WriteTopContentFn, WriteTopContentToRedis
+from transforms.sinks.redis_top import (
+    RedisSinkSettings,
+    RedisUrl,
+    WriteTopContentFn,
+    WriteTopContentToRedis,
+    connect,
+)
 
 BUCKET_TTL = 900
 
@@ -351,3 +358,32 @@ def test_an_older_pane_arriving_late_does_not_overwrite_a_newer_one(stack, prefi
     # A rewrite emitted later (a backfill) may lower the entry: newer wins, not larger.
     run_sink([pane(content, start, "7", 2, pane_index=0)], config)
     assert from_score(client.zscore(config.keys.bucket(bucket), content[0])) == Decimal("7.000")
+
+
+def test_the_sink_authenticates_with_a_password_read_from_its_source_not_from_the_url(stack, prefix, client, tmp_path):
+    # An ACL user of the stack's Redis stands for Memorystore's AUTH: the same AUTH command, a real refusal.
+    user, password = f"sink-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    client.execute_command("ACL", "SETUSER", user, "on", f">{password}", f"~{prefix}:*", "+@all")
+    try:
+        password_file = tmp_path / "redis-password"
+        password_file.write_text(password + "\n")
+        host_and_port = stack.redis_url.removeprefix("redis://").split("/")[0]
+        url = RedisUrl(f"redis://{user}@{host_and_port}/0", SecretSource(file_path=str(password_file)))
+        authenticated = connect(url)
+        try:
+            authenticated.set(f"{prefix}:probe", "written")
+        finally:
+            authenticated.close()
+        assert client.get(f"{prefix}:probe") == "written"
+        assert password not in repr(url)
+
+        password_file.write_text("not-the-password")
+        refused = connect(url)
+        try:
+            with pytest.raises(redis.AuthenticationError) as error:
+                refused.ping()
+            assert "not-the-password" not in str(error.value)
+        finally:
+            refused.close()
+    finally:
+        client.execute_command("ACL", "DELUSER", user)

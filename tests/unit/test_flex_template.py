@@ -445,7 +445,7 @@ def test_run_refuses_a_token_value_and_unknown_pipelines():
     assert run_script("run.sh", "batch", **LAUNCH_ENV).returncode == 2
 
 
-def test_run_passes_the_postgres_password_secret_and_refuses_a_password_in_the_dsn():
+def test_run_passes_the_password_secrets_and_refuses_a_password_in_the_dsn_or_the_url():
     dsn = "postgres_dsn=host=10.0.0.7 dbname=engagement user=pipeline"
     secret = "projects/p/secrets/postgres-password/versions/1"
     completed = run_script("run.sh", "streaming", dsn, **LAUNCH_ENV, DRY_RUN="true", POSTGRES_PASSWORD_SECRET=secret)
@@ -454,6 +454,13 @@ def test_run_passes_the_postgres_password_secret_and_refuses_a_password_in_the_d
     completed = run_script("run.sh", "streaming", f"{dsn} password=hunter2", **LAUNCH_ENV, DRY_RUN="true")
     assert completed.returncode == 2
     assert "POSTGRES_PASSWORD_SECRET" in completed.stderr
+    assert "hunter2" not in completed.stderr
+    redis_secret = "projects/p/secrets/redis-auth/versions/1"
+    completed = run_script("run.sh", "streaming", **LAUNCH_ENV, DRY_RUN="true", REDIS_PASSWORD_SECRET=redis_secret)
+    assert f"redis_password_secret={redis_secret}" in completed.stdout
+    completed = run_script("run.sh", "streaming", "redis_url=redis://:hunter2@10.0.0.9:6379/0", **LAUNCH_ENV)
+    assert completed.returncode == 2
+    assert "REDIS_PASSWORD_SECRET" in completed.stderr
     assert "hunter2" not in completed.stderr
 
 

@@ -1,4 +1,4 @@
-"""Where the PostgreSQL password is read, and that it never travels in the job graph."""
+"""Where the PostgreSQL and Redis passwords are read, and that they never travel in the job graph."""
 
 import pickle
 
@@ -9,6 +9,7 @@ from pipelines.options import postgres_from_options
 from transforms import secrets
 from transforms.postgres import PostgresDsn
 from transforms.secrets import SecretSource
+from transforms.sinks.redis_top import RedisUrl, redis_url_from_options
 
 DSN = "host=db.internal dbname=engagement user=engagement sslmode=verify-full"
 SECRET = "projects/example/secrets/postgres-password/versions/3"
@@ -68,3 +69,23 @@ def test_a_password_file_is_read_at_launch_and_again_by_the_worker_never_stored(
     assert PASSWORD not in repr(postgres)
     assert postgres.password is not None
     assert postgres.password.read().reveal() == PASSWORD
+
+
+def test_the_redis_password_travels_as_its_secrets_name_and_a_password_in_the_url_stays_local():
+    redis_secret = "projects/example/secrets/redis-auth/versions/1"
+    url = "rediss://10.0.0.9:6378/0"
+    options = PipelineOptions(
+        ["--runner=DataflowRunner", f"--redis_url={url}", f"--redis_password_secret={redis_secret}"]
+    )
+    assert redis_url_from_options(options) == RedisUrl(url, SecretSource(secret_version=redis_secret))
+    with pytest.raises(ValueError, match="would travel in the job graph"):
+        redis_url_from_options(
+            PipelineOptions(["--runner=DataflowRunner", "--redis_url=redis://:auth@10.0.0.9:6379/0"])
+        )
+    local = redis_url_from_options(PipelineOptions(["--redis_url=redis://:auth@127.0.0.1:6379/0"]))
+    assert local == RedisUrl("redis://:auth@127.0.0.1:6379/0")
+    assert "auth" not in repr(local)
+    with pytest.raises(ValueError, match="not both"):
+        redis_url_from_options(
+            PipelineOptions([f"--redis_password_secret={redis_secret}", "--redis_password_file=/run/redis"])
+        )

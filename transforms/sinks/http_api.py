@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import apache_beam as beam
@@ -63,6 +64,9 @@ from transforms.sinks.http_ledger import DeliveryLedger
 from transforms.sinks.http_token import SECRET_VERSION_PATTERN, Secret, TokenSource, redact
 from transforms.sinks.http_wire import Batch, display_url, encode_event, shard_of_event
 
+if TYPE_CHECKING:  # imported where used: redis_top imports the sinks' shared pieces
+    from transforms.sinks.redis_top import RedisUrl
+
 _log = logging.getLogger(__name__)
 
 METRICS_NAMESPACE = "sink.http"
@@ -94,7 +98,7 @@ class HttpSinkSettings:
     no processing-time timer is set, which the FnApiRunner cannot fire."""
     ledger: DeliveryLedger | None = None
     """Where acknowledged ids are recorded for restarts (transforms/resume.py); None: not recorded."""
-    ledger_redis_url: str | None = field(default=None, repr=False)
+    ledger_redis_url: str | RedisUrl | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.endpoint)
@@ -113,7 +117,7 @@ class HttpSinkSettings:
     @classmethod
     def from_options(cls, options: PipelineOptions) -> HttpSinkSettings | None:
         """The settings, or None when the sink is disabled."""
-        from transforms.sinks.redis_top import RedisSinkOptions
+        from transforms.sinks.redis_top import RedisSinkOptions, redis_url_from_options
 
         opts = options.view_as(HttpSinkOptions)
         redis = options.view_as(RedisSinkOptions)
@@ -144,7 +148,7 @@ class HttpSinkSettings:
                 if opts.http_api_ledger_ttl_seconds > 0
                 else None
             ),
-            ledger_redis_url=redis.redis_url,
+            ledger_redis_url=redis_url_from_options(options),
         )
 
 

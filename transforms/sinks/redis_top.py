@@ -17,12 +17,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import apache_beam as beam
 import redis
 import tenacity
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.transforms.window import BoundedWindow
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
@@ -32,6 +33,7 @@ from redis.retry import Retry
 from transforms.dead_letters import DEAD_LETTER_TAG, RejectCounter
 from transforms.model import DeadLetter, SourceCoordinates, Stage, WindowAggregate
 from transforms.retry import Backoff, retrying
+from transforms.secrets import SecretSource, password_source_from, read_cached
 from transforms.sinks.redis_layout import (
     DEFAULT_PREFIX,
     FRESHNESS_SAMPLES,
@@ -76,8 +78,9 @@ class RedisSinkOptions(PipelineOptions):
             "--redis_url",
             default="redis://127.0.0.1:56379/0",
             help=(
-                "Redis to write the top-content buckets to, as a redis:// or rediss:// URL (a password in the "
-                "URL is never logged). The default is the local stack's Redis."
+                "Redis to write the top-content buckets to, as a redis:// or rediss:// URL. A password in the "
+                "URL is never logged, but travels in the job graph: on Dataflow give it as "
+                "--redis_password_secret instead. The default is the local stack's Redis."
             ),
         )
         parser.add_argument(
@@ -142,13 +145,55 @@ class RedisSinkOptions(PipelineOptions):
                 "go to the dead letters. 0: one attempt."
             ),
         )
+        parser.add_argument(
+            "--redis_password_secret",
+            help=(
+                "Secret Manager secret version holding the Redis AUTH password (Memorystore's AUTH string), "
+                "projects/PROJECT/secrets/NAME/versions/VERSION, read by each worker when it connects. "
+                "--redis_url then holds no password."
+            ),
+        )
+        parser.add_argument(
+            "--redis_password_file",
+            help="File holding the Redis AUTH password, read when connecting (local runs; not on Dataflow).",
+        )
+
+
+@dataclass(frozen=True)
+class RedisUrl:
+    """A redis:// or rediss:// URL and, apart from it, where the AUTH password is read (transforms/secrets.py).
+
+    The URL travels in the job graph; the password of ``password`` is read by whoever connects."""
+
+    url: str
+    password: SecretSource | None = None
+
+    def __repr__(self) -> str:
+        # A URL given without a password source may still carry one of its own (local runs).
+        return f"RedisUrl(<redacted>, password={self.password!r})"
+
+
+def redis_url_from_options(options: PipelineOptions) -> RedisUrl:
+    """The Redis URL, its password kept out of the graph (``password_source_from``)."""
+    sink = options.view_as(RedisSinkOptions)
+    password = password_source_from(
+        what="the Redis password",
+        target_option="--redis_url",
+        target_has_password=bool(urlsplit(sink.redis_url).password),
+        secret_option="--redis_password_secret",  # noqa: S106 - an option name
+        secret=sink.redis_password_secret,
+        file_option="--redis_password_file",
+        file_path=sink.redis_password_file,
+        on_dataflow="Dataflow" in str(options.view_as(StandardOptions).runner),
+    )
+    return RedisUrl(sink.redis_url, password)
 
 
 @dataclass(frozen=True, repr=False)
 class RedisSinkSettings:
     """The sink's validated settings; built from ``RedisSinkOptions`` and the pipeline's window length."""
 
-    url: str
+    url: str | RedisUrl
     keys: RedisKeys = field(default_factory=RedisKeys)
     ranking: RankingSettings = field(default_factory=RankingSettings)
     bucket_ttl_seconds: int = 900
@@ -178,7 +223,7 @@ class RedisSinkSettings:
     def from_options(cls, options: PipelineOptions, window_seconds: int) -> RedisSinkSettings:
         sink = options.view_as(RedisSinkOptions)
         return cls(
-            url=sink.redis_url,
+            url=redis_url_from_options(options),
             keys=RedisKeys(sink.redis_key_prefix),
             ranking=RankingSettings(window_seconds=window_seconds, horizon_minutes=sink.redis_ranking_horizon_minutes),
             bucket_ttl_seconds=sink.redis_bucket_ttl_seconds,
@@ -193,10 +238,15 @@ class RedisSinkSettings:
         return f"RedisSinkSettings(keys={self.keys}, ranking={self.ranking}, url=<redacted>)"
 
 
-def connect(url: str, connect_timeout_seconds: float = 2.0, socket_timeout_seconds: float = 5.0) -> redis.Redis:
+def connect(
+    url: str | RedisUrl, connect_timeout_seconds: float = 2.0, socket_timeout_seconds: float = 5.0
+) -> redis.Redis:
     """A pooled client without redis-py's own retries: the sink retries whole batches itself, visibly."""
+    target = url if isinstance(url, RedisUrl) else RedisUrl(url)
+    password = {} if target.password is None else {"password": read_cached(target.password).reveal()}
     pool = redis.ConnectionPool.from_url(
-        url,
+        target.url,
+        **password,
         socket_connect_timeout=connect_timeout_seconds,
         socket_timeout=socket_timeout_seconds,
         health_check_interval=30,
