@@ -364,8 +364,8 @@ def flush_due_ms(last_sent_ms: int, interval_ms: int) -> int:
     """When a key's waiting pane is let through: ``interval_ms`` after its last one, rounded up to the grid.
 
     Every key's flush timer then falls on a whole second, and a runner fires timers that are due together in
-    one bundle: at 100 events/s, with a timer at its own millisecond per key and window, the flushes and the
-    BigQuery batching after them ran 26 bundles a second, half of all the job's bundles (docs/benchmarks.md).
+    one bundle; with a timer at its own millisecond per key and window, the flushes and the BigQuery batching
+    after them were half of the streaming job's bundles at low rates (docs/benchmarks.md, session 13).
     """
     due = last_sent_ms + interval_ms
     return -(-due // FLUSH_GRID_MS) * FLUSH_GRID_MS

@@ -20,11 +20,15 @@ class PostgresDsn:
 
     The password of ``password`` is read by whoever connects (a worker, the launcher's checks), never stored
     here, so the connection travels in the job graph without it. ``dsn`` may still hold a password of its own
-    (the local stack's default does); ``from_options`` refuses that on Dataflow. Without either, libpq's own
-    sources apply (``PGPASSWORD``, ``~/.pgpass``)."""
+    (the local stack's default does); ``pipelines.options.postgres_from_options`` refuses that on Dataflow.
+    Without either, libpq's own sources apply (``PGPASSWORD``, ``~/.pgpass``)."""
 
     dsn: str
     password: SecretSource | None = None
+
+    def __repr__(self) -> str:
+        # Plans and settings that hold this may be logged; a DSN's own password must not be.
+        return f"PostgresDsn({without_password(self.dsn)!r}, password={self.password!r})"
 
     def connect(self, **kwargs: Any) -> Any:
         import psycopg2  # imported where a connection is made, so the pure layers do not need the driver
@@ -43,6 +47,20 @@ def dsn_has_password(dsn: str) -> bool:
     from psycopg2.extensions import parse_dsn
 
     return bool(parse_dsn(dsn).get("password"))
+
+
+def without_password(dsn: str) -> str:
+    """``dsn`` with its password replaced by ``***``, for messages; an unparseable DSN is not shown at all."""
+    from psycopg2 import ProgrammingError
+    from psycopg2.extensions import make_dsn, parse_dsn
+
+    try:
+        settings = parse_dsn(dsn)
+    except ProgrammingError:
+        return "<unparseable DSN>"
+    if "password" in settings:
+        settings["password"] = "***"  # noqa: S105 - a placeholder
+    return make_dsn(**settings)
 
 
 def fetch_all(

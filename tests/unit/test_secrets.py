@@ -89,3 +89,11 @@ def test_the_redis_password_travels_as_its_secrets_name_and_a_password_in_the_ur
         redis_url_from_options(
             PipelineOptions([f"--redis_password_secret={redis_secret}", "--redis_password_file=/run/redis"])
         )
+
+
+def test_a_dsn_shows_without_its_own_password():
+    shown = repr(PostgresDsn("host=127.0.0.1 dbname=engagement user=engagement password=hunter2"))
+    assert "hunter2" not in shown
+    assert "host=127.0.0.1" in shown
+    assert "password=***" in shown
+    assert "hunter2" not in repr(PostgresDsn("not a dsn password=hunter2"))

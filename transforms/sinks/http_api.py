@@ -64,7 +64,7 @@ from transforms.sinks.http_ledger import DeliveryLedger
 from transforms.sinks.http_token import SECRET_VERSION_PATTERN, Secret, TokenSource, redact
 from transforms.sinks.http_wire import Batch, display_url, encode_event, shard_of_event
 
-if TYPE_CHECKING:  # imported where used: redis_top imports the sinks' shared pieces
+if TYPE_CHECKING:  # for annotations only: this module imports redis_top where it uses it
     from transforms.sinks.redis_top import RedisUrl
 
 _log = logging.getLogger(__name__)
