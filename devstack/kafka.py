@@ -66,8 +66,15 @@ def _server_properties(cfg: StackConfig) -> str:
 
 
 def _random_cluster_id() -> str:
-    # Kafka's Uuid text form: 16 random bytes, URL-safe base64 without padding.
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """Kafka's Uuid text form: 16 random bytes, URL-safe base64 without padding.
+
+    Never one that starts with "-": the storage tool would read it as an option and fail the format ("argument
+    --cluster-id/-t: expected one argument"), one fresh stack in 64. Kafka's own ``Uuid.randomUuid`` skips those
+    for the same reason."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _format_storage(cfg: StackConfig, artifacts: jvm.JvmArtifacts, properties: Path, log4j: Path) -> None:

@@ -42,3 +42,16 @@ def test_an_unknown_instance_is_refused(monkeypatch):
     monkeypatch.setenv(config.INSTANCE_ENV, "prod")
     with pytest.raises(ValueError, match="expected one of dev, test, bench"):
         config.load_config()
+
+
+def test_a_kafka_cluster_id_never_starts_with_a_dash_which_the_storage_tool_reads_as_an_option(monkeypatch):
+    import uuid
+
+    from devstack import kafka
+
+    # 0xF8 makes the first base64 character "-"; the second draw is an ordinary id.
+    draws = iter([uuid.UUID(bytes=b"\xf8" + bytes(15)), uuid.UUID(bytes=b"\x01" * 16)])
+    monkeypatch.setattr(uuid, "uuid4", lambda: next(draws))
+    cluster_id = kafka._random_cluster_id()
+    assert cluster_id == "AQEBAQEBAQEBAQEBAQEBAQ"
+    assert len(cluster_id) == 22
