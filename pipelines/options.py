@@ -5,7 +5,7 @@ Every option here is also a parameter of the Dataflow flex template (templates/m
 
 from __future__ import annotations
 
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.postgres import PostgresDsn, dsn_has_password
 from transforms.secrets import password_source_from
@@ -121,6 +121,7 @@ def postgres_from_options(options: PipelineOptions) -> PostgresDsn:
     """The PostgreSQL connection, its password kept out of the graph (``password_source_from``)."""
     core = options.view_as(CoreOptions)
     password = password_source_from(
+        options,
         what="the PostgreSQL password",
         target_option="--postgres_dsn",
         target_has_password=dsn_has_password(core.postgres_dsn),
@@ -128,6 +129,5 @@ def postgres_from_options(options: PipelineOptions) -> PostgresDsn:
         secret=core.postgres_password_secret,
         file_option="--postgres_password_file",
         file_path=core.postgres_password_file,
-        on_dataflow="Dataflow" in str(options.view_as(StandardOptions).runner),
     )
     return PostgresDsn(core.postgres_dsn, password)

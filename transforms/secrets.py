@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
 SECRET_VERSION_PATTERN = r"^projects/[^/]+/secrets/[^/]+/versions/[^/]+$"  # noqa: S105 - a resource name, not a secret
 
 
@@ -116,7 +118,13 @@ def _read_version_once(source: SecretSource) -> Secret:
     return source.read()
 
 
+def runs_on_dataflow(options: PipelineOptions) -> bool:
+    """Whether the workers are Dataflow's, which have neither the launcher's environment nor its files."""
+    return "Dataflow" in str(options.view_as(StandardOptions).runner)
+
+
 def password_source_from(
+    options: PipelineOptions,
     *,
     what: str,
     target_option: str,
@@ -125,13 +133,13 @@ def password_source_from(
     secret: str | None,
     file_option: str,
     file_path: str | None,
-    on_dataflow: bool,
 ) -> SecretSource | None:
     """Where a service's password is read, from its options; checked where the pipeline is built.
 
     The target (a DSN, a URL) travels in the job graph, so on Dataflow a password inside it is refused in favour
     of the secret; Dataflow workers have none of the launcher's files either. A file is read once here, so a
     missing one fails the launch rather than every worker. None: the target's own password, or none at all."""
+    on_dataflow = runs_on_dataflow(options)
     if secret and file_path:
         raise ValueError(f"give {secret_option} or {file_option}, not both")
     if target_has_password and (secret or file_path):

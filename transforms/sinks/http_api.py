@@ -38,7 +38,7 @@ import apache_beam as beam
 import requests
 import tenacity
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.util import ReshufflePerKey
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils.timestamp import Timestamp
@@ -49,6 +49,7 @@ from transforms.batching import BatchAcrossBundles
 from transforms.dead_letters import DEAD_LETTER_TAG, GuardedMap
 from transforms.model import DeadLetter, EnrichedEvent, SourceCoordinates, Stage
 from transforms.retry import Backoff, retrying
+from transforms.secrets import runs_on_dataflow
 from transforms.sinks.http_delivery import (
     RETRY_AFTER_STATUSES,
     Attempt,
@@ -125,7 +126,7 @@ class HttpSinkSettings:
             return None
         if not opts.http_api_url:
             raise ValueError("--http_api_url is required unless --http_api_sink=disabled")
-        token_source = token_source_from(opts, on_dataflow="Dataflow" in str(options.view_as(StandardOptions).runner))
+        token_source = token_source_from(opts, on_dataflow=runs_on_dataflow(options))
         return cls(
             endpoint=opts.http_api_url,
             token_source=token_source,

@@ -23,7 +23,7 @@ import apache_beam as beam
 import redis
 import tenacity
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.window import BoundedWindow
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
@@ -177,6 +177,7 @@ def redis_url_from_options(options: PipelineOptions) -> RedisUrl:
     """The Redis URL, its password kept out of the graph (``password_source_from``)."""
     sink = options.view_as(RedisSinkOptions)
     password = password_source_from(
+        options,
         what="the Redis password",
         target_option="--redis_url",
         target_has_password=bool(urlsplit(sink.redis_url).password),
@@ -184,7 +185,6 @@ def redis_url_from_options(options: PipelineOptions) -> RedisUrl:
         secret=sink.redis_password_secret,
         file_option="--redis_password_file",
         file_path=sink.redis_password_file,
-        on_dataflow="Dataflow" in str(options.view_as(StandardOptions).runner),
     )
     return RedisUrl(sink.redis_url, password)
 
