@@ -39,9 +39,9 @@ def start(cfg: StackConfig) -> None:
         "--daemonize", "no",
         "--dir", str(data),
         "--logfile", "",
-        # Persistent as production's Redis should be (docs/restarts.md, "Redis"): the append-only file, synced
-        # every second, keeps the HTTP sink's delivery ledger and the ranking across a crash (kill -9), not
-        # only across a clean `down`/`up`; at most the last second of writes is lost.
+        # Persistent as production's Redis should be (docs/restarts.md, "What the plan assumes"): the
+        # append-only file, synced every second, keeps the ranking across a crash (kill -9), not only across a
+        # clean `down`/`up`; at most the last second of writes is lost.
         "--appendonly", "yes",
         "--appendfsync", "everysec",
         "--save", "60 1",

@@ -37,11 +37,11 @@ from transforms.resume import (
     BigQueryIdsSince,
     BigQueryProgress,
     LastProcessedAt,
-    LedgerIdsSince,
     ResumeOptions,
     ResumePlan,
     plan_resume,
 )
+from transforms.sinks.http_intents import IntentsSince
 
 _log = logging.getLogger(__name__)
 
@@ -80,14 +80,15 @@ def plan_from_options(
         allowed_lateness_seconds=core.windows.allowed_lateness_seconds,
     )
     if resume is not None:
+        http, http_holds = sinks.http, None
+        if http is not None and http.intents is not None:
+            replay = IntentsSince(bigquery_read, http.intents.spec.table, resume.read_from)
+            http, http_holds = dataclasses.replace(http, replay=replay), replay.ids
         sinks = dataclasses.replace(
             sinks,
             bigquery_holds=BigQueryIdsSince(bigquery_read, resume.read_from),
-            http_holds=(
-                LedgerIdsSince(sinks.http.ledger, sinks.http.ledger_redis_url, resume.read_from)
-                if sinks.http is not None and sinks.http.ledger is not None
-                else None
-            ),
+            http=http,
+            http_holds=http_holds,
         )
     kafka = KafkaReadSettings.from_options(options, start_offset=start_offset)
     return StreamingPlan(kafka=kafka, core=core, sinks=sinks, resume=resume, postgres=postgres_from_options(options))

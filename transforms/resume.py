@@ -16,9 +16,11 @@ sinks hold:
    last run stopped and get nothing from the re-read: ``KeepResumableWindows`` keeps their events out of
    the aggregation.
 3. **Events.** A re-read event that a sink already holds is not written to it again: ``enriched_events``
-   ids with ``processed_at >= read_from`` for BigQuery, and the HTTP sink's delivery ledger for the external
-   API, whose idempotency keys cannot help (the re-read forms different batches). Both id sets cover only
-   the overlap, so they are small; each worker loads them once, in ``setup()``.
+   ids with ``processed_at >= read_from`` for BigQuery; for the external API, the events of the batches its
+   intent log recorded since ``read_from``, which are sent again as they were, with their own keys
+   (transforms/sinks/http_intents.py): the re-read would put those events in new batches, with keys the API
+   has never seen. Both id sets cover only the overlap, so they are small; each worker loads them once, in
+   ``setup()``.
 """
 
 from __future__ import annotations
@@ -35,8 +37,6 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.bigquery_reads import BigQueryReadSettings, Query, bigquery_client, run_query
 from transforms.model import EnrichedEvent
-from transforms.sinks.http_ledger import DeliveryLedger
-from transforms.sinks.redis_top import RedisUrl, connect
 
 METRICS_NAMESPACE = "resume"
 DEFAULT_MARGIN_SECONDS = 60
@@ -175,25 +175,6 @@ class BigQueryIdsSince:
             return frozenset(row["event_id"] for row in run_query(client, query))
         finally:
             client.close()
-
-
-@dataclass(frozen=True, repr=False)
-class LedgerIdsSince:
-    """An ``IdLoader``: the ids the HTTP sink's delivery ledger holds from ``since`` on."""
-
-    ledger: DeliveryLedger
-    redis_url: str | RedisUrl
-    since: datetime
-
-    def __call__(self) -> frozenset[int]:
-        client = connect(self.redis_url)
-        try:
-            return self.ledger.load_since(client, self.since, datetime.now(UTC))
-        finally:
-            client.close()
-
-    def __repr__(self) -> str:  # the URL may carry a password
-        return f"LedgerIdsSince(since={self.since.isoformat()})"
 
 
 class LastProcessedAt(Protocol):

@@ -66,3 +66,16 @@ CREATE TABLE IF NOT EXISTS `${PROJECT}.${DATASET}.dead_letters` (
 )
 PARTITION BY DATE(failed_at)
 OPTIONS (description = 'Every record the pipeline could not process or deliver, with the stage and the reason.');
+
+CREATE TABLE IF NOT EXISTS `${PROJECT}.${DATASET}.http_intents` (
+    idempotency_key STRING    NOT NULL OPTIONS (description = 'the Idempotency-Key the batch is sent with'),
+    event_ids       STRING    NOT NULL OPTIONS (description = 'the event ids of the batch, ascending, comma-separated: what the key hashes'),
+    body            STRING    NOT NULL OPTIONS (description = 'the request body exactly as sent'),
+    event_count     INT64     NOT NULL,
+    recorded_at     TIMESTAMP NOT NULL OPTIONS (description = 'when the intent was recorded, before the first POST of the batch')
+)
+PARTITION BY DATE(recorded_at)
+OPTIONS (
+    partition_expiration_days = 2,
+    description = 'Write-ahead log of the HTTP sink: every batch, recorded before it is posted. A resumed job re-sends the batches of its overlap from here, with their keys, and skips their events (docs/http-sink.md). Rows of a retried bundle repeat; readers keep one per key.'
+);

@@ -8,6 +8,7 @@ from typing import Any
 
 import requests
 
+from devstack.audit import receipt_counts
 from devstack.config import StackConfig
 
 TIMEOUT = 10
@@ -38,15 +39,7 @@ class ExternalApiClient:
 
     def receipts(self, ids: Iterable[Any]) -> dict[Any, int]:
         """How many times the API stored each of ``ids`` (0 if never)."""
-        stored = self.get("/v1/events/ids")
-        counts = dict.fromkeys(ids, 0)
-        for event_id in stored["ids"]:
-            if event_id in counts:
-                counts[event_id] = 1
-        for duplicate in stored["duplicates"]:
-            if duplicate["id"] in counts:
-                counts[duplicate["id"]] = duplicate["count"]
-        return counts
+        return receipt_counts(self.get("/v1/events/ids"), ids)
 
     def close(self) -> None:
         self.session.close()

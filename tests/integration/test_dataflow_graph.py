@@ -170,7 +170,7 @@ def test_workers_read_the_postgresql_and_redis_passwords_from_their_secrets_whic
     dataflow_job,
 ):
     staged = _staged_bytes(dataflow_job.job)
-    # The content loader and lookup, the Redis sink and the HTTP ledger carry the secrets' names, not their payloads.
+    # The content loader and lookup and the Redis sink carry the secrets' names, not their payloads.
     for name, password in ((POSTGRES_PASSWORD_SECRET, POSTGRES_PASSWORD), (REDIS_PASSWORD_SECRET, REDIS_PASSWORD)):
         assert any(name.encode() in blob for blob in staged), name
         assert not any(password.encode() in blob for blob in staged), name

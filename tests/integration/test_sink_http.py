@@ -15,25 +15,33 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 from uuid import uuid4
 
 import apache_beam as beam
 import pytest
-import redis
 from apache_beam.metrics import MetricsFilter
 from apache_beam.runners.direct.direct_runner import DirectRunner
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from apache_beam.runners.runner import PipelineRunner
 
+from devstack import bigquery_clients
 from devstack.config import StackConfig
 from tests.integration.external_api import ExternalApiClient
+from transforms.bigquery_reads import BigQueryReadSettings, run_query
 from transforms.model import DeadLetter, EngagementEvent, EnrichedEvent, Stage
+from transforms.sinks.bigquery import BigQuerySinkSettings
 from transforms.sinks.http_api import HttpSinkSettings, WriteToHttpApi
 from transforms.sinks.http_delivery import RetryPolicy
-from transforms.sinks.http_ledger import DeliveryLedger
+from transforms.sinks.http_intents import (
+    INTENTS_TABLE,
+    IntentLogSettings,
+    IntentsSince,
+    IntentWriter,
+    batch_of_intent,
+)
 from transforms.sinks.http_token import TokenSource
 from transforms.sinks.http_wire import KEY_PREFIX, Batch, encode_event, event_document, shard_of_event
 
@@ -361,24 +369,81 @@ def test_without_the_checkpoint_the_sink_runs_on_the_plain_direct_runner(api: Ap
     assert_exactly_once(api, events)
 
 
-def test_acknowledged_events_are_recorded_in_the_delivery_ledger_for_restarts(api: Api, stack: StackConfig) -> None:
-    """The ledger (transforms/sinks/http_ledger.py) is what lets a resumed job skip what the API already has."""
-    prefix = f"ledger-{uuid4().hex[:10]}"
-    ledger = DeliveryLedger(prefix, ttl_seconds=120)
-    events = new_events(250)
-    before = datetime.now(UTC) - timedelta(minutes=1)
+def intent_log(stack: StackConfig, dataset: str) -> IntentLogSettings:
+    spec = BigQuerySinkSettings(stack.bq_project, dataset).table_spec(INTENTS_TABLE, INTENTS_TABLE)
+    return IntentLogSettings(spec=spec, endpoint=stack.bq_grpc_endpoint)
 
-    run = run_sink(events, api.settings(ledger=ledger, ledger_redis_url=stack.redis_url))
+
+def intents_since(stack: StackConfig, dataset: str, since: datetime) -> IntentsSince:
+    read = BigQueryReadSettings(
+        stack.bq_project, dataset, "enriched_events", "window_aggregates", rest_endpoint=stack.bq_rest_endpoint
+    )
+    return IntentsSince(read, INTENTS_TABLE, since)
+
+
+def test_every_batch_is_recorded_before_it_is_posted(api: Api, stack: StackConfig, dataset: str) -> None:
+    """The intent log (transforms/sinks/http_intents.py) holds each batch as sent, also one the API never got."""
+    since = datetime.now(UTC)  # the module shares one dataset: only this test's intents
+    delivered = new_events(250)
+    run = run_sink(delivered, api.settings(intents=intent_log(stack, dataset)))
+    assert run.dead_letters == []
+
+    with socket.socket() as probe:  # a port nobody listens on: every POST fails to connect
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    undeliverable = new_events(30)
+    refused = api.settings(
+        endpoint=f"http://127.0.0.1:{closed_port}/v1/events",
+        intents=intent_log(stack, dataset),
+        retry=RetryPolicy(max_attempts=2, initial_backoff_seconds=0.01, max_backoff_seconds=0.02),
+    )
+    run = run_sink(undeliverable, refused)
+    assert sorted(dead.event_id for dead in run.dead_letters) == sorted(ids_of(undeliverable))
+
+    intents = intents_since(stack, dataset, since)
+    assert intents.ids() == frozenset(ids_of(delivered) + ids_of(undeliverable))
+    client = bigquery_clients.rest_client(stack.bq_rest_endpoint, stack.bq_project)
+    rows = list(run_query(client, intents.query()))
+    by_key = {
+        row["idempotency_key"]: batch_of_intent(row["idempotency_key"], row["event_ids"], row["body"]) for row in rows
+    }
+    # Each recorded batch is what was (or would have been) sent: its key hashes its ids, its body re-forms it.
+    assert all(batch.key == key for key, batch in by_key.items())
+    assert sorted(i for batch in by_key.values() for i in batch.event_ids) == sorted(intents.ids())
+    mine = {enriched.event.id: encode_event(enriched) for enriched in delivered + undeliverable}
+    assert all(payload == mine[event_id] for batch in by_key.values() for event_id, payload in batch.events)
+
+
+def test_a_resume_sends_recorded_batches_again_with_their_keys(api: Api, stack: StackConfig, dataset: str) -> None:
+    """A stop can fall between a batch's intent and its POST. The resume re-sends every recorded batch as it
+    was: the API answers the delivered ones as replays and stores the others; no event is stored twice, even
+    though the re-read events would otherwise form new batches with new keys."""
+    since = datetime.now(UTC)  # the module shares one dataset: only this test's intents
+    log = intent_log(stack, dataset)
+    delivered = new_events(300)
+    run = run_sink(delivered, api.settings(intents=log))
+    assert run.dead_letters == []
+    # Recorded, then the job stopped before posting them: the intents exist, the API never saw the batches.
+    cut_short = new_events(40)
+    writer = IntentWriter(log)
+    try:
+        for shard in range(4):
+            writer.record(Batch.of((e.event.id, encode_event(e)) for e in cut_short if e.event.id % 4 == shard))
+    finally:
+        writer.close()
+    assert api.receipts(ids_of(cut_short)) == dict.fromkeys(ids_of(cut_short), 0)
+    never_sent = new_events(60)
+
+    # The resumed job re-reads all three groups; it skips the recorded events and re-sends their batches.
+    intents = intents_since(stack, dataset, since)
+    held = intents.ids()
+    reread = [e for e in delivered + cut_short + never_sent if e.event.id not in held]
+    assert ids_of(reread) == ids_of(never_sent)
+    run = run_sink(reread, api.settings(intents=log, replay=intents))
 
     assert run.dead_letters == []
-    client = redis.Redis.from_url(stack.redis_url)
-    try:
-        assert ledger.load_since(client, before, datetime.now(UTC)) == frozenset(ids_of(events))
-        # Nothing is recorded for a time after the deliveries, and keys expire with the ledger's TTL.
-        assert ledger.load_since(client, datetime.now(UTC) + timedelta(minutes=2), datetime.now(UTC)) == frozenset()
-        ttls = [client.ttl(key) for key in client.scan_iter(f"{prefix}:http:delivered:*")]
-        assert ttls
-        assert all(0 < ttl <= 120 + 120 for ttl in ttls)
-    finally:
-        client.delete(*client.scan_iter(f"{prefix}:*"))
-        client.close()
+    assert_exactly_once(api, delivered + cut_short + never_sent)
+    delivered_batches = run.counters["intents_resent"] - 4
+    assert delivered_batches >= 3  # 300 events, at most 100 per batch
+    assert run.counters["replayed"] == delivered_batches
+    assert run.counters["events_sent"] == 300 + 40 + 60

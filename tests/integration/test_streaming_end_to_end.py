@@ -8,6 +8,11 @@ the drain is a bounded run: ``--kafka_max_read_seconds`` ends the Kafka read whi
 content side input is read once, so the job's every source ends and it fires and flushes all it holds, as
 Dataflow's drain does.
 
+A third variant stops like the first and then deletes everything the job kept in Redis, as a Redis without
+persistence loses it when it restarts (issue 17): the HTTP API must still get every event once, because the
+HTTP sink's write-ahead intents live in BigQuery, and the windows the resume recomputes come back to Redis
+exactly.
+
 Events are inserted into PostgreSQL while the job runs (SPEC §3's awkward cases included: NULL and negative
 durations, NULL users, NULL content, content created just before its events, content without a
 length), flow through Debezium and Kafka into the job, and the job is stopped and restarted with
@@ -36,10 +41,12 @@ import psycopg2
 import pytest
 import redis
 
+from devstack import audit
+from devstack.audit import comparable, diff, ranked_buckets, redis_buckets
 from devstack.config import REPO_ROOT, StackConfig
 from devstack.run_local import pipeline_args
 from tests.integration.external_api import ExternalApiClient
-from transforms.sinks.redis_layout import RankingSettings, RedisKeys, from_score, read_top_content
+from transforms.sinks.redis_layout import RankingSettings, read_top_content
 
 pytestmark = pytest.mark.integration
 
@@ -58,22 +65,6 @@ DRAIN_SECONDS = 180  # for the drained run to fire its windows, flush its sinks 
 
 # --- what PostgreSQL says -----------------------------------------------------------------------------------
 
-GROUND_TRUTH_SQL = """
-SELECT to_timestamp(floor(extract(epoch FROM e.event_ts) / %(window)s) * %(window)s) AS window_start,
-       e.content_id::text AS content_id,
-       c.id IS NULL AS content_missing,
-       count(*) AS event_count,
-       count(*) FILTER (WHERE e.event_type = 'play') AS play_count,
-       count(*) FILTER (WHERE e.event_type = 'pause') AS pause_count,
-       count(*) FILTER (WHERE e.event_type = 'finish') AS finish_count,
-       count(*) FILTER (WHERE e.event_type = 'click') AS click_count,
-       coalesce(sum(e.duration_ms) FILTER (WHERE e.duration_ms >= 0), 0) / 1000.0 AS engagement_seconds_sum,
-       count(DISTINCT e.user_id) AS distinct_users
-FROM engagement_events e LEFT JOIN content c ON c.id = e.content_id
-WHERE e.id = ANY(%(ids)s)
-GROUP BY 1, 2, 3
-"""
-
 EVENTS_SQL = """
 SELECT e.id, e.duration_ms, c.id IS NULL AS content_missing, c.length_seconds
 FROM engagement_events e LEFT JOIN content c ON c.id = e.content_id
@@ -81,12 +72,8 @@ WHERE e.id = ANY(%(ids)s)
 """
 
 
-def ground_truth(conn, ids: list[int]) -> dict[tuple[datetime, str | None, bool], dict]:
-    with conn.cursor() as cursor:
-        cursor.execute(GROUND_TRUTH_SQL, {"window": WINDOW_SECONDS, "ids": ids})
-        names = [column.name for column in cursor.description]
-        rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-    return {(row["window_start"].astimezone(UTC), row["content_id"], row["content_missing"]): row for row in rows}
+def ground_truth(conn, ids: list[int]) -> dict:
+    return audit.ground_truth(conn, ids, WINDOW_SECONDS)
 
 
 def expected_event_rows(conn, ids: list[int]) -> dict[int, tuple]:
@@ -216,8 +203,7 @@ def job_args(cfg: StackConfig, dataset: str, prefix: str, group: str, start: dat
 
 
 def bigquery_rows(bq, cfg: StackConfig, dataset: str, sql: str) -> list[dict]:
-    table_prefix = f"`{cfg.bq_project}.{dataset}"
-    return [dict(row) for row in bq.query_and_wait(sql.replace("`DATASET", table_prefix))]
+    return audit.bigquery_rows(bq, f"{cfg.bq_project}.{dataset}", sql)
 
 
 def wait_for(description: str, check, timeout: float, jobs: list[StreamingJob], show=None) -> None:
@@ -232,7 +218,7 @@ def wait_for(description: str, check, timeout: float, jobs: list[StreamingJob], 
     pytest.fail(f"timed out waiting for {description}" + (f":\n{show()}" if show else "") + logs)
 
 
-@pytest.mark.parametrize("stop", ["interrupt", "drain"])
+@pytest.mark.parametrize("stop", ["interrupt", "drain", "redis_lost"])
 def test_stream_with_a_restart_matches_postgres_exactly(private_api, dataset, bq, tmp_path, stop: str) -> None:
     cfg = private_api
     drain = stop == "drain"
@@ -274,6 +260,12 @@ def test_stream_with_a_restart_matches_postgres_exactly(private_api, dataset, bq
         else:
             time.sleep(STOP_AFTER_SECONDS)
             first.stop()
+            if stop == "redis_lost":
+                # A Redis without persistence restarted while the job was down: everything the job kept
+                # there is gone. The HTTP sink must still send each event once (its intents are in BigQuery).
+                lost = list(cache.scan_iter(f"{prefix}:*"))
+                assert lost, "the first run wrote nothing to Redis"
+                cache.delete(*lost)
         assert writer.is_alive(), f"the writer stopped before the restart: {writer.error}"
 
         second = StreamingJob(job_args(cfg, dataset, prefix, group, None), tmp_path / "second.log", cfg.http_api_token)
@@ -302,8 +294,16 @@ def test_stream_with_a_restart_matches_postgres_exactly(private_api, dataset, bq
         def aggregates_complete() -> bool:
             return diff(current_aggregates(bq, cfg, dataset, truth), comparable(truth)) == ""
 
+        if stop == "redis_lost":
+            # Only the windows the resume recomputes come back to Redis; older ones need a backfill.
+            read_from = datetime.fromisoformat(re.search(r"re-reading Kafka from (\S+),", second.log()).group(1))
+            in_redis = {key: row for key, row in truth.items() if key[0] >= read_from}
+            assert in_redis, "no window was recomputed"
+        else:
+            in_redis = truth
+
         def redis_complete() -> bool:
-            return diff(redis_buckets(cache, prefix, truth), ranked_buckets(truth)) == ""
+            return diff(redis_buckets(cache, prefix, in_redis), ranked_buckets(in_redis)) == ""
 
         for description, check, show in (
             ("every event in BigQuery", bigquery_complete, None),
@@ -316,7 +316,7 @@ def test_stream_with_a_restart_matches_postgres_exactly(private_api, dataset, bq
             (
                 "the Redis buckets to match PostgreSQL",
                 redis_complete,
-                lambda: diff(redis_buckets(cache, prefix, truth), ranked_buckets(truth)),
+                lambda: diff(redis_buckets(cache, prefix, in_redis), ranked_buckets(in_redis)),
             ),
         ):
             wait_for(description, check, CONVERGE_SECONDS, [second], show)
@@ -333,13 +333,13 @@ def test_stream_with_a_restart_matches_postgres_exactly(private_api, dataset, bq
         } == expected_rows
         assert api.receipts(ids) == dict.fromkeys(ids, 1)
         assert diff(current_aggregates(bq, cfg, dataset, truth), comparable(truth)) == ""
-        assert diff(redis_buckets(cache, prefix, truth), ranked_buckets(truth)) == ""
+        assert diff(redis_buckets(cache, prefix, in_redis), ranked_buckets(in_redis)) == ""
 
         # The top 10 ranks our content as PostgreSQL does; content of other writers (none in CI) may share it.
         top = read_top_content(cache, prefix, n=10, ranking=ranking)
         mine = {content_id for (_, content_id, missing) in truth if not missing}
         ours = [(entry.content_id, entry.engagement_seconds) for entry in top if entry.content_id in mine]
-        expected = expected_top(truth, ranking)
+        expected = expected_top(in_redis, ranking)
         assert ours == expected[: len(ours)]
         assert len(ours) == min(len(expected), 10 - (len(top) - len(ours)))
 
@@ -355,6 +355,10 @@ def test_stream_with_a_restart_matches_postgres_exactly(private_api, dataset, bq
         held = [int(n) for n in re.findall(r"resume: bigquery already holds (\d+) events", log)]
         assert held, log[-4000:]
         assert max(held) > 0, log[-4000:]
+        held_by_http = [int(n) for n in re.findall(r"resume: http already holds (\d+) events", log)]
+        assert held_by_http, log[-4000:]
+        assert max(held_by_http) > 0, log[-4000:]
+        assert re.search(r"resume: sending \d+ recorded batches", log), log[-4000:]
         if drain:
             # The drain really fired a window partially filled, and the relaunch's panes completed it.
             final = ranked_buckets(truth)
@@ -370,73 +374,13 @@ def test_stream_with_a_restart_matches_postgres_exactly(private_api, dataset, bq
 
 # --- comparisons ----------------------------------------------------------------------------------------------
 
-VALUE_COLUMNS = ("event_count", "play_count", "pause_count", "finish_count", "click_count", "distinct_users")
-
-
-def diff(actual: dict, expected: dict) -> str:
-    """'' when equal; otherwise the differing keys, for the failure message."""
-    lines = [
-        f"{key}: actual {actual.get(key)} expected {expected.get(key)}"
-        for key in sorted(set(actual) | set(expected), key=str)
-        if actual.get(key) != expected.get(key)
-    ]
-    return "\n".join(lines[:20]) + (f"\n... {len(lines)} differences" if lines else "")
-
-
-def comparable(truth: dict) -> dict:
-    """The truth per window and content id. Events without a content id are left out: other writers' events
-    (the shared topic carries them while other work runs; none in CI) would land in the same NULL group.
-    Ours are checked one by one in enriched_events instead."""
-    return {
-        key: (*(int(row[c]) for c in VALUE_COLUMNS), Decimal(row["engagement_seconds_sum"]).quantize(Decimal("0.001")))
-        for key, row in truth.items()
-        if key[1] is not None
-    }
-
 
 def current_aggregates(bq, cfg: StackConfig, dataset: str, truth: dict) -> dict:
-    contents = {content_id for (_, content_id, _) in truth if content_id is not None}
-    listed = ",".join(f"'{content_id}'" for content_id in contents)
-    rows = bigquery_rows(
-        bq, cfg, dataset, f"SELECT * FROM `DATASET.window_aggregates_current` WHERE content_id IN ({listed})"
-    )
-    return {
-        (row["window_start"].astimezone(UTC), row["content_id"], row["content_missing"]): (
-            *(int(row[c]) for c in VALUE_COLUMNS),
-            Decimal(row["engagement_seconds_sum"]).quantize(Decimal("0.001")),
-        )
-        for row in rows
-    }
+    return audit.current_aggregates(bq, f"{cfg.bq_project}.{dataset}", truth)
 
 
 def rows_for(truth: dict, missing: bool) -> list[dict]:
     return [row for (_, _, is_missing), row in truth.items() if is_missing == missing]
-
-
-def ranked_buckets(truth: dict) -> dict:
-    """(window start, content) -> (engagement seconds, events) for content that ranks (SPEC §3)."""
-    return {
-        (int(window.timestamp()), content_id): (
-            Decimal(row["engagement_seconds_sum"]).quantize(Decimal("0.001")),
-            int(row["event_count"]),
-        )
-        for (window, content_id, missing), row in truth.items()
-        if not missing
-    }
-
-
-def redis_buckets(cache: redis.Redis, prefix: str, truth: dict) -> dict:
-    keys = RedisKeys(prefix)
-    mine = {content_id for (_, content_id, missing) in truth if not missing}
-    found = {}
-    for window in {int(window.timestamp()) for (window, _, _) in truth}:
-        seconds = dict(cache.zrange(keys.bucket(window), 0, -1, withscores=True))
-        events = dict(cache.zrange(keys.bucket_events(window), 0, -1, withscores=True))
-        for member, score in seconds.items():
-            content_id = member.decode()
-            if content_id in mine:
-                found[(window, content_id)] = (from_score(score), int(events.get(member, 0)))
-    return found
 
 
 def expected_top(truth: dict, ranking: RankingSettings) -> list[tuple[str, Decimal]]:

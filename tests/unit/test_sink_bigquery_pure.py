@@ -43,6 +43,8 @@ from transforms.sinks.bigquery_proto import (
     stream_of_row,
 )
 from transforms.sinks.bigquery_tables import Column, TableSpec
+from transforms.sinks.http_intents import intent_row
+from transforms.sinks.http_wire import Batch
 
 PROCESSED_AT = datetime(2026, 11, 22, 10, 0, 1, 123456, tzinfo=UTC)
 COLUMNS = parse_table_columns(TABLES_DDL.read_text())
@@ -58,7 +60,10 @@ def event_row(event_id: int = 7) -> dict:
 
 def test_the_ddl_gives_every_column_of_the_rows_with_type_and_mode() -> None:
     assert [c.name for c in COLUMNS["enriched_events"]] == list(event_row())
-    assert set(COLUMNS) == {"enriched_events", "window_aggregates", "dead_letters"}
+    assert set(COLUMNS) == {"enriched_events", "window_aggregates", "dead_letters", "http_intents"}
+    intent = intent_row(Batch.of([(1, b'{"id":1}')]), PROCESSED_AT)
+    assert [c.name for c in COLUMNS["http_intents"]] == list(intent)
+    assert all(c.required for c in COLUMNS["http_intents"])
     by_name = {c.name: c for c in COLUMNS["enriched_events"]}
     assert by_name["event_id"] == Column("event_id", "INT64", required=True)
     assert by_name["engagement_pct"] == Column("engagement_pct", "NUMERIC", required=False)

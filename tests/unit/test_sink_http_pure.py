@@ -26,6 +26,7 @@ from transforms.sinks.http_delivery import (
     deliver,
     parse_retry_after,
 )
+from transforms.sinks.http_intents import UnreplayableIntentError, batch_of_intent, intent_row
 from transforms.sinks.http_token import Secret, TokenSource, redact
 from transforms.sinks.http_wire import (
     KEY_PREFIX,
@@ -40,6 +41,7 @@ from transforms.sinks.http_wire import (
 CONTENT_ID = UUID("11111111-1111-4111-8111-111111111111")
 USER_ID = UUID("00000000-0000-4000-8000-000000000001")
 TOKEN = "s3cr3t-token-value"
+BQ = "--bigquery_project=p"  # the intent log lives in the BigQuery sink's dataset
 SOURCE = TokenSource(env_var="HTTP_SINK_TEST_TOKEN")
 
 
@@ -170,6 +172,40 @@ def test_batch_sends_a_repeated_id_once():
     batch = Batch.of([(5, b'{"id":5,"v":"b"}'), (4, b'{"id":4}'), (5, b'{"id":5,"v":"a"}')])
     assert batch.event_ids == [4, 5]
     assert batch.body() == b'{"events":[{"id":4},{"id":5,"v":"a"}]}'
+
+
+# --- the intent log ---
+
+
+def test_an_intent_re_forms_its_batch_byte_for_byte():
+    awkward = [
+        enriched(9, title='quote " backslash \\ tab \t emoji \U0001f600 nul-free', slug=None),
+        enriched(3, content_missing=True, content_type=None, title=None, slug=None, length_seconds=None),
+        enriched(5, event=enriched(5).event.model_copy(update={"raw_payload": None, "duration_ms": -4})),
+        enriched(2**53 - 1),
+    ]
+    batch = Batch.of((e.event.id, encode_event(e)) for e in awkward)
+    row = intent_row(batch, NOW)
+
+    assert row["event_ids"] == f"3,5,9,{2**53 - 1}"
+    assert row["idempotency_key"] == batch.key == idempotency_key([3, 5, 9, 2**53 - 1])
+    assert row["event_count"] == 4
+    rebuilt = batch_of_intent(row["idempotency_key"], row["event_ids"], row["body"])
+    assert rebuilt == batch
+    assert rebuilt.body() == batch.body()
+
+
+def test_an_intent_that_does_not_re_form_its_batch_is_refused():
+    batch = Batch.of((e.event.id, encode_event(e)) for e in (enriched(1), enriched(2)))
+    row = intent_row(batch, NOW)
+    spaced = row["body"].replace('"id":1,', '"id": 1,')  # the same events, other bytes: not what was sent
+
+    with pytest.raises(UnreplayableIntentError, match="does not re-form"):
+        batch_of_intent(row["idempotency_key"], row["event_ids"], spaced)
+    with pytest.raises(UnreplayableIntentError, match="does not re-form"):
+        batch_of_intent(idempotency_key([1]), row["event_ids"], row["body"])
+    with pytest.raises(UnreplayableIntentError, match="not a batch"):
+        batch_of_intent(row["idempotency_key"], row["event_ids"], '{"events": "nope"}')
 
 
 # --- retry classification ---
@@ -419,7 +455,7 @@ def test_the_settings_carry_where_the_token_is_not_the_token(monkeypatch):
     # The settings are pickled into the job graph; only the source may travel (on Dataflow, to pipeline.pb).
     monkeypatch.setenv("HTTP_SINK_TEST_TOKEN", TOKEN)
     options = PipelineOptions(
-        ["--http_api_url=https://api.example.com/v1/events", "--http_api_token_env=HTTP_SINK_TEST_TOKEN"]
+        ["--http_api_url=https://api.example.com/v1/events", "--http_api_token_env=HTTP_SINK_TEST_TOKEN", BQ]
     )
     settings = HttpSinkSettings.from_options(options)
     assert TOKEN.encode() not in pickle.dumps(settings)
@@ -448,21 +484,41 @@ def test_options_build_settings(monkeypatch):
             "--http_api_max_in_flight=3",
             "--http_api_max_attempts=5",
             "--http_api_max_retry_seconds=60",
+            BQ,
         ]
     )
     settings = HttpSinkSettings.from_options(options)
     assert settings is not None
+    assert settings.intents is not None
+    assert settings.intents.spec.table_id == "p.engagement.http_intents"
+    assert settings.intents.endpoint is None  # Google's BigQuery
+    assert settings.replay is None
     assert (settings.batch_size, settings.max_wait_seconds, settings.shards, settings.max_in_flight) == (100, 0.5, 2, 3)
     assert (settings.retry.max_attempts, settings.retry.max_retry_seconds) == (5, 60)
     assert settings.token_source == TokenSource(env_var="MY_TOKEN_VAR")
     assert TOKEN not in repr(settings)
 
 
+def test_the_intent_log_is_written_where_the_bigquery_sink_writes(monkeypatch):
+    monkeypatch.setenv("HTTP_API_TOKEN", TOKEN)
+    url = "--http_api_url=http://127.0.0.1:1/v1/events"
+    local = [
+        "--bigquery_write_method=local_storage_write",
+        "--bigquery_endpoint=127.0.0.1:9060",
+        "--bigquery_dataset=d",
+    ]
+    settings = HttpSinkSettings.from_options(PipelineOptions([url, BQ, *local, "--http_api_intents_table=intents"]))
+    assert settings.intents.spec.table_id == "p.d.intents"
+    assert settings.intents.endpoint == "127.0.0.1:9060"
+    assert [c.name for c in settings.intents.spec.columns][:3] == ["idempotency_key", "event_ids", "body"]
+    assert HttpSinkSettings.from_options(PipelineOptions([url, BQ, "--http_api_intents_table="])).intents is None
+
+
 def test_token_file_option_wins_over_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("HTTP_API_TOKEN", raising=False)
     path = tmp_path / "token"
     path.write_text(TOKEN)
-    options = PipelineOptions(["--http_api_url=http://127.0.0.1:1/v1/events", f"--http_api_token_file={path}"])
+    options = PipelineOptions(["--http_api_url=http://127.0.0.1:1/v1/events", f"--http_api_token_file={path}", BQ])
     settings = HttpSinkSettings.from_options(options)
     assert settings is not None
     assert settings.token_source == TokenSource(file_path=str(path))
@@ -471,7 +527,9 @@ def test_token_file_option_wins_over_the_environment(tmp_path, monkeypatch):
 def test_a_secret_outranks_the_variable_and_is_not_read_while_the_graph_is_built(monkeypatch):
     monkeypatch.setattr(secrets, "read_secret_version", lambda name: pytest.fail("read at build time"))
     secret = "projects/p/secrets/token/versions/4"
-    options = PipelineOptions(["--http_api_url=https://api.example.com/v1/events", f"--http_api_token_secret={secret}"])
+    options = PipelineOptions(
+        ["--http_api_url=https://api.example.com/v1/events", f"--http_api_token_secret={secret}", BQ]
+    )
     assert HttpSinkSettings.from_options(options).token_source == TokenSource(secret_version=secret)
 
 

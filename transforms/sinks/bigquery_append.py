@@ -98,10 +98,11 @@ def rejected_rows(response: types.AppendRowsResponse) -> dict[int, str]:
 
 @dataclass(frozen=True)
 class StreamPosition:
-    """Where a shard writes next: its COMMITTED stream and the offset of the next row."""
+    """Where a shard writes next: its COMMITTED stream and the offset of the next row; an offset of None
+    appends wherever the stream ends (the ``_default`` stream takes no offsets)."""
 
     stream: str
-    offset: int
+    offset: int | None
 
 
 @dataclass
@@ -145,15 +146,20 @@ class TableAppender:
         self._max_attempts = max_attempts
         self._backoff = backoff
 
+    def default_stream(self) -> str:
+        """The table's ``_default`` stream: rows are committed as each append is acknowledged, at least once."""
+        return f"{self._client.table_path(self._spec.project, self._spec.dataset, self._spec.table)}/streams/_default"
+
     def create_stream(self) -> str:
         parent = self._client.table_path(self._spec.project, self._spec.dataset, self._spec.table)
         stream = types.WriteStream(type_=types.WriteStream.Type.COMMITTED)
         return self._client.create_write_stream(parent=parent, write_stream=stream).name
 
     def _append_once(self, position: StreamPosition, rows: Sequence[bytes]) -> types.AppendRowsResponse:
+        offset = {} if position.offset is None else {"offset": position.offset}
         request = types.AppendRowsRequest(
             write_stream=position.stream,
-            offset=position.offset,
+            **offset,
             proto_rows=types.AppendRowsRequest.ProtoData(
                 writer_schema=self._schema,
                 rows=types.ProtoRows(serialized_rows=list(rows)),

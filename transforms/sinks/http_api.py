@@ -7,8 +7,11 @@
                             (transforms/batching.py: per-bundle lists, then GroupIntoBatches across bundles)
       | PersistBatches      ReshufflePerKey: a checkpoint, so a retried POST bundle sees the same batches
                             (skipped with checkpoint_batches=False, for Python's DirectRunner)
-      | PostBatches         POST {"events": [...]} with Idempotency-Key = hash of the batch's sorted ids
+      | PostBatches         record the batch in the intent log (BigQuery), then POST {"events": [...]} with
+                            Idempotency-Key = hash of the batch's sorted ids
       -> dead letters, one per event that could not be delivered
+
+    a resumed job's recorded batches (ReplayIntents) join before PersistBatches and are posted as they were.
 
 The body and the key depend only on the batch's events, never on time or attempt, so every retry of a batch
 (by this DoFn, or by the runner re-running the bundle) carries the same key and the same body, and the API
@@ -16,7 +19,7 @@ stores it once. docs/http-sink.md explains what is and is not guaranteed, and ho
 branch instead of stalling the rest of the pipeline.
 
 By role: the wire format (events, batches, keys) is ``http_wire``, the delivery rules (retries, Retry-After,
-give-up) ``http_delivery``, the token ``http_token``, the delivery ledger ``http_ledger``; this module holds
+give-up) ``http_delivery``, the token ``http_token``, the write-ahead intent log ``http_intents``; this module holds
 the settings and options, the DoFn and the transform.
 """
 
@@ -31,12 +34,10 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import apache_beam as beam
 import requests
-import tenacity
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.util import ReshufflePerKey
@@ -48,7 +49,6 @@ from requests.adapters import HTTPAdapter
 from transforms.batching import BatchAcrossBundles
 from transforms.dead_letters import DEAD_LETTER_TAG, GuardedMap
 from transforms.model import DeadLetter, EnrichedEvent, SourceCoordinates, Stage
-from transforms.retry import Backoff, retrying
 from transforms.secrets import runs_on_dataflow
 from transforms.sinks.http_delivery import (
     RETRY_AFTER_STATUSES,
@@ -61,19 +61,20 @@ from transforms.sinks.http_delivery import (
     deliver,
     parse_retry_after,
 )
-from transforms.sinks.http_ledger import DeliveryLedger
+from transforms.sinks.http_intents import (
+    INTENTS_TABLE,
+    IntentLogSettings,
+    IntentsSince,
+    IntentWriter,
+    ReplayIntents,
+)
 from transforms.sinks.http_token import SECRET_VERSION_PATTERN, Secret, TokenSource, redact
 from transforms.sinks.http_wire import Batch, display_url, encode_event, shard_of_event
-
-if TYPE_CHECKING:  # for annotations only: this module imports redis_top where it uses it
-    from transforms.sinks.redis_top import RedisUrl
 
 _log = logging.getLogger(__name__)
 
 METRICS_NAMESPACE = "sink.http"
 REASON_EXCERPT_CHARS = 200
-_LEDGER_BACKOFF = Backoff(initial_seconds=0.2, max_seconds=1.0)
-"""The ledger is best effort (a missed entry only means a restart may resend the batch): three quick tries."""
 
 
 # --- settings and options -------------------------------------------------------------------------------
@@ -97,9 +98,11 @@ class HttpSinkSettings:
     bounded_input: bool = False
     """A bounded run (the backfill) cuts batches by count only: the end of its input flushes what is left, and
     no processing-time timer is set, which the FnApiRunner cannot fire."""
-    ledger: DeliveryLedger | None = None
-    """Where acknowledged ids are recorded for restarts (transforms/resume.py); None: not recorded."""
-    ledger_redis_url: str | RedisUrl | None = field(default=None, repr=False)
+    intents: IntentLogSettings | None = None
+    """Where each batch is recorded before its first POST (transforms/sinks/http_intents.py); None: nowhere,
+    and a resumed job sends its overlap again in new batches."""
+    replay: IntentsSince | None = None
+    """A resumed job's batches to send again as they were, set by its plan (pipelines/streaming.py)."""
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.endpoint)
@@ -112,16 +115,13 @@ class HttpSinkSettings:
             raise ValueError("max_wait_seconds must be positive")
         if self.connect_timeout_seconds <= 0 or self.read_timeout_seconds <= 0:
             raise ValueError("timeouts must be positive")
-        if self.ledger is not None and not self.ledger_redis_url:
-            raise ValueError("the delivery ledger needs a Redis URL")
+        if self.replay is not None and self.intents is None:
+            raise ValueError("re-sending recorded batches needs the intent log")
 
     @classmethod
     def from_options(cls, options: PipelineOptions) -> HttpSinkSettings | None:
         """The settings, or None when the sink is disabled."""
-        from transforms.sinks.redis_top import RedisSinkOptions, redis_url_from_options
-
         opts = options.view_as(HttpSinkOptions)
-        redis = options.view_as(RedisSinkOptions)
         if opts.http_api_sink == "disabled":
             return None
         if not opts.http_api_url:
@@ -144,13 +144,19 @@ class HttpSinkSettings:
                 retry_after_cap_seconds=opts.http_api_retry_after_cap_seconds,
             ),
             checkpoint_batches=opts.http_api_checkpoint_batches == "true",
-            ledger=(
-                DeliveryLedger(redis.redis_key_prefix, opts.http_api_ledger_ttl_seconds)
-                if opts.http_api_ledger_ttl_seconds > 0
-                else None
-            ),
-            ledger_redis_url=redis_url_from_options(options),
+            intents=intent_log_from(options, opts.http_api_intents_table),
         )
+
+
+def intent_log_from(options: PipelineOptions, table: str) -> IntentLogSettings | None:
+    """The intent log in the BigQuery sink's dataset, written as the sink writes (the emulator locally)."""
+    from transforms.sinks.bigquery import LOCAL_STORAGE_WRITE, BigQuerySinkSettings
+
+    if not table:
+        return None
+    bigquery = BigQuerySinkSettings.from_options(options)
+    endpoint = bigquery.endpoint if bigquery.write_method == LOCAL_STORAGE_WRITE else None
+    return IntentLogSettings(spec=bigquery.table_spec(INTENTS_TABLE, table), endpoint=endpoint)
 
 
 def token_source_from(opts: HttpSinkOptions, on_dataflow: bool) -> TokenSource:
@@ -307,13 +313,13 @@ class HttpSinkOptions(PipelineOptions):
             ),
         )
         parser.add_argument(
-            "--http_api_ledger_ttl_seconds",
-            type=int,
-            default=3600,
+            "--http_api_intents_table",
+            default=INTENTS_TABLE,
             help=(
-                "Record the ids of acknowledged events in Redis (--redis_url, under --redis_key_prefix) for this "
-                "many seconds, so a job restarted with --start_offset=resume within that time does not send them "
-                "again in differently keyed batches. 0 disables the ledger. About 8 bytes per event."
+                "BigQuery table (in --bigquery_dataset) where each batch is recorded before it is posted, so a job "
+                "restarted with --start_offset=resume sends the batches of its overlap again with their own "
+                "idempotency keys and never sends an event in a second batch. Empty: no log, and a resumed job "
+                "sends its overlap again in new batches (the API then stores those events twice)."
             ),
         )
 
@@ -342,7 +348,6 @@ class PostBatchesFn(beam.DoFn):
         self._replayed = Metrics.counter(METRICS_NAMESPACE, "replayed")
         self._dead_lettered = Metrics.counter(METRICS_NAMESPACE, "dead_lettered")
         self._batch_seconds = Metrics.distribution(METRICS_NAMESPACE, "batch_delivery_ms")
-        self._ledger_failed = Metrics.counter(METRICS_NAMESPACE, "ledger_failed")
 
     def setup(self) -> None:
         settings = self._settings
@@ -359,11 +364,7 @@ class PostBatchesFn(beam.DoFn):
         self._pool = ThreadPoolExecutor(max_workers=settings.max_in_flight, thread_name_prefix="http-sink")
         self._stopping = threading.Event()
         self._endpoint = display_url(settings.endpoint)
-        self._ledger_client = None
-        if settings.ledger is not None:
-            from transforms.sinks.redis_top import connect
-
-            self._ledger_client = connect(settings.ledger_redis_url)
+        self._intents = IntentWriter(settings.intents) if settings.intents is not None else None
 
     def start_bundle(self) -> None:
         self._pending: deque[tuple[Batch, Timestamp, float, Future[Delivery]]] = deque()
@@ -397,8 +398,8 @@ class PostBatchesFn(beam.DoFn):
             self._stopping.set()  # wakes batches sleeping between retries; they fail, and so does the bundle
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._session.close()
-            if self._ledger_client is not None:
-                self._ledger_client.close()
+            if self._intents is not None:
+                self._intents.close()
 
     def _complete(
         self, batch: Batch, timestamp: Timestamp, started: float, future: Future[Delivery]
@@ -412,7 +413,6 @@ class PostBatchesFn(beam.DoFn):
             self._written.inc(len(batch.events))
             if delivery.replayed:
                 self._replayed.inc()
-            self._record_delivered(batch)
             return
         self._dead_lettered.inc(len(batch.events))
         _log.warning(
@@ -425,23 +425,12 @@ class PostBatchesFn(beam.DoFn):
             source = SourceCoordinates(kind="postgres", table="engagement_events", row_id=event_id)
             yield DeadLetter.of(Stage.HTTP, reason, payload, source, event_id=event_id)
 
-    def _record_delivered(self, batch: Batch) -> None:
-        """Best effort: the batch *is* delivered; a missing ledger entry only means a restart may resend it."""
-        if self._ledger_client is None:
-            return
-        import redis
-
-        ledger, client = self._settings.ledger, self._ledger_client
-        try:
-            retrying(tenacity.retry_if_exception_type(redis.RedisError), _LEDGER_BACKOFF, attempts=3)(
-                ledger.record, client, batch.event_ids, time.time()
-            )
-        except redis.RedisError as error:
-            self._ledger_failed.inc(len(batch.events))
-            _log.warning("HTTP API sink: could not record batch %s in the ledger: %s", batch.key, error)
-
     def _deliver(self, batch: Batch) -> Delivery:
         key, body = batch.key, batch.body()
+        if self._intents is not None:
+            # Write-ahead: BigQuery holds the batch before the API can. If it cannot be recorded, the bundle
+            # fails and the runner retries it; nothing is posted without its intent.
+            self._intents.record(batch)
         return deliver(lambda: self._send(key, body), self._settings.retry, self._sleep)
 
     def _sleep(self, seconds: float) -> bool:
@@ -504,6 +493,11 @@ class WriteToHttpApi(beam.PTransform):
         batches = encoded.converted | "Batch per shard" >> BatchAcrossBundles(
             settings.batch_size, max_wait, value_type=tuple[int, bytes]
         )
+        replayed_dead: list[beam.PCollection[DeadLetter]] = []
+        if settings.replay is not None:
+            replays = events.pipeline | "Recorded batches again" >> ReplayIntents(settings.replay, settings.shards)
+            batches = (batches, replays.batches) | "With recorded batches" >> beam.Flatten()
+            replayed_dead.append(replays[DEAD_LETTER_TAG])
         if settings.checkpoint_batches:
             # A checkpoint between forming and sending batches: a retried PostBatches bundle reads the
             # batches the runner persisted instead of regrouping. Still keyed by shard, so a streaming runner
@@ -511,4 +505,4 @@ class WriteToHttpApi(beam.PTransform):
             batches = batches | "PersistBatches" >> ReshufflePerKey()
         undelivered = batches | "PostBatches" >> beam.ParDo(PostBatchesFn(settings)).with_output_types(DeadLetter)
         # Both are in the global window already.
-        return (encoded[DEAD_LETTER_TAG], undelivered) | "Dead letters" >> beam.Flatten()
+        return (encoded[DEAD_LETTER_TAG], *replayed_dead, undelivered) | "Dead letters" >> beam.Flatten()
