@@ -174,6 +174,8 @@ class Audit:
     aggregates: SinkAudit
     redis: SinkAudit
     dead_letters: int
+    examples: str = ""
+    """A few of the differing windows, actual against expected, for a report."""
 
     @property
     def exact(self) -> bool:
@@ -200,12 +202,19 @@ def audit_sinks(
         table_prefix,
         f"SELECT COUNT(*) AS n FROM `DATASET.dead_letters` WHERE event_id IN ({listed})",  # noqa: S608
     )
+    aggregates = current_aggregates(bq, table_prefix, truth)
+    buckets = redis_buckets(cache, redis_prefix, truth)
     return Audit(
         bigquery_events=copies_audit(id_copies(bq, table_prefix, ids)),
         http=copies_audit(Counter({i: receipts.get(i, 0) for i in ids})),
-        aggregates=SinkAudit(wrong=differences(current_aggregates(bq, table_prefix, truth), expected_aggregates)),
-        redis=SinkAudit(wrong=differences(redis_buckets(cache, redis_prefix, truth), expected_buckets)),
+        aggregates=SinkAudit(wrong=differences(aggregates, expected_aggregates)),
+        redis=SinkAudit(wrong=differences(buckets, expected_buckets)),
         dead_letters=int(dead[0]["n"]),
+        examples="\n".join(
+            part
+            for part in (diff(aggregates, expected_aggregates, limit=3), diff(buckets, expected_buckets, limit=3))
+            if part
+        ),
     )
 
 

@@ -422,7 +422,7 @@ class Sample:
     rss_by_process: dict[str, int] = field(default_factory=dict)
     """RSS of the job's processes by command name (python, prism, java)."""
     redis_used_memory: int | None = None
-    """Redis's ``used_memory`` (the whole server: de-dup-free pane totals, buckets, ledger), every few samples."""
+    """Redis's ``used_memory`` (the whole server: the buckets and rankings), every few samples."""
 
 
 def memory_trend(samples: Sequence[Sample], first: float, last: float, rows: int = 7) -> list[str]:
@@ -667,14 +667,15 @@ class Resources:
 
     cfg: StackConfig
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    kind: str = "bench-stream"
 
     @property
     def name(self) -> str:
-        return f"bench-stream-{self.run_id}"
+        return f"{self.kind}-{self.run_id}"
 
     @property
     def dataset(self) -> str:
-        return f"bench_stream_{self.run_id}"
+        return self.name.replace("-", "_")
 
     @property
     def stack(self) -> StackConfig:

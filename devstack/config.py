@@ -1,10 +1,11 @@
 """Where the local stack lives and which ports it listens on.
 
-A checkout runs up to three instances of the stack side by side, chosen by ``STACK_INSTANCE``:
+A checkout runs up to four instances of the stack side by side, chosen by ``STACK_INSTANCE``:
 
 - ``dev`` (the default): what ``scripts/run-local`` and ``scripts/backfill`` use, in ``.stack``;
 - ``test``: the test suite's own (``scripts/test`` and ``tests/conftest.py`` select it), in ``.stack-test``;
-- ``bench``: the benchmarks' own, in ``.stack-bench``.
+- ``bench``: the benchmarks' own, in ``.stack-bench``;
+- ``faults``: ``scripts/faults``' own, whose services it kills and restarts, in ``.stack-faults``.
 
 So a test or a benchmark never writes a row, a key or a request into the stack a person watches. Every value
 can be overridden through an environment variable so two checkouts can run side by side (give the second one
@@ -33,6 +34,7 @@ INSTANCES = {
     "dev": Instance(".stack", 0),
     "test": Instance(".stack-test", 100),
     "bench": Instance(".stack-bench", 200),
+    "faults": Instance(".stack-faults", 300),
 }
 
 

@@ -22,7 +22,7 @@ def test_this_suite_runs_on_the_test_instance():
     assert cfg.stack_dir.name == ".stack-test"
 
 
-@pytest.mark.parametrize("instance", ["test", "bench"])
+@pytest.mark.parametrize("instance", ["test", "bench", "faults"])
 def test_an_instance_shares_no_port_and_no_directory_with_the_developers_stack(monkeypatch, instance):
     monkeypatch.delenv("STACK_DIR", raising=False)
     developer, other = config_of(monkeypatch, "dev"), config_of(monkeypatch, instance)
