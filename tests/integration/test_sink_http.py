@@ -427,8 +427,12 @@ def test_a_resume_sends_recorded_batches_again_with_their_keys(api: Api, stack: 
     cut_short = new_events(40)
     writer = IntentWriter(log)
     try:
-        for shard in range(4):
-            writer.record(Batch.of((e.event.id, encode_event(e)) for e in cut_short if e.event.id % 4 == shard))
+        writer.record(
+            [
+                Batch.of((e.event.id, encode_event(e)) for e in cut_short if e.event.id % 4 == shard)
+                for shard in range(4)
+            ]
+        )
     finally:
         writer.close()
     assert api.receipts(ids_of(cut_short)) == dict.fromkeys(ids_of(cut_short), 0)

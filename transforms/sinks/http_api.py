@@ -75,6 +75,9 @@ _log = logging.getLogger(__name__)
 
 METRICS_NAMESPACE = "sink.http"
 REASON_EXCERPT_CHARS = 200
+INTENTS_PER_APPEND = 16
+INTENT_BYTES_PER_APPEND = 4 * 1024 * 1024
+"""Batches recorded per intent append, at most: the append waits for all of them (AppendRows takes 10 MB)."""
 
 
 # --- settings and options -------------------------------------------------------------------------------
@@ -368,6 +371,8 @@ class PostBatchesFn(beam.DoFn):
 
     def start_bundle(self) -> None:
         self._pending: deque[tuple[Batch, Timestamp, float, Future[Delivery]]] = deque()
+        self._unrecorded: list[tuple[Batch, Timestamp]] = []
+        self._unrecorded_bytes = 0
 
     def process(
         self, keyed_batch: tuple[int, Iterable[tuple[int, bytes]]], timestamp: Timestamp = beam.DoFn.TimestampParam
@@ -375,16 +380,38 @@ class PostBatchesFn(beam.DoFn):
         batch = Batch.of(keyed_batch[1])
         if not batch.events:
             return
-        # Bounded concurrency: before starting another batch, wait for the oldest one in flight.
-        while len(self._pending) >= self._settings.max_in_flight:
-            yield from self._complete(*self._pending.popleft())
-        self._pending.append((batch, timestamp, time.monotonic(), self._pool.submit(self._deliver, batch)))
+        # Intents are recorded several batches to an append: the emulator spends about 30 ms of CPU on any
+        # append, which one append per batch made the local stack's largest cost (docs/benchmarks.md).
+        self._unrecorded.append((batch, timestamp))
+        self._unrecorded_bytes += sum(len(payload) for _, payload in batch.events)
+        if len(self._unrecorded) >= INTENTS_PER_APPEND or self._unrecorded_bytes >= INTENT_BYTES_PER_APPEND:
+            for dead_letter, _ in self._record_and_send():
+                yield dead_letter
+
+    def _record_and_send(self) -> Iterator[tuple[DeadLetter, Timestamp]]:
+        """Records the batches not yet recorded, then starts them; yields the dead letters of batches that
+        complete meanwhile, with their batch's timestamp."""
+        unrecorded, self._unrecorded, self._unrecorded_bytes = self._unrecorded, [], 0
+        if self._intents is not None and unrecorded:
+            # Write-ahead: BigQuery holds the batches before the API can. If they cannot be recorded, the
+            # bundle fails and the runner retries it; nothing is posted without its intent.
+            self._intents.record([batch for batch, _ in unrecorded])
+        for batch, timestamp in unrecorded:
+            # Bounded concurrency: before starting another batch, wait for the oldest one in flight.
+            while len(self._pending) >= self._settings.max_in_flight:
+                done, done_timestamp, started, future = self._pending.popleft()
+                for dead_letter in self._complete(done, done_timestamp, started, future):
+                    yield dead_letter, done_timestamp
+            self._pending.append((batch, timestamp, time.monotonic(), self._pool.submit(self._deliver, batch)))
 
     def finish_bundle(self) -> list[WindowedValue]:
         # The bundle only ends once every batch is delivered or dead-lettered, so a runner that commits it
         # never loses a batch that was still in flight. A list, not a generator: the work (and its metrics)
         # must happen while the runner is in finish_bundle, not whenever it iterates the outputs.
-        outputs = []
+        outputs = [
+            WindowedValue(dead_letter, timestamp, (GlobalWindow(),))
+            for dead_letter, timestamp in self._record_and_send()
+        ]
         while self._pending:
             batch, timestamp, started, future = self._pending.popleft()
             outputs.extend(
@@ -427,10 +454,6 @@ class PostBatchesFn(beam.DoFn):
 
     def _deliver(self, batch: Batch) -> Delivery:
         key, body = batch.key, batch.body()
-        if self._intents is not None:
-            # Write-ahead: BigQuery holds the batch before the API can. If it cannot be recorded, the bundle
-            # fails and the runner retries it; nothing is posted without its intent.
-            self._intents.record(batch)
         return deliver(lambda: self._send(key, body), self._settings.retry, self._sleep)
 
     def _sleep(self, seconds: float) -> bool:
