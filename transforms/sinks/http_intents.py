@@ -96,10 +96,8 @@ class IntentLogSettings:
 
 
 class IntentWriter:
-    """Appends intents to the table's ``_default`` stream; one per worker, opened in ``PostBatchesFn.setup``.
-
-    The client is thread-safe: the sink's pool threads record their batches concurrently.
-    """
+    """Appends intents to the table's ``_default`` stream; one per ``PostBatchesFn`` instance, opened in its
+    ``setup()`` and closed in its ``teardown()``."""
 
     def __init__(self, settings: IntentLogSettings) -> None:
         from google.cloud.bigquery_storage_v1 import BigQueryWriteClient
@@ -168,7 +166,8 @@ class IntentsSince:
 
 class _OncePerKeyFn(beam.DoFn):
     """Drops repeated intents (a retried bundle records its batches again). Fused with the one query's read,
-    so one bundle sees every row."""
+    so one bundle sees every row; a repeat that slipped through would be sent again with its own key, which the
+    API answers as a replay."""
 
     def start_bundle(self) -> None:
         self._seen: set[str] = set()
