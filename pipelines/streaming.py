@@ -39,6 +39,7 @@ from transforms.resume import (
     LastProcessedAt,
     ResumeOptions,
     ResumePlan,
+    intents_since,
     plan_resume,
 )
 from transforms.sinks.http_intents import IntentsSince
@@ -82,7 +83,8 @@ def plan_from_options(
     if resume is not None:
         http, http_holds = sinks.http, None
         if http is not None and http.intents is not None:
-            replay = IntentsSince(bigquery_read, http.intents.spec.table, resume.read_from)
+            since = intents_since(resume.read_from, resume.last_processed_at, http.retry.max_retry_seconds)
+            replay = IntentsSince(bigquery_read, http.intents.spec.table, since)
             http, http_holds = dataclasses.replace(http, replay=replay), replay.ids
         sinks = dataclasses.replace(
             sinks,

@@ -63,6 +63,16 @@ def resume_point(
     return align_down(last_processed_at - back, window_seconds)
 
 
+def intents_since(read_from: datetime, last_processed_at: datetime, retry_budget_seconds: float) -> datetime:
+    """Where a resume's replay of the HTTP sink's recorded batches starts: at the re-read's start, or earlier
+    when a batch recorded before it could still have been waiting for a retry as the last run stopped (it
+    would then be neither re-read nor replayed). The last run stopped no earlier than ``last_processed_at``,
+    and a batch waits at most its retry budget after it is recorded; the margin absorbs clock skew. Replaying
+    a batch the API already has costs one request, answered as a replay."""
+    waited_from = last_processed_at - timedelta(seconds=retry_budget_seconds + DEFAULT_MARGIN_SECONDS)
+    return min(read_from, waited_from)
+
+
 @dataclass(frozen=True)
 class ResumePlan:
     """The decisions of one restart, fixed when the job is launched and shipped with it."""

@@ -15,7 +15,7 @@ from tests.unit.helpers import PODCAST, at, plain_event
 from transforms.decode import decode_record
 from transforms.enrich import enrich
 from transforms.kafka_source import KafkaReadOptions
-from transforms.resume import KeepResumableWindows, SkipDelivered, align_down, resume_point
+from transforms.resume import KeepResumableWindows, SkipDelivered, align_down, intents_since, resume_point
 
 
 def test_resume_point_goes_back_a_window_its_lateness_and_the_margin_then_aligns_down() -> None:
@@ -23,6 +23,15 @@ def test_resume_point_goes_back_a_window_its_lateness_and_the_margin_then_aligns
     # 10:07:42.5 - (60 + 300 + 60) s = 10:00:42.5, aligned down to the minute.
     assert resume_point(last, 60, 300, 60) == datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
     assert resume_point(last, 10, 30, 0) == datetime(2026, 11, 22, 10, 7, 0, tzinfo=UTC)
+
+
+def test_recorded_batches_are_replayed_from_as_far_back_as_one_could_still_be_waiting() -> None:
+    last = datetime(2026, 11, 22, 10, 7, 42, tzinfo=UTC)
+    read_from = resume_point(last, 60, 300, 60)  # 10:00
+    # Default budget (300 s): a batch recorded before 10:01:42 minus the margin gave up before the stop.
+    assert intents_since(read_from, last, 300) == read_from
+    # An hour's budget: a batch recorded at 09:06:42 could still have been waiting.
+    assert intents_since(read_from, last, 3600) == datetime(2026, 11, 22, 9, 6, 42, tzinfo=UTC)
 
 
 def test_align_down_keeps_a_window_start_and_rejects_a_negative_margin() -> None:

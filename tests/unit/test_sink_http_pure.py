@@ -3,6 +3,10 @@
 import hashlib
 import json
 import pickle
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from email.utils import format_datetime
@@ -12,10 +16,14 @@ import apache_beam as beam
 import pytest
 import requests
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.pvalue import TaggedOutput
+from apache_beam.utils.timestamp import Timestamp
 
 from transforms import secrets
 from transforms.model import EngagementEvent, EnrichedEvent
-from transforms.sinks.http_api import HttpSinkSettings, PostBatchesFn, WriteToHttpApi
+from transforms.sinks.http_api import DEFERRED_TAG, HttpSinkSettings, PostBatchesFn, WriteToHttpApi
+from transforms.sinks.http_client import SinkCounters
+from transforms.sinks.http_deferred import DeferredBatch, RetryDeferredBatchesFn, next_round_wait
 from transforms.sinks.http_delivery import (
     Attempt,
     DeliveryInterruptedError,
@@ -460,6 +468,7 @@ def test_the_settings_carry_where_the_token_is_not_the_token(monkeypatch):
     settings = HttpSinkSettings.from_options(options)
     assert TOKEN.encode() not in pickle.dumps(settings)
     assert TOKEN.encode() not in pickle.dumps(PostBatchesFn(settings))
+    assert TOKEN.encode() not in pickle.dumps(RetryDeferredBatchesFn(settings))
 
 
 def test_redaction_and_display_url():
@@ -581,5 +590,158 @@ def test_the_checkpoint_sits_between_batching_and_posting(checkpoint, expected):
     _ = pipeline | beam.Create([enriched()]) | "Sink" >> WriteToHttpApi(settings)
     labels = [t.full_label for t in pipeline.transforms_stack[0].parts[-1].parts]
     assert labels[:3] == ["Sink/GlobalWindow", "Sink/EncodeAndShard", "Sink/Batch per shard"]
-    assert labels[-2:] == ["Sink/PostBatches", "Sink/Dead letters"]
+    assert labels[-3:] == ["Sink/PostBatches", "Sink/RetryDeferred", "Sink/Dead letters"]
     assert ("Sink/PersistBatches" in labels) is expected
+
+
+def test_a_bounded_run_retries_in_posting_and_has_no_deferred_step():
+    settings = HttpSinkSettings("https://api.example.com/v1/events", SOURCE, bounded_input=True)
+    pipeline = beam.Pipeline()
+    _ = pipeline | beam.Create([enriched()]) | "Sink" >> WriteToHttpApi(settings)
+    labels = [t.full_label for t in pipeline.transforms_stack[0].parts[-1].parts]
+    assert labels[-2:] == ["Sink/PostBatches", "Sink/Dead letters"]
+
+
+# --- streaming: a refused batch leaves its bundle at once and is retried in rounds from state ---
+
+
+def unreachable_endpoint() -> str:
+    """A loopback port nobody listens on: connections are refused at once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}/v1/events"
+
+
+def test_a_streaming_bundle_tries_a_refused_batch_once_and_hands_it_on(monkeypatch):
+    # With a 300 s retry budget, a bundle that retried in place would hold its runner slot for minutes.
+    monkeypatch.setenv("HTTP_SINK_TEST_TOKEN", TOKEN)
+    fn = PostBatchesFn(HttpSinkSettings(unreachable_endpoint(), SOURCE, retry=RetryPolicy(max_retry_seconds=300)))
+    fn.setup()
+    started = time.monotonic()
+    try:
+        fn.start_bundle()
+        keyed_batch = (3, [(2, b'{"id":2}'), (1, b'{"id":1}')])
+        outputs = [*fn.process(keyed_batch, Timestamp.of(0)), *fn.finish_bundle()]
+    finally:
+        fn.teardown()
+
+    assert time.monotonic() - started < 5
+    [output] = outputs
+    assert isinstance(output, TaggedOutput)
+    assert output.tag == DEFERRED_TAG
+    shard, deferred = output.value.value
+    assert shard == 3
+    assert deferred.batch == Batch(((1, b'{"id":1}'), (2, b'{"id":2}')))
+    assert (deferred.attempts, deferred.last.verdict) == (1, Verdict.RETRY)
+    assert "ConnectionError" in deferred.last.detail
+
+
+class FakeState:
+    def __init__(self, values=None) -> None:
+        self.values = list(values or [])
+
+    def read(self):
+        return self.values[0] if self.values else None
+
+    def write(self, value) -> None:
+        self.values = [value]
+
+    def clear(self) -> None:
+        self.values = []
+
+
+class FakeBag(FakeState):
+    def read(self):
+        return list(self.values)
+
+    def add(self, value) -> None:
+        self.values.append(value)
+
+
+class FakeTimer:
+    def __init__(self) -> None:
+        self.at = None
+
+    def set(self, timestamp) -> None:
+        self.at = float(timestamp)
+
+
+class ScriptedApi:
+    """Answers each batch by its first event id; records what was sent."""
+
+    endpoint_shown = "http://api.example.com/v1/events"
+
+    def __init__(self, answers: dict[int, Attempt]) -> None:
+        self.answers = answers
+        self.sent: list[int] = []
+
+    def send(self, batch: Batch) -> Attempt:
+        self.sent.append(batch.events[0][0])
+        return self.answers[batch.events[0][0]]
+
+
+def deferred_batch(event_id: int, age_seconds: float, attempts: int = 1) -> DeferredBatch:
+    batch = Batch(((event_id, b"{}"),))
+    return DeferredBatch(batch, time.time() - age_seconds, attempts, UNAVAILABLE)
+
+
+def run_round(answers: dict[int, Attempt], waiting: list[DeferredBatch], policy: RetryPolicy = RetryPolicy()):
+    fn = RetryDeferredBatchesFn(HttpSinkSettings("https://api.example.com/v1/events", SOURCE, retry=policy))
+    fn._client, fn._counters = ScriptedApi(answers), SinkCounters()
+    bag, rounds, timer = FakeBag(waiting), FakeState([2]), FakeTimer()
+    with ThreadPoolExecutor(max_workers=4) as fn._pool:
+        dead = list(fn.retry_round(bag, rounds, timer))
+    return fn._client.sent, bag.values, rounds.read(), timer.at, dead
+
+
+def test_a_round_stops_at_its_oldest_batch_while_the_endpoint_is_still_down():
+    waiting = [deferred_batch(2, age_seconds=5), deferred_batch(1, age_seconds=10)]
+    sent, still, rounds, timer_at, dead = run_round({1: REFUSED, 2: OK}, waiting)
+
+    assert sent == [1]  # the oldest only: one request per round while the endpoint is down
+    assert sorted((d.batch.events[0][0], d.attempts) for d in still) == [(1, 2), (2, 1)]
+    assert [d.last for d in still if d.batch.events[0][0] == 1] == [REFUSED]
+    assert rounds == 3
+    assert timer_at > time.time()
+    assert dead == []
+
+
+def test_once_the_oldest_gets_through_the_rest_are_sent_and_the_shard_is_clear():
+    waiting = [deferred_batch(event_id, age_seconds=10 - event_id) for event_id in (1, 2, 3)]
+    sent, still, rounds, timer_at, dead = run_round({1: OK, 2: OK, 3: OK}, waiting)
+
+    assert sorted(sent) == [1, 2, 3]
+    assert sent[0] == 1
+    assert (still, rounds, timer_at, dead) == ([], None, None, [])
+
+
+def test_a_batch_out_of_attempts_or_budget_becomes_dead_letters_with_the_last_answer():
+    policy = RetryPolicy(max_attempts=3, max_retry_seconds=60)
+    waiting = [deferred_batch(1, age_seconds=59.95, attempts=2), deferred_batch(2, age_seconds=59.9)]
+    sent, still, rounds, _timer_at, dead = run_round({1: UNAVAILABLE}, waiting, policy)
+
+    assert sent == [1]
+    assert still == []
+    assert rounds is None
+    reasons = {letter.event_id: letter.reason for letter in dead}
+    assert "gave up after 3 attempts" in reasons[1]
+    assert "HTTP 503" in reasons[1]
+    assert "would pass the 60s retry budget" in reasons[2]
+
+
+def test_a_rejection_in_a_round_is_final():
+    sent, still, rounds, _, dead = run_round(
+        {1: Attempt(Verdict.REJECTED, status=400, detail="bad")}, [deferred_batch(1, age_seconds=1)]
+    )
+    assert (sent, still, rounds) == ([1], [], None)
+    assert [letter.reason.split(" (Idempotency-Key")[0] for letter in dead] == [
+        "HTTP API http://api.example.com/v1/events rejected: HTTP 400: bad"
+    ]
+
+
+def test_rounds_back_off_and_honour_retry_after():
+    policy = RetryPolicy(initial_backoff_seconds=0.5, max_backoff_seconds=30, retry_after_cap_seconds=120)
+    assert next_round_wait(policy, 1, None, lambda: 0.0) == 0.25  # never at once
+    assert next_round_wait(policy, 4, None, lambda: 1.0) == 4.0
+    assert next_round_wait(policy, 1, 7.0, lambda: 0.5) == 7.0
+    assert next_round_wait(replace(policy, retry_after_cap_seconds=2), 1, 7.0, lambda: 0.5) == 2.0

@@ -8,7 +8,9 @@
       | PersistBatches      ReshufflePerKey: a checkpoint, so a retried POST bundle sees the same batches
                             (skipped with checkpoint_batches=False, for Python's DirectRunner)
       | PostBatches         record the batch in the intent log (BigQuery), then POST {"events": [...]} with
-                            Idempotency-Key = hash of the batch's sorted ids
+                            Idempotency-Key = hash of the batch's sorted ids; streaming, once
+      | RetryDeferred       streaming: batches refused for now, kept in their shard's state and retried in
+                            rounds from a timer (http_deferred), so no bundle waits out an outage
       -> dead letters, one per event that could not be delivered
 
     a resumed job's recorded batches (ReplayIntents) join before PersistBatches and are posted as they were.
@@ -19,8 +21,9 @@ stores it once. docs/http-sink.md explains what is and is not guaranteed, and ho
 branch instead of stalling the rest of the pipeline.
 
 By role: the wire format (events, batches, keys) is ``http_wire``, the delivery rules (retries, Retry-After,
-give-up) ``http_delivery``, the token ``http_token``, the write-ahead intent log ``http_intents``; this module holds
-the settings and options, the DoFn and the transform.
+give-up) ``http_delivery``, one POST and the metrics ``http_client``, the later retries ``http_deferred``, the
+token ``http_token``, the write-ahead intent log ``http_intents``; this module holds the settings and options,
+the first-try DoFn and the transform.
 """
 
 from __future__ import annotations
@@ -33,34 +36,23 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import apache_beam as beam
-import requests
-from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.util import ReshufflePerKey
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
-from requests.adapters import HTTPAdapter
 
 from transforms.batching import BatchAcrossBundles
 from transforms.dead_letters import DEAD_LETTER_TAG, GuardedMap
-from transforms.model import DeadLetter, EnrichedEvent, SourceCoordinates, Stage
+from transforms.model import DeadLetter, EnrichedEvent, Stage
 from transforms.secrets import runs_on_dataflow
-from transforms.sinks.http_delivery import (
-    RETRY_AFTER_STATUSES,
-    Attempt,
-    Delivery,
-    RetryPolicy,
-    Verdict,
-    classify_exception,
-    classify_status,
-    deliver,
-    parse_retry_after,
-)
+from transforms.sinks.http_client import ApiClient, SinkCounters, wall_clock
+from transforms.sinks.http_deferred import DeferredBatch, RetryDeferredBatchesFn
+from transforms.sinks.http_delivery import Delivery, RetryPolicy, Verdict, deliver
 from transforms.sinks.http_intents import (
     INTENTS_TABLE,
     IntentLogSettings,
@@ -68,13 +60,11 @@ from transforms.sinks.http_intents import (
     IntentWriter,
     ReplayIntents,
 )
-from transforms.sinks.http_token import SECRET_VERSION_PATTERN, Secret, TokenSource, redact
+from transforms.sinks.http_token import SECRET_VERSION_PATTERN, TokenSource
 from transforms.sinks.http_wire import Batch, display_url, encode_event, shard_of_event
 
 _log = logging.getLogger(__name__)
 
-METRICS_NAMESPACE = "sink.http"
-REASON_EXCERPT_CHARS = 200
 INTENTS_PER_APPEND = 16
 INTENT_BYTES_PER_APPEND = 4 * 1024 * 1024
 """Batches recorded per intent append, at most: the append waits for all of them (AppendRows takes 10 MB)."""
@@ -330,161 +320,123 @@ class HttpSinkOptions(PipelineOptions):
 # --- the transform --------------------------------------------------------------------------------------
 
 
-def _excerpt(raw: bytes, token: Secret) -> str:
-    text = " ".join(raw[: REASON_EXCERPT_CHARS * 4].decode("utf-8", errors="replace").split())
-    return redact(text, token)[:REASON_EXCERPT_CHARS]
+DEFERRED_TAG = "deferred"
+"""PostBatchesFn's output of batches to retry later: (shard, DeferredBatch)."""
 
 
 class PostBatchesFn(beam.DoFn):
-    """POSTs batches, several at once, and turns the events of undeliverable batches into dead letters.
+    """POSTs batches, several at once; the undeliverable become dead letters.
 
-    Counters are updated on the bundle's thread only: Beam's metrics container is thread-local, so
-    increments from the pool threads would be lost.
+    Streaming, each batch is tried once here: one the API refuses for now leaves on ``DEFERRED_TAG`` for
+    ``RetryDeferredBatchesFn`` (transforms/sinks/http_deferred.py), so no bundle waits out an outage. Bounded
+    (the backfill), there is no later: each batch is retried here until it is delivered or gives up.
     """
 
     def __init__(self, settings: HttpSinkSettings) -> None:
         self._settings = settings
-        self._batches_sent = Metrics.counter(METRICS_NAMESPACE, "batches_sent")
-        self._events_sent = Metrics.counter(METRICS_NAMESPACE, "events_sent")
-        self._written = Metrics.counter(METRICS_NAMESPACE, "written")  # events_sent under the name all sinks share
-        self._retried = Metrics.counter(METRICS_NAMESPACE, "retried")
-        self._replayed = Metrics.counter(METRICS_NAMESPACE, "replayed")
-        self._dead_lettered = Metrics.counter(METRICS_NAMESPACE, "dead_lettered")
-        self._batch_seconds = Metrics.distribution(METRICS_NAMESPACE, "batch_delivery_ms")
 
     def setup(self) -> None:
         settings = self._settings
-        # Read here, on the worker: a token captured at construction would be pickled into the job graph.
-        self._token = settings.token_source.read()
-        self._session = requests.Session()
-        # No urllib3 retries: every retry goes through deliver(), which knows about Retry-After and budgets.
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=settings.max_in_flight, max_retries=0)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
-        self._session.headers.update(
-            {"Authorization": f"Bearer {self._token.reveal()}", "Content-Type": "application/json"}
-        )
+        # The token is read here, on the worker (ApiClient): captured at construction it would be pickled
+        # into the job graph.
+        self._client = ApiClient(settings)
         self._pool = ThreadPoolExecutor(max_workers=settings.max_in_flight, thread_name_prefix="http-sink")
         self._stopping = threading.Event()
-        self._endpoint = display_url(settings.endpoint)
         self._intents = IntentWriter(settings.intents) if settings.intents is not None else None
+        self._counters = SinkCounters()
+        self._defer = not settings.bounded_input
 
     def start_bundle(self) -> None:
-        self._pending: deque[tuple[Batch, Timestamp, float, Future[Delivery]]] = deque()
-        self._unrecorded: list[tuple[Batch, Timestamp]] = []
+        self._pending: deque[tuple[int, Batch, Timestamp, float, Future[Delivery]]] = deque()
+        self._unrecorded: list[tuple[int, Batch, Timestamp]] = []
         self._unrecorded_bytes = 0
 
     def process(
         self, keyed_batch: tuple[int, Iterable[tuple[int, bytes]]], timestamp: Timestamp = beam.DoFn.TimestampParam
-    ) -> Iterator[DeadLetter]:
-        batch = Batch.of(keyed_batch[1])
+    ) -> Iterator[DeadLetter | TaggedOutput]:
+        shard, events = keyed_batch
+        batch = Batch.of(events)
         if not batch.events:
             return
         # Intents are recorded several batches to an append: the emulator spends about 30 ms of CPU on any
         # append, which one append per batch made the local stack's largest cost (docs/benchmarks.md).
-        self._unrecorded.append((batch, timestamp))
+        self._unrecorded.append((shard, batch, timestamp))
         self._unrecorded_bytes += sum(len(payload) for _, payload in batch.events)
         if len(self._unrecorded) >= INTENTS_PER_APPEND or self._unrecorded_bytes >= INTENT_BYTES_PER_APPEND:
-            for dead_letter, _ in self._record_and_send():
-                yield dead_letter
+            for output, _ in self._record_and_send():
+                yield output
 
-    def _record_and_send(self) -> Iterator[tuple[DeadLetter, Timestamp]]:
-        """Records the batches not yet recorded, then starts them; yields the dead letters of batches that
-        complete meanwhile, with their batch's timestamp."""
+    def _record_and_send(self) -> Iterator[tuple[DeadLetter | TaggedOutput, Timestamp]]:
+        """Records the batches not yet recorded, then starts them; yields the outputs of batches that complete
+        meanwhile, with their batch's timestamp."""
         unrecorded, self._unrecorded, self._unrecorded_bytes = self._unrecorded, [], 0
         if self._intents is not None and unrecorded:
             # Write-ahead: BigQuery holds the batches before the API can. If they cannot be recorded, the
             # bundle fails and the runner retries it; nothing is posted without its intent.
-            self._intents.record([batch for batch, _ in unrecorded])
-        for batch, timestamp in unrecorded:
+            self._intents.record([batch for _, batch, _ in unrecorded])
+        for shard, batch, timestamp in unrecorded:
             # Bounded concurrency: before starting another batch, wait for the oldest one in flight.
             while len(self._pending) >= self._settings.max_in_flight:
-                done, done_timestamp, started, future = self._pending.popleft()
-                for dead_letter in self._complete(done, done_timestamp, started, future):
-                    yield dead_letter, done_timestamp
-            self._pending.append((batch, timestamp, time.monotonic(), self._pool.submit(self._deliver, batch)))
+                yield from self._complete(*self._pending.popleft())
+            started = time.monotonic()
+            self._pending.append((shard, batch, timestamp, started, self._pool.submit(self._deliver, batch)))
 
-    def finish_bundle(self) -> list[WindowedValue]:
-        # The bundle only ends once every batch is delivered or dead-lettered, so a runner that commits it
-        # never loses a batch that was still in flight. A list, not a generator: the work (and its metrics)
-        # must happen while the runner is in finish_bundle, not whenever it iterates the outputs.
-        outputs = [
-            WindowedValue(dead_letter, timestamp, (GlobalWindow(),))
-            for dead_letter, timestamp in self._record_and_send()
-        ]
+    def finish_bundle(self) -> list[WindowedValue | TaggedOutput]:
+        # The bundle only ends once every batch is delivered, deferred or dead-lettered, so a runner that
+        # commits it never loses a batch that was still in flight. A list, not a generator: the work (and its
+        # metrics) must happen while the runner is in finish_bundle, not whenever it iterates the outputs.
+        completed = list(self._record_and_send())
         while self._pending:
-            batch, timestamp, started, future = self._pending.popleft()
-            outputs.extend(
-                WindowedValue(dead_letter, timestamp, (GlobalWindow(),))
-                for dead_letter in self._complete(batch, timestamp, started, future)
-            )
+            completed.extend(self._complete(*self._pending.popleft()))
+        outputs: list[WindowedValue | TaggedOutput] = []
+        for output, timestamp in completed:
+            if isinstance(output, TaggedOutput):
+                outputs.append(TaggedOutput(output.tag, WindowedValue(output.value, timestamp, (GlobalWindow(),))))
+            else:
+                outputs.append(WindowedValue(output, timestamp, (GlobalWindow(),)))
         return outputs
 
     def teardown(self) -> None:
         if hasattr(self, "_pool"):
             self._stopping.set()  # wakes batches sleeping between retries; they fail, and so does the bundle
             self._pool.shutdown(wait=True, cancel_futures=True)
-            self._session.close()
+            self._client.close()
             if self._intents is not None:
                 self._intents.close()
 
     def _complete(
-        self, batch: Batch, timestamp: Timestamp, started: float, future: Future[Delivery]
-    ) -> Iterator[DeadLetter]:
+        self, shard: int, batch: Batch, timestamp: Timestamp, started: float, future: Future[Delivery]
+    ) -> Iterator[tuple[DeadLetter | TaggedOutput, Timestamp]]:
         delivery = future.result()  # an unexpected exception fails the bundle, and the runner retries it
-        self._retried.inc(delivery.retries)
-        self._batch_seconds.update(int((time.monotonic() - started) * 1000))
+        self._counters.retried.inc(delivery.retries)
         if delivery.delivered:
-            self._batches_sent.inc()
-            self._events_sent.inc(len(batch.events))
-            self._written.inc(len(batch.events))
-            if delivery.replayed:
-                self._replayed.inc()
+            self._counters.delivered(batch, delivery.replayed, time.monotonic() - started)
             return
-        self._dead_lettered.inc(len(batch.events))
+        if delivery.deferred is not None:
+            self._counters.deferred.inc()
+            first_attempt_at = wall_clock() - (time.monotonic() - started)
+            deferred = DeferredBatch(batch, first_attempt_at, delivery.attempts, delivery.deferred)
+            yield TaggedOutput(DEFERRED_TAG, (shard, deferred)), timestamp
+            return
         _log.warning(
             "HTTP API sink: %d events of batch %s dead-lettered: %s", len(batch.events), batch.key, delivery.reason
         )
-        reason = f"HTTP API {self._endpoint} {delivery.reason} (Idempotency-Key {batch.key})"
-        for event_id, payload in batch.events:
-            # The enriched event no longer carries its Kafka coordinates; its row in the source of truth is
-            # what identifies it, so an operator can re-send it from there.
-            source = SourceCoordinates(kind="postgres", table="engagement_events", row_id=event_id)
-            yield DeadLetter.of(Stage.HTTP, reason, payload, source, event_id=event_id)
+        reason = f"HTTP API {self._client.endpoint_shown} {delivery.reason} (Idempotency-Key {batch.key})"
+        for dead_letter in self._counters.dead_letters(batch, reason):
+            yield dead_letter, timestamp
 
     def _deliver(self, batch: Batch) -> Delivery:
-        key, body = batch.key, batch.body()
-        return deliver(lambda: self._send(key, body), self._settings.retry, self._sleep)
+        if self._defer:
+            attempt = self._client.send(batch)
+            if attempt.verdict is Verdict.DELIVERED:
+                return Delivery(True, 1, replayed=attempt.replayed)
+            if attempt.verdict is Verdict.RETRY:
+                return Delivery(False, 1, deferred=attempt)
+            return Delivery(False, 1, reason=f"rejected: {attempt.describe()}")
+        return deliver(lambda: self._client.send(batch), self._settings.retry, self._sleep)
 
     def _sleep(self, seconds: float) -> bool:
         return not self._stopping.wait(seconds)
-
-    def _send(self, key: str, body: bytes) -> Attempt:
-        settings = self._settings
-        try:
-            response = self._session.post(
-                settings.endpoint,
-                data=body,
-                headers={"Idempotency-Key": key},
-                timeout=(settings.connect_timeout_seconds, settings.read_timeout_seconds),
-                allow_redirects=False,
-            )
-        except requests.RequestException as error:
-            # Exception texts carry the URL but never headers; redacted anyway, in case a server echoes them.
-            detail = redact(f"{type(error).__name__}: {error}", self._token)[:REASON_EXCERPT_CHARS]
-            return Attempt(classify_exception(error), detail=detail)
-        with response:
-            status = response.status_code
-            verdict = classify_status(status)
-            if verdict is Verdict.DELIVERED:
-                replayed = response.headers.get("Idempotent-Replayed", "").lower() == "true"
-                return Attempt(verdict, status=status, replayed=replayed)
-            retry_after = None
-            if status in RETRY_AFTER_STATUSES:
-                retry_after = parse_retry_after(response.headers.get("Retry-After"), datetime.now(UTC))
-            return Attempt(
-                verdict, status=status, retry_after=retry_after, detail=_excerpt(response.content, self._token)
-            )
 
 
 def _encode_and_shard(enriched: EnrichedEvent, shards: int) -> tuple[int, tuple[int, bytes]]:
@@ -526,6 +478,12 @@ class WriteToHttpApi(beam.PTransform):
             # batches the runner persisted instead of regrouping. Still keyed by shard, so a streaming runner
             # runs at most `shards` sending bundles at a time, however long an outage lasts.
             batches = batches | "PersistBatches" >> ReshufflePerKey()
-        undelivered = batches | "PostBatches" >> beam.ParDo(PostBatchesFn(settings)).with_output_types(DeadLetter)
-        # Both are in the global window already.
-        return (encoded[DEAD_LETTER_TAG], *replayed_dead, undelivered) | "Dead letters" >> beam.Flatten()
+        posted = batches | "PostBatches" >> beam.ParDo(PostBatchesFn(settings)).with_output_types(
+            DeadLetter, **{DEFERRED_TAG: tuple[int, DeferredBatch]}
+        ).with_outputs(DEFERRED_TAG, main="undelivered")
+        dead_letters = [encoded[DEAD_LETTER_TAG], *replayed_dead, posted.undelivered]
+        if not settings.bounded_input:  # a bounded run retries in PostBatches and defers nothing
+            retry_later = beam.ParDo(RetryDeferredBatchesFn(settings)).with_output_types(DeadLetter)
+            dead_letters.append(posted[DEFERRED_TAG] | "RetryDeferred" >> retry_later)
+        # All are in the global window already.
+        return tuple(dead_letters) | "Dead letters" >> beam.Flatten()

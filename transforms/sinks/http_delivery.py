@@ -84,6 +84,18 @@ class RetryPolicy:
     def backoff(self) -> Backoff:
         return Backoff(self.initial_backoff_seconds, self.max_backoff_seconds)
 
+    def exhausted(self, attempts: int, elapsed: float, upcoming_wait: float) -> bool:
+        """Out of attempts, or the next wait would end past the retry budget (never slept towards)."""
+        return attempts >= self.max_attempts or elapsed + upcoming_wait > self.max_retry_seconds
+
+    def give_up_reason(self, attempts: int, elapsed: float, upcoming_wait: float, last: Attempt) -> str:
+        if attempts >= self.max_attempts:
+            return f"gave up after {attempts} attempts in {elapsed:.1f}s; last: {last.describe()}"
+        return (
+            f"gave up after {attempts} attempts in {elapsed:.1f}s (next wait {upcoming_wait:.1f}s would pass "
+            f"the {self.max_retry_seconds:g}s retry budget); last: {last.describe()}"
+        )
+
     def delay(self, retry: int, retry_after: float | None, uniform: Callable[[], float]) -> float:
         """Full jitter (uniform in [0, ceiling]) spreads shards that failed together; a server's Retry-After
         (capped, so a bogus value cannot park a batch for hours) is a floor, never shortened."""
@@ -113,6 +125,8 @@ class Delivery:
     attempts: int
     replayed: bool = False
     reason: str = ""
+    deferred: Attempt | None = None
+    """Not delivered yet, worth retrying later: the last answer (streaming tries a batch once in its bundle)."""
 
     @property
     def retries(self) -> int:
@@ -143,22 +157,15 @@ def deliver(
         return policy.delay(state.attempt_number, state.outcome.result().retry_after, uniform)
 
     def out_of_attempts_or_time(state: tenacity.RetryCallState) -> bool:
-        elapsed = clock() - started
-        return state.attempt_number >= policy.max_attempts or elapsed + state.upcoming_sleep > policy.max_retry_seconds
+        return policy.exhausted(state.attempt_number, clock() - started, state.upcoming_sleep)
 
     def interruptible(seconds: float) -> None:
         if not sleep(seconds):
             raise DeliveryInterruptedError("shutting down while retrying a batch")
 
     def give_up(state: tenacity.RetryCallState) -> Delivery:
-        attempt, attempts, elapsed = state.outcome.result(), state.attempt_number, clock() - started
-        if attempts >= policy.max_attempts:
-            reason = f"gave up after {attempts} attempts in {elapsed:.1f}s; last: {attempt.describe()}"
-        else:
-            reason = (
-                f"gave up after {attempts} attempts in {elapsed:.1f}s (next wait {state.upcoming_sleep:.1f}s would "
-                f"pass the {policy.max_retry_seconds:g}s retry budget); last: {attempt.describe()}"
-            )
+        attempts, elapsed = state.attempt_number, clock() - started
+        reason = policy.give_up_reason(attempts, elapsed, state.upcoming_sleep, state.outcome.result())
         return Delivery(False, attempts, reason=reason)
 
     sending = tenacity.Retrying(
