@@ -30,6 +30,7 @@ from transforms import artifacts
 NAME = "bigquery-emulator"
 
 REQUIREMENTS = Path(__file__).with_name("requirements-bigquery-emulator.txt")
+SERVE_SCRIPT = Path(__file__).with_name("bigquery_emulator_serve.py")
 PYTHON_SERIES = (3, 13)
 # Registered from the duckdb-extension-* wheels so DuckDB never tries to download them at run time.
 DUCKDB_EXTENSIONS = ("ducklake", "icu", "spatial")
@@ -193,29 +194,24 @@ def install(cfg: StackConfig) -> None:
 def start(cfg: StackConfig) -> None:
     if running_pid(cfg, NAME) is not None:
         return
-    executable = _venv_bin(cfg, "local-bigquery")
+    python = _venv_bin(cfg, "python")
     if not (_venv_dir(cfg) / _INSTALLED_MARKER).exists():
-        raise StackError(f"{NAME} is not installed (expected {executable}); run install first")
+        raise StackError(f"{NAME} is not installed (expected {_venv_dir(cfg)}); run install first")
     for port in (cfg.bq_rest_port, cfg.bq_grpc_port):
         refuse_foreign_port(NAME, port)
+    # `local-bigquery serve`, but its gRPC server drains when stopped (see the launcher's docstring).
     spawn(
         cfg,
         NAME,
         [
-            str(executable),
-            "serve",
-            "--host",
+            str(python),
+            str(SERVE_SCRIPT),
             "127.0.0.1",
-            "--port",
             str(cfg.bq_rest_port),
-            "--grpc-port",
             str(cfg.bq_grpc_port),
-            "--project",
             cfg.bq_project,
             # The emulator creates this dataset at start-up, so the pipeline's dataset always exists.
-            "--dataset",
             cfg.bq_dataset,
-            "--data-dir",
             str(_data_dir(cfg)),
         ],
         env={"HOME": str(_home(cfg))},

@@ -69,7 +69,7 @@ def service_of(pid: int, command: str) -> str:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return "other"
-    if command.startswith("local-bigquery") or "local-bigquery" in cmdline:
+    if command.startswith("local-bigquery") or "local-bigquery" in cmdline or "bigquery_emulator_serve" in cmdline:
         return "bigquery emulator"
     if command == "java":
         if "expansion-service" in cmdline:

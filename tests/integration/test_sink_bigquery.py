@@ -198,7 +198,7 @@ class Shard:
 
     def __init__(self, fn: AppendBatchesFn) -> None:
         self.fn = fn
-        self.offset, self.parked, self.timer = FakeState(), FakeBag(), FakeTimer()
+        self.offset, self.stream, self.parked, self.timer = FakeState(), FakeState(), FakeBag(), FakeTimer()
 
     def bundle(self, *batches: list[bytes]) -> list[tuple[bytes, str]]:
         """One bundle of ``batches``; returns its output (the rows refused)."""
@@ -206,20 +206,20 @@ class Shard:
         now, window = Timestamp.now(), GlobalWindow()
         out = []
         for batch in batches:
-            out += self.fn.process((0, batch), self.offset, self.parked, self.timer, now, window)
+            out += self.fn.process((0, batch), self.offset, self.stream, self.parked, self.timer, now, window)
         return out
 
     def fire_timer(self) -> list[tuple[bytes, str]]:
         assert self.timer.set_at is not None, "no timer was set"
         self.timer.set_at = None
         self.fn.start_bundle()
-        return list(self.fn.flush_parked(0, self.offset, self.parked, self.timer, Timestamp.now()))
+        return list(self.fn.flush_parked(0, self.offset, self.stream, self.parked, self.timer, Timestamp.now()))
 
     def commit(self) -> None:
-        self.offset.commit(), self.parked.commit(), self.timer.commit()
+        self.offset.commit(), self.stream.commit(), self.parked.commit(), self.timer.commit()
 
     def crash(self) -> None:
-        self.offset.rollback(), self.parked.rollback(), self.timer.rollback()
+        self.offset.rollback(), self.stream.rollback(), self.parked.rollback(), self.timer.rollback()
 
 
 @pytest.fixture
@@ -272,6 +272,30 @@ def test_replayed_bundles_leave_each_row_once(
     shard.commit()
 
     assert shard.offset.committed == 7
+    assert copies(bq, settings, ids) == dict.fromkeys(ids, 1)
+
+
+def test_a_lost_stream_is_replaced_and_every_row_lands_once(
+    stack: StackConfig, bq: bigquery.Client, settings: BigQuerySinkSettings
+) -> None:
+    """The emulator forgets its write streams when it restarts; the shard goes on in a new one."""
+    spec = settings.table_spec("enriched_events", "enriched_events")
+    [created] = create_streams(stack.bq_grpc_endpoint, spec, 1)
+    forgotten = created.rsplit("/", 1)[0] + "/" + uuid.uuid4().hex  # a stream the emulator does not know
+    fn = AppendBatchesFn(spec, stack.bq_grpc_endpoint, [forgotten])
+    fn.setup()
+    try:
+        shard = Shard(fn)
+        ids = new_ids(5)
+        assert shard.bundle(encoded_events(settings, ids[:3])) == []
+        shard.commit()
+        assert shard.bundle(encoded_events(settings, ids[3:])) == []
+        shard.commit()
+    finally:
+        fn.teardown()
+
+    assert shard.stream.committed not in (None, forgotten)
+    assert shard.offset.committed == 5  # both batches in the new stream, from offset 0
     assert copies(bq, settings, ids) == dict.fromkeys(ids, 1)
 
 

@@ -12,6 +12,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.utils.timestamp import Timestamp
+from google.api_core import exceptions as api_exceptions
 from google.cloud.bigquery_storage_v1 import types
 from google.rpc import code_pb2
 
@@ -19,6 +20,7 @@ from tests.unit.helpers import PODCAST, plain_event
 from transforms.decode import decode_record
 from transforms.enrich import enrich
 from transforms.model import DeadLetter, SourceCoordinates, Stage
+from transforms.retry import Backoff
 from transforms.rows import dead_letter_row, enriched_event_row
 from transforms.sinks.bigquery import (
     LOCAL_STORAGE_WRITE,
@@ -32,7 +34,15 @@ from transforms.sinks.bigquery import (
     refused_row_dead_letter,
     to_beam_values,
 )
-from transforms.sinks.bigquery_append import Outcome, classify, rejected_rows
+from transforms.sinks.bigquery_append import (
+    Outcome,
+    StorageWriteError,
+    StreamPosition,
+    TableAppender,
+    classify,
+    rejected_rows,
+    stream_is_gone,
+)
 from transforms.sinks.bigquery_proto import (
     chunked,
     encode_row,
@@ -204,6 +214,52 @@ def response(code: int | None = None, row_errors: tuple[int, ...] = ()) -> types
 )
 def test_responses_are_classified(answer: types.AppendRowsResponse, outcome: Outcome) -> None:
     assert classify(answer) is outcome
+
+
+def test_a_forgotten_stream_is_told_from_other_refusals() -> None:
+    assert stream_is_gone(api_exceptions.NotFound("Requested entity was not found"))
+    # The emulator's answer for a stream it forgot when it restarted.
+    assert stream_is_gone(api_exceptions.InvalidArgument("Invalid stream name. Entity: projects/p/streams/x"))
+    assert not stream_is_gone(api_exceptions.InvalidArgument("Input schema has more fields than the table"))
+
+
+class AnswersInTurn:
+    """A write client whose append_rows answers from a script: a list of responses, or an exception."""
+
+    def __init__(self, *answers: list[types.AppendRowsResponse] | Exception) -> None:
+        self.answers = list(answers)
+        self.calls = 0
+
+    def append_rows(self, requests):
+        list(requests)
+        self.calls += 1
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return iter(answer)
+
+
+def appender_on(client: AnswersInTurn, retry_seconds: float = 5.0) -> TableAppender:
+    spec = TableSpec("p", "d", "t", (Column("id", "INT64", required=True),))
+    return TableAppender(client, spec, proto_message_class(spec), retry_seconds, Backoff(0.001, 0.002))
+
+
+def test_an_append_that_ends_without_an_answer_is_retried() -> None:
+    # A restart of the emulator cancels the calls in flight: the response stream ends empty.
+    client = AnswersInTurn([], api_exceptions.ServiceUnavailable("connection refused"), [response()])
+    result = appender_on(client).append(StreamPosition("s", 0), [b""])
+    assert (result.outcome, result.retries, client.calls) == (Outcome.WRITTEN, 2, 3)
+
+
+def test_a_stream_the_server_forgot_is_reported_not_raised() -> None:
+    client = AnswersInTurn(api_exceptions.InvalidArgument("Invalid stream name. Entity: s"))
+    assert appender_on(client).append(StreamPosition("s", 0), [b""]).outcome is Outcome.STREAM_GONE
+
+
+def test_an_append_still_failing_after_its_retry_time_fails_the_bundle() -> None:
+    client = AnswersInTurn(*[api_exceptions.ServiceUnavailable("down")] * 1000)
+    with pytest.raises(StorageWriteError, match=r"still failing after 0\.05s"):
+        appender_on(client, retry_seconds=0.05).append(StreamPosition("s", 0), [b""])
 
 
 def test_row_errors_carry_bigquerys_reason_per_index() -> None:

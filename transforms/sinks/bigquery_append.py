@@ -119,14 +119,31 @@ class StorageWriteError(RuntimeError):
     """An append that retrying in place cannot fix; the bundle fails and the runner retries it."""
 
 
+class NoAnswerError(StorageWriteError):
+    """The call ended without a response: the server went away (a restart). Retried like UNAVAILABLE."""
+
+
 _TRANSIENT_APPEND_ERRORS = (
     api_exceptions.ServiceUnavailable,
     api_exceptions.DeadlineExceeded,
     api_exceptions.Aborted,
     api_exceptions.InternalServerError,
     api_exceptions.TooManyRequests,
+    api_exceptions.Cancelled,
+    NoAnswerError,
 )
 _APPEND_BACKOFF = Backoff(initial_seconds=0.2, max_seconds=10.0)
+APPEND_RETRY_SECONDS = 120.0
+"""How long an append is retried in place: longer than a restart of the emulator (about 20 s) or a regional
+hiccup, short enough that a real outage fails the bundle and shows."""
+
+
+def stream_is_gone(error: api_exceptions.GoogleAPICallError) -> bool:
+    """A raised error that says the stream no longer exists: NOT_FOUND (BigQuery), or the emulator's
+    INVALID_ARGUMENT for a stream it forgot when it restarted."""
+    if isinstance(error, api_exceptions.NotFound):
+        return True
+    return isinstance(error, api_exceptions.InvalidArgument) and "Invalid stream name" in str(error)
 
 
 class TableAppender:
@@ -137,13 +154,13 @@ class TableAppender:
         client: BigQueryWriteClient,
         spec: TableSpec,
         message_class: type[message.Message],
-        max_attempts: int = 6,
+        retry_seconds: float = APPEND_RETRY_SECONDS,
         backoff: Backoff = _APPEND_BACKOFF,
     ) -> None:
         self._client = client
         self._spec = spec
         self._schema = writer_schema(message_class)
-        self._max_attempts = max_attempts
+        self._retry_seconds = retry_seconds
         self._backoff = backoff
 
     def default_stream(self) -> str:
@@ -169,6 +186,8 @@ class TableAppender:
         # request iterator must already hold its first request when the call is made: a one-element list
         # does, a queue filled afterwards would deadlock.
         responses = list(self._client.append_rows(iter([request])))
+        if not responses:
+            raise NoAnswerError(f"the append to {position.stream} ended without a response")
         if len(responses) != 1:
             raise StorageWriteError(f"expected one AppendRows response, got {len(responses)}")
         return responses[0]
@@ -182,13 +201,13 @@ class TableAppender:
         retry = retrying(
             tenacity.retry_if_result(lambda answer: answer[0] is Outcome.TRANSIENT),
             self._backoff,
-            attempts=self._max_attempts,
+            within_seconds=self._retry_seconds,
         )
         try:
             outcome, response = retry(self._attempt, position, rows)
         except tenacity.RetryError as error:
             raise StorageWriteError(
-                f"append to {position.stream} still failing after {self._max_attempts} tries"
+                f"append to {position.stream} still failing after {self._retry_seconds:g}s of retries"
             ) from error
         retries = retry.statistics.get("attempt_number", 1) - 1
         if outcome is Outcome.ROWS_REJECTED:
@@ -208,6 +227,10 @@ class TableAppender:
         except _TRANSIENT_APPEND_ERRORS as error:
             _log.warning("append to %s failed: %s", position.stream, error)
             return Outcome.TRANSIENT, None
+        except api_exceptions.GoogleAPICallError as error:
+            if stream_is_gone(error):
+                return Outcome.STREAM_GONE, None
+            raise
         return classify(response), response
 
     def refused_rows(self, probe_stream: str, rows: Sequence[bytes]) -> tuple[dict[int, str], int]:
