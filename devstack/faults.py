@@ -14,6 +14,11 @@ For each fault, on a stack of its own (``STACK_INSTANCE=faults``, whose services
    doubled (over all sinks), the dead letters, and the commit -> Redis p95 while the fault lasted (SPEC §6:
    an HTTP outage must not break Redis's freshness).
 
+``poison-input`` is a fault of the data, not of a service: the records that once stopped the job (issue 16)
+go to a JSON topic of the round's own, which the job reads beside the CDC topic, while the load goes on. It is
+exact when the sinks are, the job is still up, and each poison record the job should dead-letter is in the
+dead letters exactly once, at its own Kafka position.
+
 The exit status is 0 when every fault ended exact, 1 otherwise. Results: docs/reliability.md.
 """
 
@@ -22,11 +27,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import random
 import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,11 +41,21 @@ from datetime import UTC, datetime
 import psycopg2
 import redis
 import requests
+from google.cloud import bigquery
 
 from devstack import audit, bigquery_clients
 from devstack.benchmark_streaming import Resources, generator_argv, sequence_value
 from devstack.cli import ensure_tables, ensure_up, load_services
 from devstack.config import StackConfig, load_config, use_instance
+from devstack.generator import (
+    FUZZ_MAX_MESSAGE_BYTES,
+    POISON_KINDS,
+    POISON_OUTCOMES,
+    KafkaJsonSink,
+    KafkaRecord,
+    Kind,
+    poison_record,
+)
 from devstack.process import running_pid, stop_orphaned_jobs
 from devstack.run_local import pipeline_args, start_logged
 from transforms.sinks.redis_layout import RedisKeys
@@ -55,6 +72,7 @@ class Round:
     resources: Resources
     fault_seconds: float
     job_options: tuple[str, ...] = ()
+    poison: PoisonFeed | None = None
     job: subprocess.Popen | None = None
     restarts: int = 0
 
@@ -160,6 +178,95 @@ def flaky_api(run: Round) -> None:
     api_faults(30, error_rate=0.3, error_status=503, seed=18)(run)
 
 
+POISON_COPIES = 3
+"""Records of each poison kind sent during the fault, spread over ``POISON_SECONDS``."""
+POISON_SECONDS = 60.0
+
+
+class PoisonFeed:
+    """The records that once stopped the job (issue 16), on a JSON topic of the round's own that the job reads
+    beside the CDC topic: every poison kind the job dead-letters or skips (none that becomes an event, so the
+    audit against PostgreSQL still holds), ``POISON_COPIES`` of each."""
+
+    def __init__(self, cfg: StackConfig, topic: str) -> None:
+        self.topic = topic
+        # Created before the job starts, with the record size the 2 MB poison record needs. One partition, so
+        # that one record primes it (see ``prime``).
+        self._sink = KafkaJsonSink(
+            cfg.kafka_bootstrap, topic, partitions=1, max_message_bytes=FUZZ_MAX_MESSAGE_BYTES, record_positions=True
+        )
+        kinds = [kind for kind in POISON_KINDS if POISON_OUTCOMES[kind] != "event"]
+        self._records = self._build(kinds * POISON_COPIES)
+
+    def prime(self) -> None:
+        """One record the job skips (a tombstone), sent right after the job is launched with its start time.
+
+        KafkaIO fails the job when a partition holds no record at or after the start time (apache/beam#21610;
+        docs/reliability.md), and this topic is new and empty when the job starts."""
+        [tombstone] = self._build([Kind.POISON_NULL_VALUE])
+        self._sink.send([tombstone])
+
+    @staticmethod
+    def _build(kinds: list[Kind]) -> list[KafkaRecord]:
+        rng = random.Random(17)
+        rng.shuffle(kinds)
+        first_id = 2**52 + int(time.time() * 1000) * 1000  # far above the table's sequence; never rows
+        records = []
+        for index, kind in enumerate(kinds):
+            obj = {
+                "id": first_id + index,
+                "content_id": str(uuid.uuid4()),
+                "user_id": str(uuid.uuid4()),
+                "event_type": "play",
+                "event_ts": int(time.time() * 1000),
+                "duration_ms": 1000,
+                "device": "ios",
+                "raw_payload": {"fuzz": index},
+            }
+            key, value, carried_id = poison_record(kind, obj, rng)
+            records.append(KafkaRecord(kind, key, value, carried_id, obj["content_id"]))
+        return records
+
+    def send(self) -> None:
+        pause = POISON_SECONDS / len(self._records)
+        for record in self._records:
+            self._sink.send([record])
+            time.sleep(pause)
+        self._sink.close()
+
+    def tally(self, bq: bigquery.Client, table_prefix: str) -> PoisonTally:
+        expected = sum(
+            1 for record, _, _ in self._sink.positions or [] if POISON_OUTCOMES[record.kind] == "dead_letter"
+        )
+        sql = f"SELECT source_partition, source_offset FROM `{table_prefix}.dead_letters` WHERE source_topic = @topic"  # noqa: S608
+        config = bigquery.QueryJobConfig(
+            query_parameters=[bigquery.ScalarQueryParameter("topic", "STRING", self.topic)]
+        )
+        positions = [
+            (row["source_partition"], row["source_offset"]) for row in bq.query_and_wait(sql, job_config=config)
+        ]
+        return PoisonTally(expected, len(set(positions)), len(positions))
+
+
+@dataclass(frozen=True)
+class PoisonTally:
+    """Poison records the job should dead-letter, the Kafka positions found in the dead letters, and the rows."""
+
+    expected: int
+    found: int
+    rows: int
+
+    @property
+    def exact(self) -> bool:
+        return self.expected == self.found == self.rows
+
+
+def poison_input(run: Round) -> None:
+    if run.poison is None:
+        raise RuntimeError("the poison-input round has no feed")
+    run.poison.send()
+
+
 FAULTS: dict[str, tuple[str, Callable[[Round], None]]] = {
     "kill-job": ("kill -9 of the job (launcher, Prism, Java), resumed", kill_job),
     "kill-kafka": ("kill -9 of the Kafka broker", kill_and_restart("kafka")),
@@ -170,6 +277,7 @@ FAULTS: dict[str, tuple[str, Callable[[Round], None]]] = {
     "http-outage": ("HTTP API down for 60 s", api_faults(60, outage_seconds=60)),
     "http-flaky": ("30 % 429 (Retry-After) then 503 for 60 s", flaky_api),
     "http-slow": ("HTTP API answering in 2 s for 60 s", api_faults(60, latency_ms=2000)),
+    "poison-input": ("the poison records of issue 16 on a JSON topic for 60 s", poison_input),
 }
 
 
@@ -183,6 +291,11 @@ class Outcome:
     result: audit.Audit | None
     fault_p95_seconds: float | None
     error: str = ""
+    poison: PoisonTally | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.result is not None and self.result.exact and (self.poison is None or self.poison.exact)
 
     def row(self) -> str:
         if self.result is None:
@@ -192,16 +305,21 @@ class Outcome:
         wrong = self.result.aggregates.wrong + self.result.redis.wrong
         recovered = f"{self.recovery_seconds:.0f} s" if self.recovery_seconds is not None else "**not exact**"
         p95 = f"{self.fault_p95_seconds:.2f} s" if self.fault_p95_seconds is not None else "-"
-        verdict = "exact" if self.result.exact else f"**{self._detail()}**"
-        dead = self.result.dead_letters
+        verdict = "exact" if self.exact else f"**{self._detail()}**"
+        dead = str(self.result.dead_letters)
+        if self.poison is not None:
+            dead += f"; poison: {self.poison.found} of {self.poison.expected} ({self.poison.rows} rows)"
         return f"| {self.fault} | {recovered} | {lost} | {doubled} | {wrong} | {dead} | {p95} | {verdict} |"
 
     def _detail(self) -> str:
         r = self.result
-        return (
+        detail = (
             f"BigQuery lost {r.bigquery_events.lost} doubled {r.bigquery_events.doubled}; HTTP lost {r.http.lost} "
             f"doubled {r.http.doubled}; aggregates wrong {r.aggregates.wrong}; Redis buckets wrong {r.redis.wrong}"
         )
+        if self.poison is not None and not self.poison.exact:
+            detail += "; poison dead letters not one per record"
+        return detail
 
 
 TABLE_HEAD = (
@@ -238,12 +356,16 @@ def run_fault(cfg: StackConfig, fault: str, args: argparse.Namespace) -> Outcome
     description, inject = FAULTS[fault]
     resources = Resources(cfg, kind=f"faults-{fault}")
     resources.create()
-    run = Round(cfg, resources, fault_seconds=args.fault_seconds, job_options=tuple(args.pipeline_args))
+    poison = PoisonFeed(cfg, f"{resources.name}-json") if fault == "poison-input" else None
+    job_options = (*args.pipeline_args, *([f"--json_topic={poison.topic}"] if poison is not None else []))
+    run = Round(cfg, resources, fault_seconds=args.fault_seconds, job_options=job_options, poison=poison)
     client = redis.Redis.from_url(cfg.redis_url)
     generator: subprocess.Popen | None = None
     try:
         floor = sequence_value(cfg.pg_dsn)
         run.start_job(datetime.now(UTC))
+        if poison is not None:
+            poison.prime()
         say(f"{fault}: job {resources.name} starting (log {cfg.log_dir / run.log_name})")
         load_ends = time.monotonic() + args.load_seconds
         generator = start_logged(
@@ -286,7 +408,8 @@ def run_fault(cfg: StackConfig, fault: str, args: argparse.Namespace) -> Outcome
             result, _ = audit.wait_until_exact(check, args.converge_seconds)
         recovery = time.monotonic() - fault_ended if result.exact else None
         during = _p95(watch.latencies)
-        return Outcome(fault, recovery, result, during)
+        tally = poison.tally(bq, table_prefix) if poison is not None else None
+        return Outcome(fault, recovery, result, during, poison=tally)
     except Exception as error:  # noqa: BLE001 - one fault's failure is a row of the table, not the end of the run
         return Outcome(fault, None, None, None, error=f"{type(error).__name__}: {error}")
     finally:
@@ -397,8 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     print(TABLE_HEAD)
     for outcome in outcomes:
         print(outcome.row())
-    exact = all(outcome.result is not None and outcome.result.exact for outcome in outcomes)
-    print(f"faults: {sum(1 for o in outcomes if o.result is not None and o.result.exact)} of {len(outcomes)} exact")
+    exact = all(outcome.exact for outcome in outcomes)
+    print(f"faults: {sum(1 for outcome in outcomes if outcome.exact)} of {len(outcomes)} exact")
     return 0 if exact else 1
 
 
