@@ -52,7 +52,7 @@ from transforms.model import DeadLetter, EnrichedEvent, Stage
 from transforms.secrets import runs_on_dataflow
 from transforms.sinks.http_client import ApiClient, SinkCounters, wall_clock
 from transforms.sinks.http_deferred import DeferredBatch, RetryDeferredBatchesFn
-from transforms.sinks.http_delivery import Delivery, RetryPolicy, Verdict, deliver
+from transforms.sinks.http_delivery import Delivery, RetryPolicy, deliver, delivery_of
 from transforms.sinks.http_intents import (
     INTENTS_TABLE,
     IntentLogSettings,
@@ -90,7 +90,8 @@ class HttpSinkSettings:
     checkpoint_batches: bool = True
     bounded_input: bool = False
     """A bounded run (the backfill) cuts batches by count only: the end of its input flushes what is left, and
-    no processing-time timer is set, which the FnApiRunner cannot fire."""
+    no processing-time timer is set, which the FnApiRunner cannot fire. For the same reason it retries each
+    batch in ``PostBatches`` and has no ``RetryDeferred`` step."""
     intents: IntentLogSettings | None = None
     """Where each batch is recorded before its first POST (transforms/sinks/http_intents.py); None: nowhere,
     and a resumed job sends its overlap again in new batches."""
@@ -427,12 +428,7 @@ class PostBatchesFn(beam.DoFn):
 
     def _deliver(self, batch: Batch) -> Delivery:
         if self._defer:
-            attempt = self._client.send(batch)
-            if attempt.verdict is Verdict.DELIVERED:
-                return Delivery(True, 1, replayed=attempt.replayed)
-            if attempt.verdict is Verdict.RETRY:
-                return Delivery(False, 1, deferred=attempt)
-            return Delivery(False, 1, reason=f"rejected: {attempt.describe()}")
+            return delivery_of(self._client.send(batch), attempts=1)
         return deliver(lambda: self._client.send(batch), self._settings.retry, self._sleep)
 
     def _sleep(self, seconds: float) -> bool:

@@ -38,7 +38,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from transforms.model import DeadLetter
 from transforms.sinks.http_client import ApiClient, SinkCounters, wall_clock
-from transforms.sinks.http_delivery import Attempt, RetryPolicy, Verdict
+from transforms.sinks.http_delivery import Attempt, RetryPolicy, Verdict, delivery_of
 from transforms.sinks.http_wire import Batch
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ class RetryDeferredBatchesFn(beam.DoFn):
             if attempt.verdict is Verdict.DELIVERED:
                 self._counters.delivered(deferred.batch, attempt.replayed, elapsed)
             elif attempt.verdict is Verdict.REJECTED:
-                yield from self._dead_letters(deferred.batch, f"rejected: {attempt.describe()}")
+                yield from self._dead_letters(deferred.batch, delivery_of(attempt, deferred.attempts + 1).reason)
             else:
                 still_waiting.append(replace(deferred, attempts=deferred.attempts + 1, last=attempt))
                 last_failure = attempt

@@ -178,7 +178,13 @@ def deliver(
     last = sending(send)
     if isinstance(last, Delivery):  # out of attempts or time (give_up)
         return last
-    attempts = sending.statistics.get("attempt_number", 1)
-    if last.verdict is Verdict.DELIVERED:
-        return Delivery(True, attempts, replayed=last.replayed)
-    return Delivery(False, attempts, reason=f"rejected: {last.describe()}")
+    return delivery_of(last, sending.statistics.get("attempt_number", 1))
+
+
+def delivery_of(attempt: Attempt, attempts: int) -> Delivery:
+    """What a batch's latest attempt makes of it: delivered, rejected for good, or (RETRY) deferred."""
+    if attempt.verdict is Verdict.DELIVERED:
+        return Delivery(True, attempts, replayed=attempt.replayed)
+    if attempt.verdict is Verdict.RETRY:
+        return Delivery(False, attempts, deferred=attempt)
+    return Delivery(False, attempts, reason=f"rejected: {attempt.describe()}")
