@@ -10,6 +10,7 @@ Everything lives under one cache root, ``$ENGAGEMENT_CACHE_DIR`` (default ``~/.c
 =====================================================  ===============================================
 ``prism/<prism version>-<patches digest>/prism``        Prism, built with ``devstack/prism-patches``
 ``beam-java/<beam version>/<service>/``                 a Java expansion service assembled from Maven
+                                                       (``kafka-local``: with ``devstack/kafkaio-patches``)
 ``bigquery-emulator/``                                  the BigQuery emulator's virtualenv
 ``jvm/``                                                Kafka and Debezium's classpaths
 =====================================================  ===============================================
@@ -38,7 +39,8 @@ CACHE_ENV = "ENGAGEMENT_CACHE_DIR"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRISM_PATCHES = REPO_ROOT / "devstack" / "prism-patches"
 
-Component = Literal["kafka", "gcp"]
+Component = Literal["kafka", "kafka-local", "gcp"]
+"""The Java expansion services; ``kafka-local`` is KafkaIO with ``devstack/kafkaio-patches``, for local runners."""
 SHADED_ARTIFACTS: dict[str, str] = {
     "kafka": "beam-sdks-java-io-expansion-service",
     "gcp": "beam-sdks-java-io-google-cloud-platform-expansion-service",

@@ -15,13 +15,19 @@ from apache_beam.transforms.external import JavaJarExpansionService
 from transforms import artifacts
 from transforms.artifacts import Component
 
+LOCAL_SERVICES: dict[Component, Component] = {"kafka": "kafka-local"}
+"""The service a local runner uses instead: KafkaIO with our patches compiled in (devstack/kafkaio-patches)."""
+
 
 def fetched_jar(component: Component, version: str = apache_beam.__version__) -> Path | None:
-    """The jar scripts/fetch-beam-artifacts put in place for ``version``, if any."""
-    for candidate in (artifacts.shaded_jar(component, version), artifacts.assembled_jar(component, version)):
-        if candidate.is_file():
-            return candidate
-    return None
+    """The jar scripts/fetch-beam-artifacts put in place for ``version``, if any: Beam's released one first."""
+    candidates = [artifacts.assembled_jar(component, version)]
+    if component in artifacts.SHADED_ARTIFACTS:
+        candidates.insert(0, artifacts.shaded_jar(component, version))
+    if component in LOCAL_SERVICES:
+        # Expanding needs no patched class: the local assembly serves when nothing else was fetched.
+        candidates.append(artifacts.assembled_jar(LOCAL_SERVICES[component], version))
+    return next((candidate for candidate in candidates if candidate.is_file()), None)
 
 
 def java_expansion_service(
@@ -31,11 +37,17 @@ def java_expansion_service(
 
     ``option`` is ``host:port`` of a running service, a jar path, or empty for the jar fetched for this
     Beam version. ``loopback_worker`` runs the Java SDK worker inside the expansion service's JVM, which
-    local runners without Docker need (docs/local-streaming.md); Dataflow brings its own Java workers.
+    local runners without Docker need (docs/local-streaming.md); Dataflow brings its own Java workers. That
+    worker then runs the classes of the jar, so a local runner gets the service with our patches
+    (``LOCAL_SERVICES``, docs/local-streaming.md "KafkaIO's read bundles end on whole seconds").
     """
     if option and not option.endswith(".jar"):
         return option
-    jar = Path(option) if option else fetched_jar(component)
+    if not option and loopback_worker and component in LOCAL_SERVICES:
+        component = LOCAL_SERVICES[component]
+        jar: Path | None = artifacts.assembled_jar(component)
+    else:
+        jar = Path(option) if option else fetched_jar(component)
     if jar is None or not jar.is_file():
         raise FileNotFoundError(
             f"no {component} expansion service jar for Beam {apache_beam.__version__}"

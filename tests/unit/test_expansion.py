@@ -37,3 +37,33 @@ def test_by_default_the_jar_fetched_for_this_beam_version(tmp_path, monkeypatch)
     jar.parent.mkdir(parents=True)
     jar.write_bytes(b"PK")
     assert expansion.java_expansion_service("", "kafka").path_to_jar == str(jar)
+
+
+def test_a_local_runner_reads_kafka_with_our_patched_kafkaio_only(tmp_path, monkeypatch):
+    # The loopback worker runs KafkaIO's classes from the service's own jar: locally that must be the
+    # assembly with devstack/kafkaio-patches, never Beam's released jar, even when that one was fetched.
+    monkeypatch.setenv("ENGAGEMENT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    version = apache_beam.__version__
+    jars = tmp_path / "home" / ".apache_beam" / "cache" / "jars"
+    released = jars / f"beam-sdks-java-io-expansion-service-{version}.jar"
+    released.parent.mkdir(parents=True)
+    released.write_bytes(b"PK")
+    with pytest.raises(FileNotFoundError, match="run scripts/fetch-beam-artifacts kafka-local"):
+        expansion.java_expansion_service(None, "kafka", loopback_worker=True)
+    patched = tmp_path / "beam-java" / version / "kafka-local" / f"beam-kafka-local-expansion-service-{version}.jar"
+    patched.parent.mkdir(parents=True)
+    patched.write_bytes(b"PK")
+    assert expansion.java_expansion_service(None, "kafka", loopback_worker=True).path_to_jar == str(patched)
+    # Dataflow's launcher expands with the released jar: its Java workers bring their own KafkaIO.
+    assert expansion.java_expansion_service(None, "kafka").path_to_jar == str(released)
+
+
+def test_expanding_for_dataflow_falls_back_to_the_local_assembly(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENGAGEMENT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    version = apache_beam.__version__
+    patched = tmp_path / "beam-java" / version / "kafka-local" / f"beam-kafka-local-expansion-service-{version}.jar"
+    patched.parent.mkdir(parents=True)
+    patched.write_bytes(b"PK")
+    assert expansion.fetched_jar("kafka") == patched
