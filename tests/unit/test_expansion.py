@@ -1,10 +1,14 @@
 """Choosing the Java expansion service: an address, a jar, or the jar fetched for this Beam version."""
 
+import os
+
 import apache_beam
 import pytest
 from apache_beam.transforms.external import JavaJarExpansionService
 
 from transforms import expansion
+
+OPTIONS = "JDK_JAVA_OPTIONS"
 
 
 def test_an_address_is_used_as_given():
@@ -67,3 +71,19 @@ def test_expanding_for_dataflow_falls_back_to_the_local_assembly(tmp_path, monke
     patched.parent.mkdir(parents=True)
     patched.write_bytes(b"PK")
     assert expansion.fetched_jar("kafka") == patched
+
+
+def test_the_loopback_jvm_starts_with_c1_only_and_the_environment_is_restored(tmp_path, monkeypatch):
+    jar = tmp_path / "service.jar"
+    jar.write_bytes(b"PK")
+    seen: list[str | None] = []
+    monkeypatch.setattr(JavaJarExpansionService, "__enter__", lambda self: seen.append(os.environ.get(OPTIONS)))
+    monkeypatch.setenv(OPTIONS, "-Xmx1g")
+    expansion.java_expansion_service(str(jar), "kafka", loopback_worker=True).__enter__()
+    expansion.java_expansion_service(str(jar), "gcp").__enter__()
+    assert seen == [f"-Xmx1g {expansion.LOOPBACK_JVM_OPTIONS}", "-Xmx1g"]
+    assert os.environ[OPTIONS] == "-Xmx1g"
+    monkeypatch.delenv(OPTIONS)
+    expansion.java_expansion_service(str(jar), "kafka", loopback_worker=True).__enter__()
+    assert seen[-1] == expansion.LOOPBACK_JVM_OPTIONS
+    assert OPTIONS not in os.environ
