@@ -112,7 +112,8 @@ class KafkaReadOptions(PipelineOptions):
             help=(
                 "Seconds of polling after which KafkaIO ends a partition's read and hands its records on "
                 "(a whole number, at least 1; KafkaIO's own default is 2). Lower means lower latency and more, "
-                "smaller bundles (docs/benchmarks.md)."
+                "smaller bundles (docs/benchmarks.md). On the local runners every partition's read ends on the same "
+                "whole multiple of it (devstack/kafkaio-patches)."
             ),
         )
         parser.add_argument(
