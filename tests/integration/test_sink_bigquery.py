@@ -275,6 +275,20 @@ def test_replayed_bundles_leave_each_row_once(
     assert copies(bq, settings, ids) == dict.fromkeys(ids, 1)
 
 
+def test_an_append_over_four_mib_lands_as_on_bigquery(
+    bq: bigquery.Client, settings: BigQuerySinkSettings, shard: Shard
+) -> None:
+    """BigQuery takes AppendRows requests up to 10 MB, and so must its stand-in: gRPC's default limit of 4 MiB
+    refused a busy HTTP sink's intent append, which was retried until the job stopped."""
+    ids = new_ids(50)
+    padding = json.dumps({"padding": "x" * 100_000})
+    rows = encoded_events(settings, ids, {event_id: {"raw_payload": padding} for event_id in ids})
+    assert sum(map(len, rows)) > 4 * 1024 * 1024
+    assert shard.bundle(rows) == []
+    shard.commit()
+    assert copies(bq, settings, ids) == dict.fromkeys(ids, 1)
+
+
 def test_a_lost_stream_is_replaced_and_every_row_lands_once(
     stack: StackConfig, bq: bigquery.Client, settings: BigQuerySinkSettings
 ) -> None:
