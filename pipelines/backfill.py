@@ -19,7 +19,6 @@ all of a batch job's data in memory. See docs/backfill.md.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import itertools
@@ -68,6 +67,7 @@ from transforms.postgres_source import (
     missing_event_columns,
     summarize_range,
 )
+from transforms.settings import print_options_help
 from transforms.sinks.bigquery import LOCAL_STORAGE_WRITE, BigQuerySinkOptions, BigQuerySinkSettings
 from transforms.sinks.http_api import HttpSinkOptions, HttpSinkSettings
 from transforms.sinks.redis_top import RedisSinkOptions, RedisSinkSettings, WriteTopContentToRedis, connect
@@ -416,7 +416,13 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions, plan: Back
 
 # --- command line -----------------------------------------------------------------------------------------
 
-_OPTION_CLASSES = (BackfillOptions, CoreOptions, BigQuerySinkOptions, RedisSinkOptions, HttpSinkOptions)
+OPTION_CLASSES: tuple[type[PipelineOptions], ...] = (
+    BackfillOptions,
+    CoreOptions,
+    BigQuerySinkOptions,
+    RedisSinkOptions,
+    HttpSinkOptions,
+)
 
 _SUMMARY_COUNTERS = (
     ("backfill", "rows_read"),
@@ -440,13 +446,7 @@ _SUMMARY_COUNTERS = (
 
 
 def print_help() -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipelines.backfill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for options_class in _OPTION_CLASSES:
-        options_class._add_argparse_args(parser)
-    parser.print_help()
-    print("\nAny Beam pipeline option (--runner, --project, --temp_location, ...) is passed to the runner.")
+    print_options_help("python -m pipelines.backfill", __doc__, OPTION_CLASSES)
 
 
 def configure_logging() -> None:

@@ -1,14 +1,20 @@
-"""Pipeline options shared by the streaming job and the backfill.
+"""The options and settings of the transforms both the streaming job and the backfill run.
 
 Every option here is also a parameter of the Dataflow flex template (templates/metadata.json).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from datetime import datetime
+
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from transforms.aggregate import WindowSettings
+from transforms.decode import DecodeLimits
 from transforms.postgres import PostgresDsn, dsn_has_password
 from transforms.secrets import password_source_from
+from transforms.settings import add_options, option_values, setting
 
 
 class CoreOptions(PipelineOptions):
@@ -37,46 +43,7 @@ class CoreOptions(PipelineOptions):
             "--postgres_password_file",
             help="File holding the PostgreSQL password, read when connecting (local runs; not on Dataflow).",
         )
-        parser.add_argument(
-            "--max_record_bytes",
-            type=int,
-            default=1_000_000,
-            help=(
-                "Largest record value decoded, in bytes (SPEC's 1 MB, as 1,000,000). A larger record is a dead "
-                "letter whose reason gives its size and whose payload keeps only its first 64 KiB."
-            ),
-        )
-        parser.add_argument(
-            "--window_seconds",
-            type=int,
-            default=60,
-            help="Length of the fixed event-time windows of the per-content aggregates, in seconds.",
-        )
-        parser.add_argument(
-            "--allowed_lateness_seconds",
-            type=int,
-            default=300,
-            help="How long after a window ends late events still correct its aggregates, in seconds.",
-        )
-        parser.add_argument(
-            "--early_firing_seconds",
-            type=int,
-            default=0,
-            help=(
-                "Processing-time delay after which a window emits an early (partial) result, in whole seconds. "
-                "0 emits one as soon as new data reaches the window: a pane per key for each batch of events "
-                "the runner hands the aggregation."
-            ),
-        )
-        parser.add_argument(
-            "--dedup_horizon_seconds",
-            type=int,
-            default=600,
-            help=(
-                "How long an event id is remembered to drop redelivered copies, in seconds of event time past "
-                "the first copy's event time. Must be at least window_seconds + allowed_lateness_seconds."
-            ),
-        )
+        add_options(parser, DecodeLimits, WindowSettings, CoreSettings)
         parser.add_argument(
             "--content_refresh_seconds",
             type=float,
@@ -95,6 +62,49 @@ class CoreOptions(PipelineOptions):
                 "Where to look up content missing from the refreshed snapshot: 'postgres' queries it by "
                 "id (so content created just before its events is enriched), 'none' trusts the snapshot."
             ),
+        )
+
+
+@dataclass(frozen=True)
+class CoreSettings:
+    windows: WindowSettings = field(default_factory=WindowSettings)
+    dedup_horizon_seconds: int = setting(
+        600,
+        flag="--dedup_horizon_seconds",
+        type=int,
+        help=(
+            "How long an event id is remembered to drop redelivered copies, in seconds of event time past "
+            "the first copy's event time. Must be at least window_seconds + allowed_lateness_seconds."
+        ),
+    )
+    streaming: bool = True
+    windows_from: datetime | None = None
+    """A resumed job's re-read start: earlier windows were final before the restart (transforms/resume.py)."""
+    decode: DecodeLimits = field(default_factory=DecodeLimits)
+    ids_unique_at_source: bool = False
+    """True when the source cannot hold two records with one id: the backfill reads PostgreSQL, where ``id``
+    is the primary key and the read splits are disjoint id ranges. The batch de-duplication, a GroupByKey
+    that holds every event in the runner, is then skipped. A stream (Kafka redelivers) always de-duplicates."""
+
+    def __post_init__(self) -> None:
+        if self.streaming and self.ids_unique_at_source:
+            raise ValueError("a stream can deliver an id twice: ids_unique_at_source is for bounded sources only")
+        # A duplicate arriving after the horizon but while its window is still open would be counted
+        # twice in the aggregate, so the horizon must cover a window's whole open life.
+        if self.dedup_horizon_seconds < self.windows.open_seconds:
+            raise ValueError(
+                f"dedup_horizon_seconds ({self.dedup_horizon_seconds}) must be at least "
+                f"window_seconds + allowed_lateness_seconds ({self.windows.open_seconds})"
+            )
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions, streaming: bool) -> CoreSettings:
+        core = options.view_as(CoreOptions)
+        return cls(
+            windows=WindowSettings(**option_values(WindowSettings, core)),
+            streaming=streaming,
+            decode=DecodeLimits(**option_values(DecodeLimits, core)),
+            **option_values(cls, core),
         )
 
 

@@ -42,9 +42,23 @@ from transforms.resume import (
     intents_since,
     plan_resume,
 )
+from transforms.settings import print_options_help
+from transforms.sinks.bigquery import BigQuerySinkOptions
+from transforms.sinks.http_api import HttpSinkOptions
 from transforms.sinks.http_intents import IntentsSince
+from transforms.sinks.redis_top import RedisSinkOptions
 
 _log = logging.getLogger(__name__)
+
+OPTION_CLASSES: tuple[type[PipelineOptions], ...] = (
+    CoreOptions,
+    KafkaReadOptions,
+    BigQuerySinkOptions,
+    RedisSinkOptions,
+    HttpSinkOptions,
+    ResumeOptions,
+)
+"""The job's own options (the flex template's parameters: templates/launch.py)."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +223,9 @@ def run(argv: list[str] | None = None) -> None:
 
 
 def main() -> int:
+    if "-h" in sys.argv[1:] or "--help" in sys.argv[1:]:
+        print_options_help("python -m pipelines.streaming", __doc__, OPTION_CLASSES)
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         run(sys.argv[1:])

@@ -14,12 +14,9 @@ from collections.abc import Callable, Iterable, Sequence
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions, WorkerOptions
 
-from pipelines import backfill
+from pipelines import backfill, streaming
 from pipelines.options import CoreOptions
-from transforms.kafka_source import KafkaReadOptions
-from transforms.resume import ResumeOptions
 from transforms.secrets import read_secret_version
-from transforms.sinks.bigquery import BigQuerySinkOptions
 from transforms.sinks.http_api import HttpSinkOptions
 from transforms.sinks.redis_top import RedisSinkOptions
 
@@ -28,16 +25,9 @@ class LaunchError(Exception):
     """The template cannot be launched as parameterized; the message is one line for the operator."""
 
 
-STREAMING_OPTIONS: tuple[type[PipelineOptions], ...] = (
-    CoreOptions,
-    KafkaReadOptions,
-    BigQuerySinkOptions,
-    RedisSinkOptions,
-    HttpSinkOptions,
-    ResumeOptions,
-)
-# The backfill's own list, so a class it adds is a template parameter (and in its metadata) at once.
-BACKFILL_OPTIONS: tuple[type[PipelineOptions], ...] = backfill._OPTION_CLASSES
+# Each pipeline's own list, so a class it adds is a template parameter (and in its metadata) at once.
+STREAMING_OPTIONS: tuple[type[PipelineOptions], ...] = streaming.OPTION_CLASSES
+BACKFILL_OPTIONS: tuple[type[PipelineOptions], ...] = backfill.OPTION_CLASSES
 
 TRUE_WORDS = ("true", "1", "yes")
 FALSE_WORDS = ("false", "0", "no")

@@ -25,6 +25,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming, WindowedValue
 
 from transforms.model import EVENT_TYPES, EnrichedEvent, WindowAggregate
+from transforms.settings import setting
 from transforms.state_cache import PickledCell, pickled_cell, prepare_worker_state
 
 AggregateKey = tuple[str | None, bool]
@@ -194,9 +195,28 @@ class ToWindowAggregateFn(beam.DoFn):
 class WindowSettings:
     """How windows are cut and fired; validated once, shared by streaming and backfill."""
 
-    window_seconds: int = 60
-    allowed_lateness_seconds: int = 300
-    early_firing_seconds: int = 0
+    window_seconds: int = setting(
+        60,
+        flag="--window_seconds",
+        type=int,
+        help="Length of the fixed event-time windows of the per-content aggregates, in seconds.",
+    )
+    allowed_lateness_seconds: int = setting(
+        300,
+        flag="--allowed_lateness_seconds",
+        type=int,
+        help="How long after a window ends late events still correct its aggregates, in seconds.",
+    )
+    early_firing_seconds: int = setting(
+        0,
+        flag="--early_firing_seconds",
+        type=int,
+        help=(
+            "Processing-time delay after which a window emits an early (partial) result, in whole seconds. "
+            "0 emits one as soon as new data reaches the window: a pane per key for each batch of events "
+            "the runner hands the aggregation."
+        ),
+    )
     """Whole seconds, as Beam's portable trigger protocol round-trips only those; 0 fires an early pane as soon
     as data reaches the aggregation (``window_trigger``); unused in batch."""
 

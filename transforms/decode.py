@@ -36,6 +36,7 @@ from transforms.model import (
     Stage,
     canonical_json,
 )
+from transforms.settings import setting
 
 _log = logging.getLogger(__name__)
 
@@ -102,7 +103,15 @@ class DecodeError(RejectedInputError):
 class DecodeLimits:
     """What the decoder refuses to read, whatever the content (SPEC §3, "too large, too deeply nested")."""
 
-    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    max_record_bytes: int = setting(
+        DEFAULT_MAX_RECORD_BYTES,
+        flag="--max_record_bytes",
+        type=int,
+        help=(
+            "Largest record value decoded, in bytes (SPEC's 1 MB, as 1,000,000). A larger record is a dead "
+            "letter whose reason gives its size and whose payload keeps only its first 64 KiB."
+        ),
+    )
     max_depth: int = DEFAULT_MAX_DEPTH
 
     def __post_init__(self) -> None:

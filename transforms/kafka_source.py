@@ -22,6 +22,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.expansion import java_expansion_service
 from transforms.model import RawRecord, SourceCoordinates
+from transforms.settings import add_options, option_values, setting
 
 _START_KEYWORDS = ("earliest", "latest")
 
@@ -29,110 +30,6 @@ _log = logging.getLogger(__name__)
 
 PartitionOffsets = Mapping[tuple[str, int], int]
 """(topic, partition) -> the first offset the job processes in that partition."""
-
-
-class KafkaReadOptions(PipelineOptions):
-    """Where and how the streaming job reads Kafka."""
-
-    @classmethod
-    def _add_argparse_args(cls, parser) -> None:  # noqa: ANN001 - Beam's argparse wrapper
-        parser.add_argument(
-            "--bootstrap_servers",
-            default="127.0.0.1:59092",
-            help="Kafka bootstrap servers, comma-separated host:port pairs.",
-        )
-        parser.add_argument(
-            "--cdc_topic",
-            default="cdc.public.engagement_events",
-            help="Topic of Debezium change events for engagement_events (any of the three JSON shapes).",
-        )
-        parser.add_argument(
-            "--json_topic",
-            default="",
-            help="Optional topic of plain JSON events published by applications; empty to read none.",
-        )
-        parser.add_argument(
-            "--consumer_group",
-            default="engagement-pipeline",
-            help="Kafka consumer group id; offsets are committed under it when --commit_offsets is on.",
-        )
-        parser.add_argument(
-            "--start_offset",
-            default="earliest",
-            help=(
-                "Where to start reading: 'earliest' or 'latest' (used when the consumer group has no committed "
-                "offset; otherwise the group's offsets), an ISO-8601 time with offset (e.g. "
-                "2026-11-22T10:00:00Z; every partition starts there, whatever the group committed), or, for the "
-                "streaming job, 'resume': restart where the sinks show the last run stopped (docs/restarts.md)."
-            ),
-        )
-        parser.add_argument(
-            "--kafka_start_offsets",
-            default="",
-            help=(
-                "Start past given offsets: comma-separated PARTITION:OFFSET (when one topic is read) or "
-                "TOPIC:PARTITION:OFFSET, e.g. 0:1234,1:99. OFFSET is the first one processed; records of that "
-                "partition below it are skipped, counted (kafka/skipped_before_start_offset) and logged with "
-                "their offsets. Reading itself starts as --start_offset says. Partitions not listed are "
-                "unaffected. For a record that must not be processed (docs/restarts.md)."
-            ),
-        )
-        parser.add_argument(
-            "--commit_offsets",
-            default=True,
-            type=_parse_bool,
-            help="Commit consumed offsets to Kafka when bundles are finalized (true/false).",
-        )
-        parser.add_argument(
-            "--kafka_consumer_config",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help=(
-                "Extra Kafka consumer property, repeatable, passed through unchanged: e.g. "
-                "security.protocol=SASL_SSL, sasl.mechanism=PLAIN, sasl.jaas.config=..."
-            ),
-        )
-        parser.add_argument(
-            "--kafka_max_records",
-            type=int,
-            default=None,
-            help="Stop after this many records (a bounded read, for tests and demos). Unset: read forever.",
-        )
-        parser.add_argument(
-            "--kafka_max_read_seconds",
-            type=int,
-            default=None,
-            help="Stop reading after this many seconds (a bounded read, for tests and demos). Unset: forever.",
-        )
-        parser.add_argument(
-            "--kafka_poll_timeout_seconds",
-            type=int,
-            default=1,
-            help=(
-                "Seconds of polling after which KafkaIO ends a partition's read and hands its records on "
-                "(a whole number, at least 1; KafkaIO's own default is 2). Lower means lower latency and more, "
-                "smaller bundles (docs/benchmarks.md). On the local runners every partition's read ends on the same "
-                "whole multiple of it (devstack/kafkaio-patches)."
-            ),
-        )
-        parser.add_argument(
-            "--kafka_java_loopback_worker",
-            default=False,
-            type=_parse_bool,
-            help=(
-                "Run KafkaIO's Java worker inside its expansion service (true/false): for local runners "
-                "without Docker such as Prism. Leave false on Dataflow, which runs its own Java workers."
-            ),
-        )
-        parser.add_argument(
-            "--kafka_expansion_service",
-            default="",
-            help=(
-                "host:port of a running Java expansion service for KafkaIO, a jar path, or empty for the "
-                "jar scripts/fetch-beam-artifacts fetched for this Beam version."
-            ),
-        )
 
 
 def _parse_bool(text: str | bool) -> bool:
@@ -149,23 +46,137 @@ def _parse_bool(text: str | bool) -> bool:
 _PROPERTY = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*=(.*)$")
 
 
+def _empty_as_none(text: str) -> str | None:
+    return text or None
+
+
+def parse_consumer_properties(entries: Sequence[str]) -> dict[str, str]:
+    """``["security.protocol=SASL_SSL", ...]`` -> a dict; a value may itself contain '='."""
+    properties = {}
+    for entry in entries:
+        match = _PROPERTY.match(entry)
+        if match is None:
+            raise ValueError(f"--kafka_consumer_config expects KEY=VALUE, got {entry!r}")
+        properties[match.group(1)] = match.group(2)
+    return properties
+
+
+class KafkaReadOptions(PipelineOptions):
+    """Where and how the streaming job reads Kafka (``KafkaReadSettings`` declares most of it)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:  # noqa: ANN001 - Beam's argparse wrapper
+        parser.add_argument(
+            "--cdc_topic",
+            default="cdc.public.engagement_events",
+            help="Topic of Debezium change events for engagement_events (any of the three JSON shapes).",
+        )
+        parser.add_argument(
+            "--json_topic",
+            default="",
+            help="Optional topic of plain JSON events published by applications; empty to read none.",
+        )
+        parser.add_argument(
+            "--kafka_start_offsets",
+            default="",
+            help=(
+                "Start past given offsets: comma-separated PARTITION:OFFSET (when one topic is read) or "
+                "TOPIC:PARTITION:OFFSET, e.g. 0:1234,1:99. OFFSET is the first one processed; records of that "
+                "partition below it are skipped, counted (kafka/skipped_before_start_offset) and logged with "
+                "their offsets. Reading itself starts as --start_offset says. Partitions not listed are "
+                "unaffected. For a record that must not be processed (docs/restarts.md)."
+            ),
+        )
+        add_options(parser, KafkaReadSettings)
+
+
 @dataclass(frozen=True)
 class KafkaReadSettings:
-    """Validated KafkaIO settings, built from ``KafkaReadOptions``."""
+    """Validated KafkaIO settings; the options of ``KafkaReadOptions`` are declared here."""
 
-    bootstrap_servers: str
+    bootstrap_servers: str = setting(
+        flag="--bootstrap_servers",
+        option_default="127.0.0.1:59092",
+        help="Kafka bootstrap servers, comma-separated host:port pairs.",
+    )
     topics: tuple[str, ...]
-    consumer_group: str
-    start_offset: str = "earliest"
-    commit_offsets: bool = True
-    extra_config: Mapping[str, str] = field(default_factory=dict)
-    max_records: int | None = None
-    max_read_seconds: int | None = None
-    poll_timeout_seconds: int = 1
+    """``--cdc_topic`` and ``--json_topic``, the empty ones left out."""
+    consumer_group: str = setting(
+        "engagement-pipeline",
+        flag="--consumer_group",
+        help="Kafka consumer group id; offsets are committed under it when --commit_offsets is on.",
+    )
+    start_offset: str = setting(
+        "earliest",
+        flag="--start_offset",
+        help=(
+            "Where to start reading: 'earliest' or 'latest' (used when the consumer group has no committed "
+            "offset; otherwise the group's offsets), an ISO-8601 time with offset (e.g. "
+            "2026-11-22T10:00:00Z; every partition starts there, whatever the group committed), or, for the "
+            "streaming job, 'resume': restart where the sinks show the last run stopped (docs/restarts.md)."
+        ),
+    )
+    commit_offsets: bool = setting(
+        True,
+        flag="--commit_offsets",
+        type=_parse_bool,
+        help="Commit consumed offsets to Kafka when bundles are finalized (true/false).",
+    )
+    extra_config: Mapping[str, str] = setting(
+        default_factory=dict,
+        flag="--kafka_consumer_config",
+        option_default=[],
+        parse=parse_consumer_properties,
+        action="append",
+        metavar="KEY=VALUE",
+        help=(
+            "Extra Kafka consumer property, repeatable, passed through unchanged: e.g. "
+            "security.protocol=SASL_SSL, sasl.mechanism=PLAIN, sasl.jaas.config=..."
+        ),
+    )
+    max_records: int | None = setting(
+        None,
+        flag="--kafka_max_records",
+        type=int,
+        help="Stop after this many records (a bounded read, for tests and demos). Unset: read forever.",
+    )
+    max_read_seconds: int | None = setting(
+        None,
+        flag="--kafka_max_read_seconds",
+        type=int,
+        help="Stop reading after this many seconds (a bounded read, for tests and demos). Unset: forever.",
+    )
+    poll_timeout_seconds: int = setting(
+        1,
+        flag="--kafka_poll_timeout_seconds",
+        type=int,
+        help=(
+            "Seconds of polling after which KafkaIO ends a partition's read and hands its records on "
+            "(a whole number, at least 1; KafkaIO's own default is 2). Lower means lower latency and more, "
+            "smaller bundles (docs/benchmarks.md). On the local runners every partition's read ends on the same "
+            "whole multiple of it (devstack/kafkaio-patches)."
+        ),
+    )
     """KafkaIO's ``consumer_polling_timeout``: a partition's read ends after this much polling."""
-    expansion_service: str | None = None
-    loopback_worker: bool = False
-    """Run the Java worker inside the expansion service's JVM: local runners (Prism) only."""
+    loopback_worker: bool = setting(
+        False,
+        flag="--kafka_java_loopback_worker",
+        type=_parse_bool,
+        help=(
+            "Run KafkaIO's Java worker inside its expansion service (true/false): for local runners "
+            "without Docker such as Prism. Leave false on Dataflow, which runs its own Java workers."
+        ),
+    )
+    expansion_service: str | None = setting(
+        None,
+        flag="--kafka_expansion_service",
+        option_default="",
+        parse=_empty_as_none,
+        help=(
+            "host:port of a running Java expansion service for KafkaIO, a jar path, or empty for the "
+            "jar scripts/fetch-beam-artifacts fetched for this Beam version."
+        ),
+    )
     start_offsets: PartitionOffsets = field(default_factory=dict)
     """``--kafka_start_offsets``: records below these offsets are skipped."""
 
@@ -216,31 +227,10 @@ class KafkaReadSettings:
         """``start_offset`` replaces ``--start_offset``: the streaming job's plan resolves ``resume`` to a time."""
         kafka = options.view_as(KafkaReadOptions)
         topics = tuple(topic for topic in (kafka.cdc_topic, kafka.json_topic) if topic)
-        return cls(
-            bootstrap_servers=kafka.bootstrap_servers,
-            topics=topics,
-            consumer_group=kafka.consumer_group,
-            start_offset=kafka.start_offset if start_offset is None else start_offset,
-            commit_offsets=kafka.commit_offsets,
-            extra_config=parse_consumer_properties(kafka.kafka_consumer_config),
-            max_records=kafka.kafka_max_records,
-            max_read_seconds=kafka.kafka_max_read_seconds,
-            poll_timeout_seconds=kafka.kafka_poll_timeout_seconds,
-            expansion_service=kafka.kafka_expansion_service or None,
-            loopback_worker=kafka.kafka_java_loopback_worker,
-            start_offsets=parse_start_offsets(kafka.kafka_start_offsets, topics),
-        )
-
-
-def parse_consumer_properties(entries: Sequence[str]) -> dict[str, str]:
-    """``["security.protocol=SASL_SSL", ...]`` -> a dict; a value may itself contain '='."""
-    properties = {}
-    for entry in entries:
-        match = _PROPERTY.match(entry)
-        if match is None:
-            raise ValueError(f"--kafka_consumer_config expects KEY=VALUE, got {entry!r}")
-        properties[match.group(1)] = match.group(2)
-    return properties
+        values = option_values(cls, kafka)
+        if start_offset is not None:
+            values["start_offset"] = start_offset
+        return cls(topics=topics, start_offsets=parse_start_offsets(kafka.kafka_start_offsets, topics), **values)
 
 
 def parse_start_offsets(text: str, topics: Sequence[str]) -> dict[tuple[str, int], int]:

@@ -37,6 +37,7 @@ from transforms.dead_letters import DEAD_LETTER_TAG, GuardedMap, flatten_dead_le
 from transforms.expansion import java_expansion_service
 from transforms.model import DeadLetter, EnrichedEvent, SourceCoordinates, Stage, WindowAggregate
 from transforms.rows import Row, dead_letter_row, enriched_event_row, window_aggregate_row
+from transforms.settings import add_options, option_values, setting
 from transforms.sinks.bigquery_local import METRICS_NAMESPACE, LocalWriteSettings, WriteTableLocally
 from transforms.sinks.bigquery_tables import Column, TableSpec
 
@@ -68,113 +69,7 @@ class BigQuerySinkOptions(PipelineOptions):
                 "where the last run stopped). Unset: Google BigQuery with default credentials."
             ),
         )
-        parser.add_argument("--bigquery_dataset", default="engagement", help="Dataset holding the pipeline's tables.")
-        parser.add_argument(
-            "--bigquery_events_table",
-            default="enriched_events",
-            help="Table of enriched events (one row per event; see sql/bigquery/001_tables.sql).",
-        )
-        parser.add_argument(
-            "--bigquery_aggregates_table",
-            default="window_aggregates",
-            help="Table of per-content window aggregates (panes coalesced per --bigquery_pane_interval_seconds).",
-        )
-        parser.add_argument(
-            "--bigquery_pane_interval_seconds",
-            type=int,
-            default=10,
-            help=(
-                "Streaming: window_aggregates gets at most one pane per window and content per this many "
-                "seconds, the newest, and the final value when the window closes (Redis gets every pane); 0 "
-                "writes every pane."
-            ),
-        )
-        parser.add_argument(
-            "--bigquery_dead_letters_table",
-            default="dead_letters",
-            help="Table of dead letters from every stage.",
-        )
-        parser.add_argument(
-            "--bigquery_write_method",
-            default=STORAGE_WRITE_API,
-            choices=WRITE_METHODS,
-            help=(
-                "'storage_write_api': Beam's Java Storage Write API sink (Dataflow). 'local_storage_write': "
-                "the Python Storage Write API writer for the BigQuery emulator (needs --bigquery_endpoint)."
-            ),
-        )
-        parser.add_argument(
-            "--bigquery_endpoint",
-            default=None,
-            help="host:port of a plaintext Storage Write API (the emulator's gRPC port); local_storage_write only.",
-        )
-        parser.add_argument(
-            "--bigquery_use_at_least_once",
-            action="store_true",
-            default=False,
-            help=(
-                "storage_write_api only: write through the default stream, at least once. Cheaper and lower "
-                "latency; a retried bundle may duplicate rows (the *_unique/_current views hide them)."
-            ),
-        )
-        parser.add_argument(
-            "--bigquery_num_streams",
-            type=int,
-            default=0,
-            help=(
-                "Write streams per table. storage_write_api: 0 lets the runner choose (with auto-sharding); "
-                "local_storage_write: 0 means 4."
-            ),
-        )
-        parser.add_argument(
-            "--bigquery_auto_sharding",
-            action="store_true",
-            default=False,
-            help="storage_write_api, streaming only: let the runner scale the number of streams with load.",
-        )
-        parser.add_argument(
-            "--bigquery_triggering_frequency_seconds",
-            type=float,
-            default=5.0,
-            help=(
-                "Streaming: how often buffered rows are committed, in seconds. Lower means fresher tables and "
-                "more, smaller appends. The local writer holds a stream's rows for at most this long (or until "
-                "--bigquery_batch_size); 0 makes it append each bundle's rows when the bundle ends."
-            ),
-        )
-        parser.add_argument(
-            "--bigquery_batch_size",
-            type=int,
-            default=500,
-            help="local_storage_write: at most this many rows per AppendRows request.",
-        )
-        parser.add_argument(
-            "--bigquery_create_disposition",
-            default=BigQueryDisposition.CREATE_NEVER,
-            choices=[BigQueryDisposition.CREATE_NEVER, BigQueryDisposition.CREATE_IF_NEEDED],
-            help=(
-                "CREATE_NEVER (default): the tables must exist (scripts/bigquery-ddl creates them partitioned "
-                "and clustered). CREATE_IF_NEEDED (storage_write_api only) creates them without partitioning."
-            ),
-        )
-        parser.add_argument(
-            "--bigquery_write_disposition",
-            default=BigQueryDisposition.WRITE_APPEND,
-            choices=[
-                BigQueryDisposition.WRITE_APPEND,
-                BigQueryDisposition.WRITE_EMPTY,
-                BigQueryDisposition.WRITE_TRUNCATE,
-            ],
-            help="WRITE_APPEND (default); WRITE_EMPTY and WRITE_TRUNCATE are for batch storage_write_api runs only.",
-        )
-        parser.add_argument(
-            "--bigquery_expansion_service",
-            default=None,
-            help=(
-                "storage_write_api: address (host:port) of a running expansion service for the Java sink, a jar "
-                "path, or empty for the jar scripts/fetch-beam-artifacts fetched for this Beam version."
-            ),
-        )
+        add_options(parser, BigQuerySinkSettings)
 
 
 # --- schemas from the DDL -------------------------------------------------------------------------------------
@@ -276,22 +171,119 @@ def refused_row_dead_letter(table: str, row_json: str, reason: str) -> DeadLette
 @dataclass(frozen=True)
 class BigQuerySinkSettings:
     project: str
-    dataset: str
-    events_table: str = "enriched_events"
-    aggregates_table: str = "window_aggregates"
-    dead_letters_table: str = "dead_letters"
-    write_method: str = STORAGE_WRITE_API
-    endpoint: str | None = None
-    use_at_least_once: bool = False
-    num_streams: int = 0
-    auto_sharding: bool = False
-    triggering_frequency_seconds: float = 5.0
-    batch_size: int = 500
-    create_disposition: str = BigQueryDisposition.CREATE_NEVER
-    write_disposition: str = BigQueryDisposition.WRITE_APPEND
-    expansion_service: str | None = None
+    """``--bigquery_project``, else ``--project``."""
+    dataset: str = setting(
+        flag="--bigquery_dataset",
+        option_default="engagement",
+        help="Dataset holding the pipeline's tables.",
+    )
+    events_table: str = setting(
+        "enriched_events",
+        flag="--bigquery_events_table",
+        help="Table of enriched events (one row per event; see sql/bigquery/001_tables.sql).",
+    )
+    aggregates_table: str = setting(
+        "window_aggregates",
+        flag="--bigquery_aggregates_table",
+        help="Table of per-content window aggregates (panes coalesced per --bigquery_pane_interval_seconds).",
+    )
+    pane_interval_seconds: int = setting(
+        10,
+        flag="--bigquery_pane_interval_seconds",
+        type=int,
+        help=(
+            "Streaming: window_aggregates gets at most one pane per window and content per this many "
+            "seconds, the newest, and the final value when the window closes (Redis gets every pane); 0 "
+            "writes every pane."
+        ),
+    )
+    dead_letters_table: str = setting(
+        "dead_letters",
+        flag="--bigquery_dead_letters_table",
+        help="Table of dead letters from every stage.",
+    )
+    write_method: str = setting(
+        STORAGE_WRITE_API,
+        flag="--bigquery_write_method",
+        choices=WRITE_METHODS,
+        help=(
+            "'storage_write_api': Beam's Java Storage Write API sink (Dataflow). 'local_storage_write': "
+            "the Python Storage Write API writer for the BigQuery emulator (needs --bigquery_endpoint)."
+        ),
+    )
+    endpoint: str | None = setting(
+        None,
+        flag="--bigquery_endpoint",
+        help="host:port of a plaintext Storage Write API (the emulator's gRPC port); local_storage_write only.",
+    )
+    use_at_least_once: bool = setting(
+        False,
+        flag="--bigquery_use_at_least_once",
+        action="store_true",
+        help=(
+            "storage_write_api only: write through the default stream, at least once. Cheaper and lower "
+            "latency; a retried bundle may duplicate rows (the *_unique/_current views hide them)."
+        ),
+    )
+    num_streams: int = setting(
+        0,
+        flag="--bigquery_num_streams",
+        type=int,
+        help=(
+            "Write streams per table. storage_write_api: 0 lets the runner choose (with auto-sharding); "
+            "local_storage_write: 0 means 4."
+        ),
+    )
+    auto_sharding: bool = setting(
+        False,
+        flag="--bigquery_auto_sharding",
+        action="store_true",
+        help="storage_write_api, streaming only: let the runner scale the number of streams with load.",
+    )
+    triggering_frequency_seconds: float = setting(
+        5.0,
+        flag="--bigquery_triggering_frequency_seconds",
+        type=float,
+        help=(
+            "Streaming: how often buffered rows are committed, in seconds. Lower means fresher tables and "
+            "more, smaller appends. The local writer holds a stream's rows for at most this long (or until "
+            "--bigquery_batch_size); 0 makes it append each bundle's rows when the bundle ends."
+        ),
+    )
+    batch_size: int = setting(
+        500,
+        flag="--bigquery_batch_size",
+        type=int,
+        help="local_storage_write: at most this many rows per AppendRows request.",
+    )
+    create_disposition: str = setting(
+        BigQueryDisposition.CREATE_NEVER,
+        flag="--bigquery_create_disposition",
+        choices=[BigQueryDisposition.CREATE_NEVER, BigQueryDisposition.CREATE_IF_NEEDED],
+        help=(
+            "CREATE_NEVER (default): the tables must exist (scripts/bigquery-ddl creates them partitioned "
+            "and clustered). CREATE_IF_NEEDED (storage_write_api only) creates them without partitioning."
+        ),
+    )
+    write_disposition: str = setting(
+        BigQueryDisposition.WRITE_APPEND,
+        flag="--bigquery_write_disposition",
+        choices=[
+            BigQueryDisposition.WRITE_APPEND,
+            BigQueryDisposition.WRITE_EMPTY,
+            BigQueryDisposition.WRITE_TRUNCATE,
+        ],
+        help="WRITE_APPEND (default); WRITE_EMPTY and WRITE_TRUNCATE are for batch storage_write_api runs only.",
+    )
+    expansion_service: str | None = setting(
+        None,
+        flag="--bigquery_expansion_service",
+        help=(
+            "storage_write_api: address (host:port) of a running expansion service for the Java sink, a jar "
+            "path, or empty for the jar scripts/fetch-beam-artifacts fetched for this Beam version."
+        ),
+    )
     streaming: bool = False
-    pane_interval_seconds: int = 10
     allowed_lateness_seconds: int = 300
     """The windows' allowed lateness: how long the late-pane coalescing keeps a window's state."""
     ddl_path: Path = TABLES_DDL
@@ -315,25 +307,7 @@ class BigQuerySinkSettings:
         project = sink.bigquery_project or options.view_as(GoogleCloudOptions).project
         if not project:
             raise ValueError("set --bigquery_project (or --project)")
-        return cls(
-            project=project,
-            dataset=sink.bigquery_dataset,
-            events_table=sink.bigquery_events_table,
-            aggregates_table=sink.bigquery_aggregates_table,
-            dead_letters_table=sink.bigquery_dead_letters_table,
-            write_method=sink.bigquery_write_method,
-            endpoint=sink.bigquery_endpoint,
-            use_at_least_once=sink.bigquery_use_at_least_once,
-            num_streams=sink.bigquery_num_streams,
-            auto_sharding=sink.bigquery_auto_sharding,
-            triggering_frequency_seconds=sink.bigquery_triggering_frequency_seconds,
-            batch_size=sink.bigquery_batch_size,
-            create_disposition=sink.bigquery_create_disposition,
-            write_disposition=sink.bigquery_write_disposition,
-            expansion_service=sink.bigquery_expansion_service,
-            streaming=options.view_as(StandardOptions).streaming,
-            pane_interval_seconds=sink.bigquery_pane_interval_seconds,
-        )
+        return cls(project=project, streaming=options.view_as(StandardOptions).streaming, **option_values(cls, sink))
 
     def table_spec(self, ddl_table: str, table: str) -> TableSpec:
         """``table`` (possibly renamed by an option) with the columns of ``ddl_table`` in the DDL."""

@@ -50,6 +50,7 @@ from transforms.batching import BatchAcrossBundles
 from transforms.dead_letters import DEAD_LETTER_TAG, GuardedMap
 from transforms.model import DeadLetter, EnrichedEvent, Stage
 from transforms.secrets import runs_on_dataflow
+from transforms.settings import add_options, option_values, setting
 from transforms.sinks.http_client import ApiClient, SinkCounters, wall_clock
 from transforms.sinks.http_deferred import DeferredBatch, RetryDeferredBatchesFn
 from transforms.sinks.http_delivery import Delivery, RetryPolicy, deliver, delivery_of
@@ -65,6 +66,11 @@ from transforms.sinks.http_wire import Batch, display_url, encode_event, shard_o
 
 _log = logging.getLogger(__name__)
 
+
+def _is_true(text: str) -> bool:
+    return text == "true"
+
+
 INTENTS_PER_APPEND = 16
 INTENT_BYTES_PER_APPEND = 4 * 1024 * 1024
 """Batches recorded per intent append, at most: the append waits for all of them (AppendRows takes 10 MB)."""
@@ -78,16 +84,59 @@ class HttpSinkSettings:
     endpoint: str
     token_source: TokenSource
     """Where each worker reads the bearer token in setup(); the token itself never enters the graph."""
-    batch_size: int = 500
-    max_wait_seconds: float = 1.0
-    shards: int = 8
-    max_in_flight: int = 4
-    connect_timeout_seconds: float = 5.0
-    read_timeout_seconds: float = 30.0
+    batch_size: int = setting(
+        500,
+        flag="--http_api_batch_size",
+        type=int,
+        help="Largest number of events in one POST.",
+    )
+    max_wait_seconds: float = setting(
+        1.0,
+        flag="--http_api_max_wait_seconds",
+        type=float,
+        help="Longest time an incomplete batch waits for more events before it is sent, in seconds.",
+    )
+    shards: int = setting(
+        8,
+        flag="--http_api_shards",
+        type=int,
+        help=(
+            "Number of batching keys: events are spread over them by event id. Bounds how many batches "
+            "are formed and retried in parallel (and so how many worker threads an outage can hold)."
+        ),
+    )
+    max_in_flight: int = setting(
+        4,
+        flag="--http_api_max_in_flight",
+        type=int,
+        help="Most concurrent POSTs (and pooled connections) per DoFn instance.",
+    )
+    connect_timeout_seconds: float = setting(
+        5.0,
+        flag="--http_api_connect_timeout_seconds",
+        type=float,
+        help="Timeout for opening a connection to the API, in seconds.",
+    )
+    read_timeout_seconds: float = setting(
+        30.0,
+        flag="--http_api_read_timeout_seconds",
+        type=float,
+        help="Timeout for the API's response once the request is sent, in seconds.",
+    )
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     # False only for Python's DirectRunner (see docs/http-sink.md): it completes a GroupByKey before
     # GroupIntoBatches' end-of-window flush, and fails the pipeline when that flush arrives.
-    checkpoint_batches: bool = True
+    checkpoint_batches: bool = setting(
+        True,
+        flag="--http_api_checkpoint_batches",
+        option_default="true",
+        parse=_is_true,
+        choices=["true", "false"],
+        help=(
+            "Persist batches between forming and sending them, so a retried send reuses them exactly. "
+            "'false' only on Python's DirectRunner, which cannot run that checkpoint (docs/http-sink.md)."
+        ),
+    )
     bounded_input: bool = False
     """A bounded run (the backfill) cuts batches by count only: the end of its input flushes what is left, and
     no processing-time timer is set, which the FnApiRunner cannot fire. For the same reason it retries each
@@ -124,21 +173,9 @@ class HttpSinkSettings:
         return cls(
             endpoint=opts.http_api_url,
             token_source=token_source,
-            batch_size=opts.http_api_batch_size,
-            max_wait_seconds=opts.http_api_max_wait_seconds,
-            shards=opts.http_api_shards,
-            max_in_flight=opts.http_api_max_in_flight,
-            connect_timeout_seconds=opts.http_api_connect_timeout_seconds,
-            read_timeout_seconds=opts.http_api_read_timeout_seconds,
-            retry=RetryPolicy(
-                max_attempts=opts.http_api_max_attempts,
-                max_retry_seconds=opts.http_api_max_retry_seconds,
-                initial_backoff_seconds=opts.http_api_initial_backoff_seconds,
-                max_backoff_seconds=opts.http_api_max_backoff_seconds,
-                retry_after_cap_seconds=opts.http_api_retry_after_cap_seconds,
-            ),
-            checkpoint_batches=opts.http_api_checkpoint_batches == "true",
+            retry=RetryPolicy(**option_values(RetryPolicy, opts)),
             intents=intent_log_from(options, opts.http_api_intents_table),
+            **option_values(cls, opts),
         )
 
 
@@ -225,87 +262,7 @@ class HttpSinkOptions(PipelineOptions):
                 "Dataflow unless the sink is disabled; used instead of --http_api_token_env."
             ),
         )
-        parser.add_argument(
-            "--http_api_batch_size",
-            type=int,
-            default=500,
-            help="Largest number of events in one POST.",
-        )
-        parser.add_argument(
-            "--http_api_max_wait_seconds",
-            type=float,
-            default=1.0,
-            help="Longest time an incomplete batch waits for more events before it is sent, in seconds.",
-        )
-        parser.add_argument(
-            "--http_api_shards",
-            type=int,
-            default=8,
-            help=(
-                "Number of batching keys: events are spread over them by event id. Bounds how many batches "
-                "are formed and retried in parallel (and so how many worker threads an outage can hold)."
-            ),
-        )
-        parser.add_argument(
-            "--http_api_max_in_flight",
-            type=int,
-            default=4,
-            help="Most concurrent POSTs (and pooled connections) per DoFn instance.",
-        )
-        parser.add_argument(
-            "--http_api_connect_timeout_seconds",
-            type=float,
-            default=5.0,
-            help="Timeout for opening a connection to the API, in seconds.",
-        )
-        parser.add_argument(
-            "--http_api_read_timeout_seconds",
-            type=float,
-            default=30.0,
-            help="Timeout for the API's response once the request is sent, in seconds.",
-        )
-        parser.add_argument(
-            "--http_api_max_attempts",
-            type=int,
-            default=30,
-            help="Most POST attempts per batch (the first one included) before its events are dead-lettered.",
-        )
-        parser.add_argument(
-            "--http_api_max_retry_seconds",
-            type=float,
-            default=300.0,
-            help=(
-                "Longest time one batch is retried before its events are dead-lettered, in seconds. Longer "
-                "rides out longer outages; shorter frees the sink sooner and dead-letters sooner."
-            ),
-        )
-        parser.add_argument(
-            "--http_api_initial_backoff_seconds",
-            type=float,
-            default=0.5,
-            help="Ceiling of the first retry's random wait, doubled for each further retry, in seconds.",
-        )
-        parser.add_argument(
-            "--http_api_max_backoff_seconds",
-            type=float,
-            default=30.0,
-            help="Largest ceiling of the random wait between retries, in seconds.",
-        )
-        parser.add_argument(
-            "--http_api_retry_after_cap_seconds",
-            type=float,
-            default=120.0,
-            help="Longest Retry-After (from a 429 or 503) that is honoured as is; longer values are capped.",
-        )
-        parser.add_argument(
-            "--http_api_checkpoint_batches",
-            default="true",
-            choices=["true", "false"],
-            help=(
-                "Persist batches between forming and sending them, so a retried send reuses them exactly. "
-                "'false' only on Python's DirectRunner, which cannot run that checkpoint (docs/http-sink.md)."
-            ),
-        )
+        add_options(parser, HttpSinkSettings, RetryPolicy)
         parser.add_argument(
             "--http_api_intents_table",
             default=INTENTS_TABLE,

@@ -18,6 +18,7 @@ import requests
 import tenacity
 
 from transforms.retry import Backoff
+from transforms.settings import setting
 
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 
@@ -66,11 +67,39 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    max_attempts: int = 30
-    max_retry_seconds: float = 300.0
-    initial_backoff_seconds: float = 0.5
-    max_backoff_seconds: float = 30.0
-    retry_after_cap_seconds: float = 120.0
+    max_attempts: int = setting(
+        30,
+        flag="--http_api_max_attempts",
+        type=int,
+        help="Most POST attempts per batch (the first one included) before its events are dead-lettered.",
+    )
+    max_retry_seconds: float = setting(
+        300.0,
+        flag="--http_api_max_retry_seconds",
+        type=float,
+        help=(
+            "Longest time one batch is retried before its events are dead-lettered, in seconds. Longer "
+            "rides out longer outages; shorter frees the sink sooner and dead-letters sooner."
+        ),
+    )
+    initial_backoff_seconds: float = setting(
+        0.5,
+        flag="--http_api_initial_backoff_seconds",
+        type=float,
+        help="Ceiling of the first retry's random wait, doubled for each further retry, in seconds.",
+    )
+    max_backoff_seconds: float = setting(
+        30.0,
+        flag="--http_api_max_backoff_seconds",
+        type=float,
+        help="Largest ceiling of the random wait between retries, in seconds.",
+    )
+    retry_after_cap_seconds: float = setting(
+        120.0,
+        flag="--http_api_retry_after_cap_seconds",
+        type=float,
+        help="Longest Retry-After (from a 429 or 503) that is honoured as is; longer values are capped.",
+    )
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:

@@ -15,6 +15,7 @@ from typing import Any
 import redis
 
 from transforms.model import WindowAggregate
+from transforms.settings import setting
 
 DEFAULT_PREFIX = "engagement"
 
@@ -32,7 +33,15 @@ class RedisKeys:
     keys in one command, which requires them to live in one slot.
     """
 
-    prefix: str = DEFAULT_PREFIX
+    prefix: str = setting(
+        DEFAULT_PREFIX,
+        flag="--redis_key_prefix",
+        help=(
+            "Prefix of every key the sink writes (<prefix>:bucket:..., <prefix>:top:10m, ...), so several "
+            "deployments or test runs can share one Redis. Use a hash tag such as {engagement} on Redis "
+            "Cluster."
+        ),
+    )
 
     def __post_init__(self) -> None:
         if not self.prefix or any(character.isspace() for character in self.prefix):
@@ -84,7 +93,16 @@ class RankingSettings:
     """
 
     window_seconds: int = 60
-    horizon_minutes: int = 10
+    """The pipeline's ``--window_seconds``: the buckets are its windows."""
+    horizon_minutes: int = setting(
+        10,
+        flag="--redis_ranking_horizon_minutes",
+        type=int,
+        help=(
+            "Length of the ranking, in minutes: the top is computed over this many minutes of the most "
+            "recent windows up to now. Must be a whole number of windows."
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.window_seconds <= 0:

@@ -34,8 +34,8 @@ from transforms.dead_letters import DEAD_LETTER_TAG, RejectCounter
 from transforms.model import DeadLetter, SourceCoordinates, Stage, WindowAggregate
 from transforms.retry import Backoff, retrying
 from transforms.secrets import SecretSource, password_source_from, read_cached
+from transforms.settings import add_options, option_values, setting
 from transforms.sinks.redis_layout import (
-    DEFAULT_PREFIX,
     FRESHNESS_SAMPLES,
     OVERWRITE_IF_NEWER,
     RankingSettings,
@@ -83,68 +83,7 @@ class RedisSinkOptions(PipelineOptions):
                 "--redis_password_secret instead. The default is the local stack's Redis."
             ),
         )
-        parser.add_argument(
-            "--redis_key_prefix",
-            default=DEFAULT_PREFIX,
-            help=(
-                "Prefix of every key the sink writes (<prefix>:bucket:..., <prefix>:top:10m, ...), so several "
-                "deployments or test runs can share one Redis. Use a hash tag such as {engagement} on Redis "
-                "Cluster."
-            ),
-        )
-        parser.add_argument(
-            "--redis_ranking_horizon_minutes",
-            type=int,
-            default=10,
-            help=(
-                "Length of the ranking, in minutes: the top is computed over this many minutes of the most "
-                "recent windows up to now. Must be a whole number of windows."
-            ),
-        )
-        parser.add_argument(
-            "--redis_bucket_ttl_seconds",
-            type=int,
-            default=900,
-            help=(
-                "How long after its window starts a bucket (and the content metadata it names) is kept, in "
-                "seconds. At least the ranking horizon; the default leaves 5 minutes beyond it for readers "
-                "and clock skew. Panes for windows older than this are not written (and are counted)."
-            ),
-        )
-        parser.add_argument(
-            "--redis_top_ttl_seconds",
-            type=int,
-            default=60,
-            help=(
-                "TTL of the materialized ranking keys (<prefix>:top:<N>m and :events), in seconds: a stopped "
-                "pipeline's ranking disappears instead of going silently stale."
-            ),
-        )
-        parser.add_argument(
-            "--redis_top_refresh_seconds",
-            type=float,
-            default=1.0,
-            help=(
-                "Least time between two recomputations of the materialized ranking by one worker, in seconds "
-                "(0 recomputes after every write). Buckets are written at once either way."
-            ),
-        )
-        parser.add_argument(
-            "--redis_batch_size",
-            type=int,
-            default=500,
-            help="Most window aggregates sent in one Redis pipeline; a bundle's remainder is sent when it ends.",
-        )
-        parser.add_argument(
-            "--redis_retry_seconds",
-            type=float,
-            default=DEFAULT_RETRY_SECONDS,
-            help=(
-                "How long a batch is retried while Redis is unreachable or times out, in seconds, with "
-                "exponential backoff and jitter (a managed Redis failover takes 10-30 s); then its aggregates "
-                "go to the dead letters. 0: one attempt."
-            ),
-        )
+        add_options(parser, RedisKeys, RankingSettings, RedisSinkSettings)
         parser.add_argument(
             "--redis_password_secret",
             help=(
@@ -196,11 +135,50 @@ class RedisSinkSettings:
     url: str | RedisUrl
     keys: RedisKeys = field(default_factory=RedisKeys)
     ranking: RankingSettings = field(default_factory=RankingSettings)
-    bucket_ttl_seconds: int = 900
-    top_ttl_seconds: int = 60
-    top_refresh_seconds: float = 1.0
-    batch_size: int = 500
-    retry_seconds: float = DEFAULT_RETRY_SECONDS
+    bucket_ttl_seconds: int = setting(
+        900,
+        flag="--redis_bucket_ttl_seconds",
+        type=int,
+        help=(
+            "How long after its window starts a bucket (and the content metadata it names) is kept, in "
+            "seconds. At least the ranking horizon; the default leaves 5 minutes beyond it for readers "
+            "and clock skew. Panes for windows older than this are not written (and are counted)."
+        ),
+    )
+    top_ttl_seconds: int = setting(
+        60,
+        flag="--redis_top_ttl_seconds",
+        type=int,
+        help=(
+            "TTL of the materialized ranking keys (<prefix>:top:<N>m and :events), in seconds: a stopped "
+            "pipeline's ranking disappears instead of going silently stale."
+        ),
+    )
+    top_refresh_seconds: float = setting(
+        1.0,
+        flag="--redis_top_refresh_seconds",
+        type=float,
+        help=(
+            "Least time between two recomputations of the materialized ranking by one worker, in seconds "
+            "(0 recomputes after every write). Buckets are written at once either way."
+        ),
+    )
+    batch_size: int = setting(
+        500,
+        flag="--redis_batch_size",
+        type=int,
+        help="Most window aggregates sent in one Redis pipeline; a bundle's remainder is sent when it ends.",
+    )
+    retry_seconds: float = setting(
+        DEFAULT_RETRY_SECONDS,
+        flag="--redis_retry_seconds",
+        type=float,
+        help=(
+            "How long a batch is retried while Redis is unreachable or times out, in seconds, with "
+            "exponential backoff and jitter (a managed Redis failover takes 10-30 s); then its aggregates "
+            "go to the dead letters. 0: one attempt."
+        ),
+    )
     connect_timeout_seconds: float = 2.0
     socket_timeout_seconds: float = 5.0
 
@@ -224,13 +202,9 @@ class RedisSinkSettings:
         sink = options.view_as(RedisSinkOptions)
         return cls(
             url=redis_url_from_options(options),
-            keys=RedisKeys(sink.redis_key_prefix),
-            ranking=RankingSettings(window_seconds=window_seconds, horizon_minutes=sink.redis_ranking_horizon_minutes),
-            bucket_ttl_seconds=sink.redis_bucket_ttl_seconds,
-            top_ttl_seconds=sink.redis_top_ttl_seconds,
-            top_refresh_seconds=sink.redis_top_refresh_seconds,
-            batch_size=sink.redis_batch_size,
-            retry_seconds=sink.redis_retry_seconds,
+            keys=RedisKeys(**option_values(RedisKeys, sink)),
+            ranking=RankingSettings(window_seconds=window_seconds, **option_values(RankingSettings, sink)),
+            **option_values(cls, sink),
         )
 
     def __repr__(self) -> str:
