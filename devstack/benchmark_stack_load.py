@@ -20,7 +20,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from devstack.benchmark_streaming import generator_argv, parse_rates, sequence_value
 from devstack.config import StackConfig, load_config, use_instance
-from devstack.cpu_usage import cpu_seconds_by_service, machine_ticks
+from devstack.cpu_usage import cpu_seconds_by_service, machine_cpu_seconds
 from devstack.process import stop_job
 from devstack.run_local import start_logged
 
@@ -60,11 +60,11 @@ def measure_step(cfg: StackConfig, topic: TopicEnd, rate: float, seconds: float,
     generator = start_logged(cfg, generator_argv(cfg, rate, seconds + 2 * settle, None, None), GENERATOR_LOG)
     try:
         time.sleep(settle)
-        start_at, start_ticks, start_cpu = time.monotonic(), machine_ticks(), cpu_seconds_by_service()
+        start_at, start_machine, start_cpu = time.monotonic(), machine_cpu_seconds(), cpu_seconds_by_service()
         start_id, start_records = sequence_value(cfg.pg_dsn), topic.records()
         time.sleep(seconds)
         elapsed = time.monotonic() - start_at
-        end_ticks, end_cpu = machine_ticks(), cpu_seconds_by_service()
+        end_machine, end_cpu = machine_cpu_seconds(), cpu_seconds_by_service()
         end_id, end_records = sequence_value(cfg.pg_dsn), topic.records()
         if generator.poll() not in (None, 0):
             raise SystemExit(f"benchmark-stack-load: the generator exited with status {generator.returncode}")
@@ -75,7 +75,7 @@ def measure_step(cfg: StackConfig, topic: TopicEnd, rate: float, seconds: float,
         target_rate=rate,
         committed_rate=(end_id - start_id) / elapsed,
         cdc_rate=(end_records - start_records) / elapsed,
-        machine_busy=(end_ticks[0] - start_ticks[0]) / max(1, end_ticks[1] - start_ticks[1]),
+        machine_busy=(end_machine[0] - start_machine[0]) / max(1e-9, end_machine[1] - start_machine[1]),
         cores={name: value for name, value in cores.items() if value >= 0.005},
     )
 

@@ -12,7 +12,7 @@ itself: every row committed after the job started, whoever wrote it, so concurre
 stack shift the ranks instead of faking early visibility. A step "kept up" when, at its end, the events
 committed but not yet visible amount to at most ``--max-lag-seconds`` of its rate and every one of its
 events became visible. Peak memory is the RSS of the job's whole session (the Python launcher with its
-LOOPBACK SDK worker, Prism, the Java expansion service with its loopback worker), sampled from /proc.
+LOOPBACK SDK worker, Prism, the Java expansion service with its loopback worker), sampled with psutil.
 
 docs/benchmarks.md ("Streaming") describes the method and records the figures.
 """
@@ -43,7 +43,7 @@ import redis
 from devstack import bigquery_clients
 from devstack.cli import ensure_tables, ensure_up
 from devstack.config import StackConfig, load_config, use_instance
-from devstack.cpu_usage import cpu_seconds_by_service, machine_ticks, session_usage
+from devstack.cpu_usage import cpu_seconds_by_service, machine_cpu_seconds, session_usage
 from devstack.interrupts import stop_on_first_signal
 from devstack.process import stop_job
 from devstack.run_local import pipeline_args, start_logged
@@ -415,8 +415,8 @@ class Sample:
     at: float
     rss: int
     job_cpu_seconds: float
-    machine_busy_ticks: int
-    machine_total_ticks: int
+    machine_busy_seconds: float
+    machine_total_seconds: float
     cpu_by_service: dict[str, float] = field(default_factory=dict)
     """CPU seconds of each stack service and job part (devstack.cpu_usage)."""
     rss_by_process: dict[str, int] = field(default_factory=dict)
@@ -478,7 +478,7 @@ class ProcessSampler(threading.Thread):
     def run(self) -> None:
         while not self._stopping.is_set():
             rss, by_name, cpu = session_usage(self._session)
-            busy, total = machine_ticks()
+            busy, total = machine_cpu_seconds()
             used = None
             if self._redis is not None and len(self.samples) % self.REDIS_EVERY == 0:
                 with contextlib.suppress(redis.RedisError):
@@ -503,7 +503,9 @@ class ProcessSampler(threading.Thread):
             return None, None, None
         a, b = inside[0], inside[-1]
         cores = (b.job_cpu_seconds - a.job_cpu_seconds) / (b.at - a.at)
-        busy = (b.machine_busy_ticks - a.machine_busy_ticks) / max(1, b.machine_total_ticks - a.machine_total_ticks)
+        busy = (b.machine_busy_seconds - a.machine_busy_seconds) / max(
+            1e-9, b.machine_total_seconds - a.machine_total_seconds
+        )
         return cores, busy, max(s.rss for s in inside)
 
     def cores_by_service(self, first: float, last: float) -> dict[str, float]:

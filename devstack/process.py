@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import psutil
+
 from devstack.config import StackConfig
 
 
@@ -93,11 +95,9 @@ def run_logged(
 
 def _is_zombie(pid: int) -> bool:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    # The state letter follows the parenthesised command name, which may itself contain ") ".
-    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
 
 
 def running_pid(cfg: StackConfig, name: str) -> int | None:
@@ -243,12 +243,11 @@ def wait_for_service(
 
 
 def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot: with the pid, an identity that reuse cannot fake."""
+    """The process's start time: with the pid, an identity that pid reuse cannot fake."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return repr(psutil.Process(pid).create_time())
+    except psutil.Error:
         return None
-    return stat[stat.rindex(")") + 2 :].split()[19]
 
 
 def record_job(cfg: StackConfig, name: str, session: int) -> None:
@@ -272,7 +271,7 @@ def stop_orphaned_jobs(cfg: StackConfig, timeout: float = 10.0) -> list[str]:
 
     Returns "command (pid)" for each process stopped. A job whose driver still runs is left alone.
     """
-    from devstack.cpu_usage import processes
+    from devstack.cpu_usage import processes, session_of
 
     stopped: list[str] = []
     for record in sorted(cfg.run_dir.glob("job-*.session")) if cfg.run_dir.is_dir() else []:
@@ -284,7 +283,7 @@ def stop_orphaned_jobs(cfg: StackConfig, timeout: float = 10.0) -> list[str]:
             continue
         if _start_time(driver) == driver_start:
             continue  # its driver is alive and stops it itself
-        members = {int(entry.name): command for entry, command, fields in processes() if int(fields[3]) == session}
+        members = {process.pid: process.info["name"] for process in processes() if session_of(process) == session}
         for pid in members:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)

@@ -94,8 +94,8 @@ def test_the_memory_trend_shows_each_process_over_time_and_its_slope_per_hour():
             at=1000.0 + t,
             rss=0,
             job_cpu_seconds=0.0,
-            machine_busy_ticks=0,
-            machine_total_ticks=0,
+            machine_busy_seconds=0.0,
+            machine_total_seconds=0.0,
             rss_by_process={"python": int((400 + t / 60) * mib), "prism": 200 * mib},  # +60 MiB/h, flat
             redis_used_memory=(50 * mib if t % 10 == 0 else None),
         )

@@ -4,12 +4,13 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
+import psutil
 import pytest
 
 from devstack import process
 from devstack.config import load_config
+from devstack.cpu_usage import session_of
 
 
 @pytest.fixture
@@ -26,17 +27,11 @@ def start_job(cfg, name: str) -> subprocess.Popen:
 
 
 def session_members(session: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if int(fields[3]) == session and fields[0] != "Z":
-                members.append(int(entry.name))
-    return members
+    return [
+        process.pid
+        for process in psutil.process_iter(["status"])
+        if session_of(process) == session and process.info["status"] != psutil.STATUS_ZOMBIE
+    ]
 
 
 def wait_for_members(session: int, count: int) -> None:
