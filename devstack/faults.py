@@ -56,7 +56,7 @@ from devstack.generator import (
     Kind,
     poison_record,
 )
-from devstack.process import running_pid, stop_orphaned_jobs
+from devstack.process import running_pid, stop_job, stop_orphaned_jobs
 from devstack.run_local import pipeline_args, start_logged
 from transforms.sinks.redis_layout import RedisKeys
 
@@ -103,12 +103,8 @@ class Round:
             self.job.wait()
 
     def stop_job(self) -> None:
-        if self.job is not None and self.job.poll() is None:
-            os.killpg(self.job.pid, signal.SIGINT)
-            try:
-                self.job.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.kill_job()
+        if self.job is not None:
+            stop_job(self.cfg, self.job, "the job", self.log_name, "faults", timeout=60)
 
 
 # --- the faults -----------------------------------------------------------------------------------------------
