@@ -70,7 +70,8 @@ from transforms.postgres_source import (
 from transforms.settings import print_options_help
 from transforms.sinks.bigquery import LOCAL_STORAGE_WRITE, BigQuerySinkOptions, BigQuerySinkSettings
 from transforms.sinks.http_api import HttpSinkOptions, HttpSinkSettings
-from transforms.sinks.redis_top import RedisSinkOptions, RedisSinkSettings, WriteTopContentToRedis, connect
+from transforms.sinks.redis_client import connect
+from transforms.sinks.redis_top import RedisSinkOptions, RedisSinkSettings, WriteTopContentToRedis
 
 _log = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ from pipelines.options import postgres_from_options
 from transforms import secrets
 from transforms.postgres import PostgresDsn
 from transforms.secrets import SecretSource
-from transforms.sinks.redis_top import RedisUrl, redis_url_from_options
+from transforms.sinks.redis_client import RedisUrl
+from transforms.sinks.redis_top import redis_url_from_options
 
 DSN = "host=db.internal dbname=engagement user=engagement sslmode=verify-full"
 SECRET = "projects/example/secrets/postgres-password/versions/3"

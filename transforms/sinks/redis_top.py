@@ -5,7 +5,7 @@ Each fired pane carries its window's whole value so far, so the sink *overwrites
 replay leaves the same value. Rankings are unions of the most recent buckets, computed by the reader
 (``redis_layout.read_top_content``, exact, in decimal) and materialized for ``redis-cli``
 (``<prefix>:top:10m``). The keys and entries are ``redis_layout``'s; their types and TTLs are documented in
-docs/redis.md. This module holds the options and settings, the connection, and the writing.
+docs/redis.md. This module holds the options and settings and the writing; the connection is ``redis_client``'s.
 
 Rows of unknown content (``content_missing``) are excluded from rankings (SPEC §3) and counted.
 """
@@ -27,14 +27,13 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.window import BoundedWindow
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from transforms.dead_letters import DEAD_LETTER_TAG, RejectCounter
 from transforms.model import DeadLetter, SourceCoordinates, Stage, WindowAggregate
 from transforms.retry import Backoff, retrying
-from transforms.secrets import SecretSource, password_source_from, read_cached
+from transforms.secrets import password_source_from
 from transforms.settings import add_options, option_values, setting
+from transforms.sinks.redis_client import TRANSIENT_ERRORS, RedisUrl, connect
 from transforms.sinks.redis_layout import (
     FRESHNESS_SAMPLES,
     OVERWRITE_IF_NEWER,
@@ -56,9 +55,6 @@ _RETRY_BACKOFF = Backoff(initial_seconds=0.1, max_seconds=2.0)
 _DEGRADED_SECONDS = 5.0
 DEFAULT_RETRY_SECONDS = 30.0
 """A managed Redis failover (Memorystore, ElastiCache) takes 10-30 s; a batch rides it out before a dead letter."""
-# Redis errors worth another attempt: the server is unreachable, restarting or loading its dataset
-# (BusyLoadingError is a ConnectionError). Anything else (WRONGTYPE, OOM, ...) will fail again.
-_TRANSIENT_ERRORS: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
 
 # A window aggregate has no Kafka or PostgreSQL position of its own.
 AGGREGATE_SOURCE = SourceCoordinates(kind="aggregate")
@@ -96,20 +92,6 @@ class RedisSinkOptions(PipelineOptions):
             "--redis_password_file",
             help="File holding the Redis AUTH password, read when connecting (local runs; not on Dataflow).",
         )
-
-
-@dataclass(frozen=True)
-class RedisUrl:
-    """A redis:// or rediss:// URL and, apart from it, where the AUTH password is read (transforms/secrets.py).
-
-    The URL travels in the job graph; the password of ``password`` is read by whoever connects."""
-
-    url: str
-    password: SecretSource | None = None
-
-    def __repr__(self) -> str:
-        # A URL given without a password source may still carry one of its own (local runs).
-        return f"RedisUrl(<redacted>, password={self.password!r})"
 
 
 def redis_url_from_options(options: PipelineOptions) -> RedisUrl:
@@ -210,23 +192,6 @@ class RedisSinkSettings:
     def __repr__(self) -> str:
         # The URL may carry a password; keep it out of logs and pipeline graphs.
         return f"RedisSinkSettings(keys={self.keys}, ranking={self.ranking}, url=<redacted>)"
-
-
-def connect(
-    url: str | RedisUrl, connect_timeout_seconds: float = 2.0, socket_timeout_seconds: float = 5.0
-) -> redis.Redis:
-    """A pooled client without redis-py's own retries: the sink retries whole batches itself, visibly."""
-    target = url if isinstance(url, RedisUrl) else RedisUrl(url)
-    password = {} if target.password is None else {"password": read_cached(target.password).reveal()}
-    pool = redis.ConnectionPool.from_url(
-        target.url,
-        **password,
-        socket_connect_timeout=connect_timeout_seconds,
-        socket_timeout=socket_timeout_seconds,
-        health_check_interval=30,
-        retry=Retry(NoBackoff(), 0),
-    )
-    return redis.Redis(connection_pool=pool)
 
 
 # --- Writing -----------------------------------------------------------------------------------------
@@ -396,7 +361,7 @@ class WriteTopContentFn(beam.DoFn):
             reason = failure_reason(exc, retrying.statistics)
             _log.warning("Redis sink: %d aggregates dead-lettered: %s", len(batch), reason)
             self._dead_lettered.inc(len(batch))
-            if isinstance(exc, _TRANSIENT_ERRORS):
+            if isinstance(exc, TRANSIENT_ERRORS):
                 # A window that gets no later pane would keep its stale entry until it expires: keep the
                 # newest pane of each entry and write it when Redis answers again (``_repair``).
                 self._unwritten = latest_panes([*self._unwritten.values(), *panes.values()])
@@ -453,7 +418,7 @@ class WriteTopContentFn(beam.DoFn):
     def _retrying(self, retry_seconds: float) -> tenacity.Retrying:
         """Transient errors retried for ``retry_seconds`` (0: one attempt), then the last one raised."""
         return retrying(
-            tenacity.retry_if_exception_type(_TRANSIENT_ERRORS),
+            tenacity.retry_if_exception_type(TRANSIENT_ERRORS),
             _RETRY_BACKOFF,
             within_seconds=retry_seconds,
             before_sleep=lambda _state: self._retried.inc(),
@@ -468,7 +433,7 @@ class WriteTopContentFn(beam.DoFn):
                     pipe = self._client.pipeline(transaction=False)
                     queue(pipe)
                     pipe.execute()
-        except _TRANSIENT_ERRORS:
+        except TRANSIENT_ERRORS:
             self._degraded_until = self._clock() + _DEGRADED_SECONDS
             raise
         self._degraded_until = 0.0
@@ -476,7 +441,7 @@ class WriteTopContentFn(beam.DoFn):
 
 def failure_reason(exc: redis.RedisError, statistics: Mapping[str, Any]) -> str:
     """A dead letter's reason; ``statistics`` are the retries' (tenacity's attempt count and time)."""
-    if isinstance(exc, _TRANSIENT_ERRORS):
+    if isinstance(exc, TRANSIENT_ERRORS):
         attempts = statistics.get("attempt_number", 1)
         seconds = statistics.get("delay_since_first_attempt", 0.0)
         return f"redis unreachable after {attempts} attempt(s) in {seconds:.1f} s: {type(exc).__name__}: {exc}"

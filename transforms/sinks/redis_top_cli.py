@@ -17,6 +17,7 @@ from typing import TextIO
 
 import redis
 
+from transforms.sinks.redis_client import connect
 from transforms.sinks.redis_layout import (
     DEFAULT_PREFIX,
     RankingSettings,
@@ -24,7 +25,6 @@ from transforms.sinks.redis_layout import (
     read_ranking_settings,
     read_top_content,
 )
-from transforms.sinks.redis_top import connect
 
 _CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
