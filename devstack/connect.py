@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from devstack import jvm, postgres
+from devstack import jvm, kafka, postgres
 from devstack.config import StackConfig
 from devstack.process import StackError, refuse_foreign_port, running_pid, spawn, wait_for_service
 from devstack.process import stop as stop_process
@@ -114,6 +114,11 @@ def start(cfg: StackConfig) -> None:
     worker.write_text(_properties(worker_config(cfg, artifacts)))
     connector = home / f"{CONNECTOR}.properties"
     connector.write_text(_properties(connector_config(cfg)))
+    # Debezium creates a topic with a table's first change, so on a fresh stack the events topic would not
+    # exist until the first event, and a job started before it (``scripts/run-local --no-generator``) fails:
+    # KafkaIO cannot read a topic without partitions. The broker's default partition count, as Debezium's.
+    for table in TABLES:
+        kafka.ensure_topic(cfg.kafka_bootstrap, topic_for(table))
     # A worker killed without a clean shutdown can leave its walsender holding the slot for a while, and
     # offsets and slot must agree; see postgres.prepare_replication_slot.
     postgres.prepare_replication_slot(cfg, slot_name(cfg), fresh=not _offsets_file(cfg).exists())

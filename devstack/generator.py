@@ -965,28 +965,21 @@ class KafkaJsonSink:
         max_message_bytes: int | None = None,
         record_positions: bool = False,
     ) -> None:
-        from confluent_kafka import KafkaError, KafkaException, Producer
-        from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
+        from confluent_kafka import KafkaException, Producer
+        from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
+
+        from devstack.kafka import ensure_topic
 
         self._topic = topic
         admin = AdminClient({"bootstrap.servers": bootstrap})
         try:
-            topics = admin.list_topics(timeout=10).topics
+            admin.list_topics(timeout=10)
         except KafkaException as exc:
             raise GeneratorError(f"cannot reach Kafka at {bootstrap} ({exc}); is the stack up?") from exc
-        if topic not in topics:
-            # Created here so the generator works on a fresh broker; an existing topic is left as configured.
-            config = {"max.message.bytes": str(max_message_bytes)} if max_message_bytes else {}
-            futures = admin.create_topics(
-                [NewTopic(topic, num_partitions=partitions, replication_factor=1, config=config)]
-            )
-            try:
-                futures[topic].result(timeout=30)
-            except KafkaException as exc:
-                # A concurrent creator (or auto-creation) winning the race is fine.
-                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise
-        elif max_message_bytes:
+        # Created here so the generator works on a fresh broker; an existing topic is left as configured.
+        config = {"max.message.bytes": str(max_message_bytes)} if max_message_bytes else {}
+        created = ensure_topic(bootstrap, topic, partitions, config)
+        if max_message_bytes and not created:
             # An existing topic keeps its other settings; only its record size limit is raised.
             entry = ConfigEntry(
                 "max.message.bytes", str(max_message_bytes), incremental_operation=AlterConfigOpType.SET

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from devstack import jvm
 from devstack.config import StackConfig
-from devstack.process import refuse_foreign_port, run_logged, running_pid, say, spawn, wait_for_service
+from devstack.process import StackError, refuse_foreign_port, run_logged, running_pid, say, spawn, wait_for_service
 from devstack.process import stop as stop_process
 
 NAME = "kafka"
@@ -160,6 +160,26 @@ def wait_ready(cfg: StackConfig, timeout: float) -> None:
 def stop(cfg: StackConfig) -> None:
     # SIGTERM makes the broker shut down cleanly (no log recovery on the next start); give it time.
     stop_process(cfg, NAME, timeout=60.0)
+
+
+def ensure_topic(bootstrap: str, topic: str, partitions: int = -1, config: dict[str, str] | None = None) -> bool:
+    """Creates ``topic`` unless it exists (``partitions`` -1: the broker's ``num.partitions``); True if created.
+
+    An existing topic is left as it is configured. A concurrent creator winning the race is fine."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        if topic in admin.list_topics(timeout=10).topics:
+            return False
+        futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, config=config or {})])
+        futures[topic].result(timeout=30)
+    except KafkaException as exc:
+        if exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
+            return False
+        raise StackError(f"cannot create the Kafka topic {topic} at {bootstrap}: {exc}") from exc
+    return True
 
 
 def endpoint(cfg: StackConfig) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg2.extensions
 import redis
 
-from devstack import connect, postgres
+from devstack import connect, kafka, postgres
 from devstack.config import StackConfig
 
 CONTENT_TOPIC = connect.topic_for("public.content")
@@ -167,3 +167,23 @@ def test_redis_answers(cdc_stack: StackConfig) -> None:
         assert client.ping() is True
     finally:
         client.close()
+
+
+def test_a_missing_topic_is_created_with_the_brokers_partitions_and_an_existing_one_left_alone(
+    cdc_stack: StackConfig,
+) -> None:
+    # What the stack does for Debezium's topics before the connector starts, so a job can read them before
+    # the first change (scripts/run-local --no-generator on a fresh stack).
+    from confluent_kafka.admin import AdminClient
+
+    topic = f"test-ensure-topic-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": cdc_stack.kafka_bootstrap})
+    assert topic not in admin.list_topics(timeout=10).topics
+
+    assert kafka.ensure_topic(cdc_stack.kafka_bootstrap, topic) is True
+    assert len(admin.list_topics(topic, timeout=10).topics[topic].partitions) == 4  # the broker's num.partitions
+    assert kafka.ensure_topic(cdc_stack.kafka_bootstrap, topic) is False
+
+    for name in (CONTENT_TOPIC, EVENTS_TOPIC):
+        assert name in admin.list_topics(timeout=10).topics
+    admin.delete_topics([topic])[topic].result(timeout=30)
