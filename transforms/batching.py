@@ -7,8 +7,7 @@ bundle's elements are first cut into per-key lists without state (``BatchWithinB
 lists cross into ``GroupIntoBatches``, which then holds lists instead of elements; what leaves is cut again
 into batches of at most ``batch_size`` elements. The lists cross as their pickle: the SDK's state cache weighs a
 bag again on every append, walking each object it holds, so a bag of lists of values cost a walk over every
-value held so far at each bundle (about 3 % of the worker's time at 1,000 events/s, docs/benchmarks.md,
-session 12); a bag of bytes is weighed per list.
+value held so far at each bundle (docs/benchmarks.md, session 12); a bag of bytes is weighed per list.
 
 The guarantees are ``GroupIntoBatches``': a batch is at most ``batch_size`` elements, held at most
 ``max_buffering_seconds`` (plus up to a second, below) after its first list reached the grouping state (None:

@@ -401,7 +401,7 @@ def event_from_table_row(row: Sequence[Any], limits: DecodeLimits = _DEFAULT_LIM
 
     The table's DDL already guarantees what validating the document checks for most rows (id and event_ts
     present, ids and durations in range, valid text), so building the event directly costs about half of
-    decoding the document (8 against 15 µs for a typical row). It must give exactly the event
+    decoding the document (docs/benchmarks.md). It must give exactly the event
     ``decode_record`` gives for that document (``tests/integration/test_postgres_source.py`` compares both
     on real rows), so every row it is not sure of returns None: an unknown event type (a table without the
     CHECK), a document that could exceed the size or depth limit, or a raw_payload that decoding would refuse

@@ -24,8 +24,8 @@ write and one expiry timer then serve a whole run of ids instead of each event. 
 worker at a time, and with blocks of consecutive ids all the traffic of any moment would go to one or two
 keys, which caps the step at one worker on Dataflow whatever the worker count. With lanes, the newest ids
 spread over ``DEDUP_LANES`` keys, and the state is the same size (each bitmap still covers ``BLOCK_IDS`` ids). Runners
-without a state cache (Prism) make every state read a round trip; per id, the de-dup alone cost 0.5 of the
-machine's 2 cores at 300 events/s (docs/benchmarks.md). A block is forgotten once the watermark passes the
+without a state cache (Prism) make every state read a round trip; per id, the de-dup alone was among the
+job's largest costs (docs/benchmarks.md). A block is forgotten once the watermark passes the
 newest first copy's event time plus the horizon, rounded up to ``EXPIRY_GRID_SECONDS`` so that a run of
 events resets the timer once, not per event. Every id is therefore remembered for at least the horizon,
 and at most for the block's spread of event times plus a grid step longer.
@@ -173,7 +173,7 @@ class DeduplicateEvents(beam.PTransform):
 
     In batch (``streaming=False``) ids are grouped instead: the input is finite, so a GroupByKey sees every
     copy of an id at once, and runs far faster than a state read and write per element (on Prism, per-id
-    state round trips capped the backfill at about 2,000 rows/s).
+    state round trips made it the backfill's limit: docs/benchmarks.md).
     """
 
     def __init__(self, horizon_seconds: float, streaming: bool = True) -> None:

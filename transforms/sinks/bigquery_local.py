@@ -405,7 +405,7 @@ class _AppendStreaming(beam.PTransform):
         spec, settings = self._spec, self._settings
         streams = create_streams(settings.endpoint, spec, settings.num_shards)
         if settings.max_buffering_seconds > 0:
-            # Every append costs the emulator a fixed ~10 ms whatever its size, and bundles can be a handful of
+            # Every append costs the emulator a fixed amount whatever its size, and bundles can be a handful of
             # rows: batching across bundles cut its CPU (docs/benchmarks.md). The batches are persisted
             # before the append, so a replay re-sends the same rows at the same offset.
             batches = encoded | "Batch per stream" >> BatchAcrossBundles(

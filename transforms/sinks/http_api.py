@@ -316,7 +316,7 @@ class PostBatchesFn(beam.DoFn):
         batch = Batch.of(events)
         if not batch.events:
             return
-        # Intents are recorded several batches to an append: the emulator spends about 30 ms of CPU on any
+        # Intents are recorded several batches to an append: the emulator spends a fixed share of CPU on any
         # append, which one append per batch made the local stack's largest cost (docs/benchmarks.md).
         self._unrecorded.append((shard, batch, timestamp))
         self._unrecorded_bytes += sum(len(payload) for _, payload in batch.events)
