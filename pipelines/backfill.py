@@ -548,7 +548,8 @@ PROGRESS_SECONDS = 5.0
 def _run_chunks_in_processes(
     options: PipelineOptions, plan: BackfillPlan, chunks: Sequence[TimeRange]
 ) -> dict[tuple[str, str], int]:
-    """Runs the chunks in ``plan.parallel_chunks`` processes; logs the whole range's progress every 5 s.
+    """Runs the chunks in ``plan.parallel_chunks`` processes; logs the whole range's progress every 5 s: the rows
+    enriched so far, and the rows of the chunks whose jobs have finished (written to every sink).
 
     Spawned, not forked: a fork would copy this process's gRPC and Beam threads in whatever state they are.
     The jobs count the rows they enrich into one shared counter (``ProgressLog.forward_to``).
@@ -583,7 +584,13 @@ def _run_chunks_in_processes(
                 done_chunks,
                 len(chunks),
                 running,
-                progress_text(enriched.value, plan.summary.rows, time.monotonic() - started, verb="enriched"),
+                progress_text(
+                    enriched.value,
+                    plan.summary.rows,
+                    time.monotonic() - started,
+                    verb="enriched",
+                    written=totals[("backfill", "rows_read")],
+                ),
             )
     return totals
 
@@ -599,13 +606,27 @@ def _run_chunk_job(options_dict: dict[str, Any], plan: BackfillPlan) -> dict[tup
     return _run_job(PipelineOptions.from_dictionary(options_dict), plan)
 
 
-def progress_text(done: int, total: int, elapsed_seconds: float, verb: str = "read") -> str:
-    """``read 300000 of 1000000 rows (30.0%), 1850 rows/s, about 378s left``, for the chunks' progress."""
+def progress_text(done: int, total: int, elapsed_seconds: float, verb: str = "read", written: int | None = None) -> str:
+    """``read 300000 of 1000000 rows (30.0%), 1850 rows/s, about 378s left``, for the chunks' progress.
+
+    With ``written`` (the rows of the chunks whose jobs have finished, sinks included), the time left is the
+    longer of the two estimates: once every row is enriched, what is left is the chunks still writing, and the
+    rate they have written at so far says how long that takes."""
     rate = done / elapsed_seconds if elapsed_seconds > 0 else 0.0
-    left = max(total - done, 0)
-    eta = f"about {left / rate:.0f}s left" if rate > 0 else "time left unknown"
+    left: float | None = max(total - done, 0) / rate if rate > 0 else None
+    if written is not None:
+        if written >= total:
+            left = 0.0
+        elif written > 0:
+            left = max(left or 0.0, (total - written) * elapsed_seconds / written)
+        elif done >= total:
+            left = None  # all enriched, nothing written yet: the writes' rate is not known
+    eta = f"about {left:.0f}s left" if left is not None else "time left unknown"
     share = 100.0 * done / total if total else 100.0
-    return f"{verb} {done} of {total} rows ({share:.1f}%), {rate:.0f} rows/s, {eta}"
+    text = f"{verb} {done} of {total} rows ({share:.1f}%), {rate:.0f} rows/s"
+    if written is not None:
+        text += f", {written} written"
+    return f"{text}, {eta}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -224,6 +224,17 @@ def test_chunk_progress_reports_rows_rate_and_time_left():
     assert progress_text(0, 1_000, 0.0) == "read 0 of 1000 rows (0.0%), 0 rows/s, time left unknown"
 
 
+def test_with_chunks_still_writing_the_time_left_is_the_writes_not_the_enrichment():
+    # Everything enriched after 60 s, 600 of 1,000 rows in finished chunks: 400 more at 10 rows/s.
+    assert progress_text(1_000, 1_000, 60.0, verb="enriched", written=600) == (
+        "enriched 1000 of 1000 rows (100.0%), 17 rows/s, 600 written, about 40s left"
+    )
+    # The longer of the two: 500 more to enrich at 10 rows/s (50 s), 600 more to write at 8 rows/s (75 s).
+    assert progress_text(500, 1_000, 50.0, verb="enriched", written=400).endswith("400 written, about 75s left")
+    assert progress_text(1_000, 1_000, 60.0, verb="enriched", written=0).endswith("0 written, time left unknown")
+    assert progress_text(1_000, 1_000, 60.0, verb="enriched", written=1_000).endswith("about 0s left")
+
+
 def test_queries_read_only_the_range_of_the_configured_tables():
     settings = BigQueryReadSettings("p", "d", "events_x", "aggregates_x")
     time_range = TimeRange(MINUTE, MINUTE + timedelta(minutes=2))
