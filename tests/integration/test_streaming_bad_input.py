@@ -14,7 +14,6 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
-import psycopg2
 import pytest
 
 from devstack.generator import (
@@ -27,7 +26,13 @@ from devstack.generator import (
     poison_record,
 )
 from tests.integration.external_api import ExternalApiClient
-from tests.integration.test_streaming_end_to_end import StreamingJob, bigquery_rows, job_args, wait_for
+from tests.integration.test_streaming_end_to_end import (
+    StreamingJob,
+    bigquery_rows,
+    insert_content,
+    job_args,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -67,14 +72,7 @@ def test_poison_records_are_dead_letters_and_the_job_stays_up(private_api, datas
     cfg = private_api
     run_id = uuid.uuid4().hex[:10]
     topic, prefix, group = f"fuzz-{run_id}", f"fuzz-{run_id}", f"fuzz-{run_id}"
-    content_id = str(uuid.uuid4())
-    with psycopg2.connect(cfg.pg_dsn) as conn, conn.cursor() as cursor:
-        cursor.execute(
-            "INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts)"
-            " VALUES (%s, %s, 'Fuzz', 'video', 60, now())",
-            (content_id, f"fuzz-{content_id}"),
-        )
-    conn.close()
+    content_id = insert_content(cfg.pg_dsn, "Fuzz", "video")
     # Ids far above the table's sequence (these events never become rows), distinct per run.
     first_id = 2**52 + int(time.time() * 1000) * 1000
     sink = KafkaJsonSink(

@@ -202,6 +202,22 @@ def job_args(cfg: StackConfig, dataset: str, prefix: str, group: str, start: dat
     ]
 
 
+def insert_content(dsn: str, title: str, content_type: str) -> str:
+    """A content row of 60 seconds for a test's own events; returns its id."""
+    content_id = str(uuid.uuid4())
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn, conn.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts)"
+                " VALUES (%s, %s, %s, %s, 60, now())",
+                (content_id, f"{title.lower()}-{content_id}", title, content_type),
+            )
+    finally:
+        conn.close()
+    return content_id
+
+
 def bigquery_rows(bq, cfg: StackConfig, dataset: str, sql: str) -> list[dict]:
     return audit.bigquery_rows(bq, f"{cfg.bq_project}.{dataset}", sql)
 

@@ -11,12 +11,17 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
-import psycopg2
 import pytest
 
 from devstack import kafka
 from devstack.generator import KafkaJsonSink, KafkaRecord, Kind
-from tests.integration.test_streaming_end_to_end import StreamingJob, bigquery_rows, job_args, wait_for
+from tests.integration.test_streaming_end_to_end import (
+    StreamingJob,
+    bigquery_rows,
+    insert_content,
+    job_args,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -27,14 +32,7 @@ def test_a_job_started_past_every_record_of_its_topic_reads_what_comes_next(priv
     cfg = private_api
     run_id = uuid.uuid4().hex[:10]
     topic, prefix, group = f"start-{run_id}", f"start-{run_id}", f"start-{run_id}"
-    content_id = str(uuid.uuid4())
-    with psycopg2.connect(cfg.pg_dsn) as conn, conn.cursor() as cursor:
-        cursor.execute(
-            "INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts)"
-            " VALUES (%s, %s, 'Start', 'podcast', 60, now())",
-            (content_id, f"start-{content_id}"),
-        )
-    conn.close()
+    content_id = insert_content(cfg.pg_dsn, "Start", "podcast")
     # An empty topic: no partition holds a record at or after any start time.
     assert kafka.ensure_topic(cfg.kafka_bootstrap, topic, partitions=2)
 
