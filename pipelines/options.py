@@ -67,6 +67,8 @@ class CoreOptions(PipelineOptions):
 
 @dataclass(frozen=True)
 class CoreSettings:
+    """What ``build_core`` needs: windows, de-duplication and decoding limits, validated together."""
+
     windows: WindowSettings = field(default_factory=WindowSettings)
     dedup_horizon_seconds: int = setting(
         600,
