@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -101,6 +102,30 @@ def _counts(cfg: StackConfig, bq) -> dict[str, str]:  # noqa: ANN001 - a google.
     return counts
 
 
+SINK_COUNTS_SECONDS = 10.0
+"""How often the live view counts what the sinks hold. The BigQuery counts are full-table queries (the
+``enriched_events_unique`` view de-duplicates every row): redrawn every 2 s they kept the local emulator at 0.15
+of a core while the job itself idled at 0.02 (docs/benchmarks.md, session 17)."""
+
+
+class SinkCounts:
+    """The sinks' counts, taken again at most every ``every`` seconds; the view says how old they are."""
+
+    def __init__(self, count: Callable[[], dict[str, str]], every: float = SINK_COUNTS_SECONDS) -> None:
+        self._count = count
+        self._every = every
+        self._counts: dict[str, str] = {}
+        self._taken_at: float | None = None
+
+    def lines(self, now: float) -> list[str]:
+        if self._taken_at is None or now - self._taken_at >= self._every:
+            self._counts, self._taken_at = self._count(), now
+        age = now - self._taken_at
+        return [f"Sinks (counted {age:.0f}s ago, every {self._every:.0f}s):"] + [
+            f"  {name:<20} {value}" for name, value in self._counts.items()
+        ]
+
+
 def freshness_line(client: redis.Redis, now_ms: int) -> str:
     """p50/p95 of commit -> Redis over the last minute, from the samples the Redis sink keeps."""
     samples = sorted(read_freshness(client, RedisKeys(), now_ms - 60_000))
@@ -174,7 +199,7 @@ class KafkaLag:
 def _draw(
     cfg: StackConfig,
     client: redis.Redis,
-    bq,  # noqa: ANN001 - a google.cloud.bigquery.Client
+    sinks: SinkCounts,
     lag: KafkaLag,
     drift: SchemaDriftWatch,
     started: float,
@@ -205,8 +230,7 @@ def _draw(
     drift_lines = drift.lines()
     lines.append("Schema drift: " + ("none seen" if not drift_lines else f"{len(drift_lines)} column(s)"))
     lines += [f"  {line}" for line in drift_lines]
-    lines += ["", "Sinks:"]
-    lines += [f"  {name:<20} {value}" for name, value in _counts(cfg, bq).items()]
+    lines += ["", *sinks.lines(time.monotonic())]
     if pipeline.poll() is not None:
         lines += ["", f"THE PIPELINE EXITED with status {pipeline.returncode}; see {cfg.log_dir / PIPELINE_LOG}"]
     sys.stdout.write("\033[2J\033[H" + "\n".join(lines) + "\n")
@@ -272,10 +296,11 @@ def main(argv: list[str] | None = None) -> int:
 
         client = redis.Redis.from_url(cfg.redis_url)
         bq = bigquery_clients.rest_client(cfg.bq_rest_endpoint, cfg.bq_project)
+        sinks = SinkCounts(lambda: _counts(cfg, bq))
         lag = KafkaLag(cfg.kafka_bootstrap)
         started = time.monotonic()
         while True:
-            _draw(cfg, client, bq, lag, drift, started, pipeline)
+            _draw(cfg, client, sinks, lag, drift, started, pipeline)
             time.sleep(args.refresh)
     except KeyboardInterrupt:
         pass
