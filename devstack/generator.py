@@ -965,26 +965,26 @@ class KafkaJsonSink:
         max_message_bytes: int | None = None,
         record_positions: bool = False,
     ) -> None:
-        from confluent_kafka import KafkaException, Producer
+        from confluent_kafka import Producer
         from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
         from devstack.kafka import ensure_topic
+        from devstack.process import StackError
 
         self._topic = topic
-        admin = AdminClient({"bootstrap.servers": bootstrap})
-        try:
-            admin.list_topics(timeout=10)
-        except KafkaException as exc:
-            raise GeneratorError(f"cannot reach Kafka at {bootstrap} ({exc}); is the stack up?") from exc
         # Created here so the generator works on a fresh broker; an existing topic is left as configured.
         config = {"max.message.bytes": str(max_message_bytes)} if max_message_bytes else {}
-        created = ensure_topic(bootstrap, topic, partitions, config)
+        try:
+            created = ensure_topic(bootstrap, topic, partitions, config)
+        except StackError as exc:
+            raise GeneratorError(f"{exc}; is the stack up?") from exc
         if max_message_bytes and not created:
             # An existing topic keeps its other settings; only its record size limit is raised.
             entry = ConfigEntry(
                 "max.message.bytes", str(max_message_bytes), incremental_operation=AlterConfigOpType.SET
             )
             resource = ConfigResource("topic", topic, incremental_configs=[entry])
+            admin = AdminClient({"bootstrap.servers": bootstrap})
             for future in admin.incremental_alter_configs([resource]).values():
                 future.result(timeout=30)
         self._producer = Producer(

@@ -171,8 +171,12 @@ def ensure_topic(bootstrap: str, topic: str, partitions: int = -1, config: dict[
 
     admin = AdminClient({"bootstrap.servers": bootstrap})
     try:
-        if topic in admin.list_topics(timeout=10).topics:
-            return False
+        topics = admin.list_topics(timeout=10).topics
+    except KafkaException as exc:
+        raise StackError(f"cannot reach Kafka at {bootstrap} ({exc})") from exc
+    if topic in topics:
+        return False
+    try:
         futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, config=config or {})])
         futures[topic].result(timeout=30)
     except KafkaException as exc:

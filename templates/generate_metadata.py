@@ -21,6 +21,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from templates.launch import BACKFILL_OPTIONS, MULTI_VALUE_SEPARATOR, STREAMING_OPTIONS, option_actions
 from transforms.secrets import SECRET_VERSION_PATTERN
+from transforms.settings import parse_bool
 
 TEMPLATES_DIR = Path(__file__).resolve().parent
 
@@ -132,7 +133,7 @@ def default_value(action: argparse.Action) -> str | None:
 
 
 def _is_boolean(action: argparse.Action) -> bool:
-    return isinstance(action, argparse._StoreTrueAction) or getattr(action.type, "__name__", "") == "_parse_bool"
+    return isinstance(action, argparse._StoreTrueAction) or action.type is parse_bool
 
 
 def parameter(action: argparse.Action, group: str, required: bool) -> dict[str, Any]:

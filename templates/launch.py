@@ -17,6 +17,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipelines import backfill, streaming
 from pipelines.options import CoreOptions
 from transforms.secrets import read_secret_version
+from transforms.settings import FALSE_WORDS, TRUE_WORDS
 from transforms.sinks.http_api import HttpSinkOptions
 from transforms.sinks.redis_top import RedisSinkOptions
 
@@ -29,8 +30,6 @@ class LaunchError(Exception):
 STREAMING_OPTIONS: tuple[type[PipelineOptions], ...] = streaming.OPTION_CLASSES
 BACKFILL_OPTIONS: tuple[type[PipelineOptions], ...] = backfill.OPTION_CLASSES
 
-TRUE_WORDS = ("true", "1", "yes")
-FALSE_WORDS = ("false", "0", "no")
 MULTI_VALUE_SEPARATOR = "\n"
 """A repeatable option's values in one template parameter are separated by newlines (a Kafka JAAS config
 holds ';', '=' and spaces, never a newline)."""

@@ -22,7 +22,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.expansion import java_expansion_service
 from transforms.model import RawRecord, SourceCoordinates
-from transforms.settings import add_options, option_values, setting
+from transforms.settings import add_options, option_values, parse_bool, setting
 
 _START_KEYWORDS = ("earliest", "latest")
 
@@ -30,17 +30,6 @@ _log = logging.getLogger(__name__)
 
 PartitionOffsets = Mapping[tuple[str, int], int]
 """(topic, partition) -> the first offset the job processes in that partition."""
-
-
-def _parse_bool(text: str | bool) -> bool:
-    if isinstance(text, bool):
-        return text
-    lowered = text.strip().lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
 
 
 _PROPERTY = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*=(.*)$")
@@ -119,7 +108,7 @@ class KafkaReadSettings:
     commit_offsets: bool = setting(
         True,
         flag="--commit_offsets",
-        type=_parse_bool,
+        type=parse_bool,
         help="Commit consumed offsets to Kafka when bundles are finalized (true/false).",
     )
     extra_config: Mapping[str, str] = setting(
@@ -161,7 +150,7 @@ class KafkaReadSettings:
     loopback_worker: bool = setting(
         False,
         flag="--kafka_java_loopback_worker",
-        type=_parse_bool,
+        type=parse_bool,
         help=(
             "Run KafkaIO's Java worker inside its expansion service (true/false): for local runners "
             "without Docker such as Prism. Leave false on Dataflow, which runs its own Java workers."

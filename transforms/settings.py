@@ -42,6 +42,22 @@ class OptionSpec:
         return self.flag.removeprefix("--")
 
 
+TRUE_WORDS = ("true", "1", "yes")
+FALSE_WORDS = ("false", "0", "no")
+
+
+def parse_bool(text: str | bool) -> bool:
+    """An on/off option's value: true/1/yes or false/0/no, any case (a template parameter is always text)."""
+    if isinstance(text, bool):
+        return text
+    lowered = text.strip().lower()
+    if lowered in TRUE_WORDS:
+        return True
+    if lowered in FALSE_WORDS:
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
 def setting(
     default: Any = MISSING,
     *,

@@ -50,7 +50,7 @@ from transforms.batching import BatchAcrossBundles
 from transforms.dead_letters import DEAD_LETTER_TAG, GuardedMap
 from transforms.model import DeadLetter, EnrichedEvent, Stage
 from transforms.secrets import runs_on_dataflow
-from transforms.settings import add_options, option_values, setting
+from transforms.settings import add_options, option_values, parse_bool, setting
 from transforms.sinks.http_client import ApiClient, SinkCounters, wall_clock
 from transforms.sinks.http_deferred import DeferredBatch, RetryDeferredBatchesFn
 from transforms.sinks.http_delivery import Delivery, RetryPolicy, deliver, delivery_of
@@ -65,10 +65,6 @@ from transforms.sinks.http_token import SECRET_VERSION_PATTERN, TokenSource
 from transforms.sinks.http_wire import Batch, display_url, encode_event, shard_of_event
 
 _log = logging.getLogger(__name__)
-
-
-def _is_true(text: str) -> bool:
-    return text == "true"
 
 
 INTENTS_PER_APPEND = 16
@@ -130,7 +126,7 @@ class HttpSinkSettings:
         True,
         flag="--http_api_checkpoint_batches",
         option_default="true",
-        parse=_is_true,
+        parse=parse_bool,
         choices=["true", "false"],
         help=(
             "Persist batches between forming and sending them, so a retried send reuses them exactly. "
