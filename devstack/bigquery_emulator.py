@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from devstack.config import StackConfig
-from devstack.process import StackError, refuse_foreign_port, running_pid, spawn, wait_for_service
+from devstack.process import StackError, ensure_port_free, running_pid, spawn, wait_for_service
 from devstack.process import stop as stop_process
 from transforms import artifacts
 
@@ -198,7 +198,7 @@ def start(cfg: StackConfig) -> None:
     if not (_venv_dir(cfg) / _INSTALLED_MARKER).exists():
         raise StackError(f"{NAME} is not installed (expected {_venv_dir(cfg)}); run install first")
     for port in (cfg.bq_rest_port, cfg.bq_grpc_port):
-        refuse_foreign_port(NAME, port)
+        ensure_port_free(NAME, port)
     # `local-bigquery serve`, but its gRPC server drains when stopped (see the launcher's docstring).
     spawn(
         cfg,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from devstack import jvm, kafka, postgres
 from devstack.config import StackConfig
-from devstack.process import StackError, refuse_foreign_port, running_pid, spawn, wait_for_service
+from devstack.process import StackError, ensure_port_free, running_pid, spawn, wait_for_service
 from devstack.process import stop as stop_process
 
 NAME = "connect"
@@ -106,7 +106,7 @@ def connector_config(cfg: StackConfig) -> dict[str, object]:
 def start(cfg: StackConfig) -> None:
     if running_pid(cfg, NAME) is not None:
         return
-    refuse_foreign_port(NAME, cfg.connect_port)
+    ensure_port_free(NAME, cfg.connect_port)
     artifacts = jvm.ensure_artifacts(cfg)
     home = _home(cfg)
     home.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from devstack.config import REPO_ROOT, StackConfig
-from devstack.process import refuse_foreign_port, running_pid, spawn, wait_for_service
+from devstack.process import ensure_port_free, running_pid, spawn, wait_for_service
 from devstack.process import stop as stop_process
 
 NAME = "external-api"
@@ -411,7 +411,7 @@ def install(cfg: StackConfig) -> None:
 def start(cfg: StackConfig) -> None:
     if running_pid(cfg, NAME) is not None:
         return
-    refuse_foreign_port(NAME, cfg.http_api_port)
+    ensure_port_free(NAME, cfg.http_api_port)
     spawn(
         cfg,
         NAME,

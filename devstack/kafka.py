@@ -12,7 +12,7 @@ from pathlib import Path
 
 from devstack import jvm
 from devstack.config import StackConfig
-from devstack.process import StackError, refuse_foreign_port, run_logged, running_pid, say, spawn, wait_for_service
+from devstack.process import StackError, ensure_port_free, run_logged, running_pid, say, spawn, wait_for_service
 from devstack.process import stop as stop_process
 
 NAME = "kafka"
@@ -108,8 +108,8 @@ def _format_storage(cfg: StackConfig, artifacts: jvm.JvmArtifacts, properties: P
 def start(cfg: StackConfig) -> None:
     if running_pid(cfg, NAME) is not None:
         return
-    refuse_foreign_port(NAME, cfg.kafka_port)
-    refuse_foreign_port(NAME, cfg.kafka_controller_port)
+    ensure_port_free(NAME, cfg.kafka_port)
+    ensure_port_free(NAME, cfg.kafka_controller_port)
     artifacts = jvm.ensure_artifacts(cfg)
     home = _home(cfg)
     home.mkdir(parents=True, exist_ok=True)

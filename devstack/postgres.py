@@ -22,8 +22,8 @@ from devstack.apt import apt_candidate, ensure_apt_packages
 from devstack.config import REPO_ROOT, StackConfig
 from devstack.process import (
     StackError,
+    ensure_port_free,
     log_file,
-    refuse_foreign_port,
     run_logged,
     running_pid,
     say,
@@ -178,7 +178,7 @@ def _initdb(cfg: StackConfig) -> None:
 def start(cfg: StackConfig) -> None:
     if running_pid(cfg, NAME) is not None:
         return
-    refuse_foreign_port(NAME, cfg.pg_port)
+    ensure_port_free(NAME, cfg.pg_port)
     _initdb(cfg)
     sockets = socket_dir(cfg)
     _own(sockets)

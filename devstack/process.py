@@ -10,6 +10,7 @@ stay clean, and so that pytest shows install progress of a cold session fixture 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -199,13 +200,54 @@ def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
         return False
 
 
-def refuse_foreign_port(name: str, port: int) -> None:
-    """Fail early and clearly when something we did not start already listens on one of our ports."""
+PORT_RELEASE_SECONDS = 75.0
+"""How long a service's start waits for its port to be released: Linux keeps the port of a closed connection in
+TIME-WAIT for 60 s."""
+
+
+def port_bindable(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could bind ``port`` now, as the services do (without ``SO_REUSEADDR``).
+
+    A listener is not the only holder: the stack's ports lie inside the kernel's range of ephemeral ports
+    (``net.ipv4.ip_local_port_range``), so an outgoing connection of any process may have taken one as its
+    local end, and holds it until the connection ends and its TIME-WAIT is over.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
+
+
+def ensure_port_free(name: str, port: int, timeout: float = PORT_RELEASE_SECONDS) -> None:
+    """Fail early and clearly when something we did not start listens on one of our ports; wait while
+    connections that are closing still hold it.
+
+    Without the wait, a service started just after another stack stopped failed at random: Kafka exited with
+    "Address already in use" because a closed connection of the other stack's broker had used the port as its
+    local end (docs/local-stack.md, "Ports").
+    """
     if port_open(port):
         raise StackError(
             f"cannot start {name}: 127.0.0.1:{port} is already in use by a process this stack did not start "
             f"(another checkout? give it its own STACK_DIR and STACK_PORT_OFFSET, see docs/local-stack.md)"
         )
+    deadline = time.monotonic() + timeout
+    if port_bindable(port):
+        return
+    say(f"{name}: 127.0.0.1:{port} is held by another process's connection; waiting up to {timeout:.0f}s for it")
+    while not port_bindable(port):
+        if time.monotonic() >= deadline:
+            raise StackError(
+                f"cannot start {name}: 127.0.0.1:{port} is still held by another process's connection after "
+                f"{timeout:.0f}s (the kernel gave it to an outgoing connection: the stack's ports are inside "
+                f"net.ipv4.ip_local_port_range); try again, or move the stack with STACK_PORT_OFFSET "
+                f"(docs/local-stack.md)"
+            )
+        time.sleep(0.5)
 
 
 def wait_for_service(

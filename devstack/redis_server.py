@@ -8,7 +8,7 @@ from pathlib import Path
 
 from devstack.apt import ensure_apt_packages
 from devstack.config import StackConfig
-from devstack.process import refuse_foreign_port, running_pid, spawn, wait_for_service
+from devstack.process import ensure_port_free, running_pid, spawn, wait_for_service
 from devstack.process import stop as stop_process
 
 NAME = "redis"
@@ -26,7 +26,7 @@ def install(cfg: StackConfig) -> None:
 def start(cfg: StackConfig) -> None:
     if running_pid(cfg, NAME) is not None:
         return
-    refuse_foreign_port(NAME, cfg.redis_port)
+    ensure_port_free(NAME, cfg.redis_port)
     data = cfg.data_dir / "redis"
     data.mkdir(parents=True, exist_ok=True)
     # Only command-line options, no config file: Debian's /etc/redis/redis.conf belongs to the system service.
