@@ -206,7 +206,8 @@ TIME-WAIT for 60 s."""
 
 
 def port_bindable(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether a server could bind ``port`` now, as the services do (without ``SO_REUSEADDR``).
+    """Whether ``port`` can be bound now without ``SO_REUSEADDR``: the strictest of the services, since Kafka's
+    listener is refused even by a closed connection's TIME-WAIT on its port.
 
     A listener is not the only holder: the stack's ports lie inside the kernel's range of ephemeral ports
     (``net.ipv4.ip_local_port_range``), so an outgoing connection of any process may have taken one as its
