@@ -57,6 +57,7 @@ from transforms.backfill_filters import (
 from transforms.bigquery_reads import BigQueryReadSettings, bigquery_client
 from transforms.content import PostgresContentLoader, PostgresContentLookup, ReadContentOnce
 from transforms.dead_letters import flatten_dead_letters
+from transforms.lists import LIST_ROWS, ForEachInList
 from transforms.postgres import PostgresDsn, fetch_all
 from transforms.postgres_source import (
     LogProgressFn,
@@ -196,8 +197,11 @@ def plan_from_options(options: PipelineOptions) -> BackfillPlan:
         if submits_template(options) and chunk_rows:
             # Each chunk's run would overwrite the one job file the launcher submits.
             raise ValueError("a template launch submits one job: use --chunk_rows=0 (the default on Dataflow)")
-        # engagement_events.id is the primary key and the read splits are disjoint id ranges.
-        core = dataclasses.replace(CoreSettings.from_options(options, streaming=False), ids_unique_at_source=True)
+        # engagement_events.id is the primary key and the read splits are disjoint id ranges; the reader hands
+        # on pages of rows as lists (transforms/lists.py).
+        core = dataclasses.replace(
+            CoreSettings.from_options(options, streaming=False), ids_unique_at_source=True, event_lists=True
+        )
         bigquery = BigQuerySinkSettings.from_options(options)
         redis_config = RedisSinkSettings.from_options(options, window_seconds=core.windows.window_seconds)
         postgres = postgres_from_options(options)
@@ -381,14 +385,22 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions, plan: Back
     plan = plan or preflight(options)
     dsn = plan.dsn
     run = uuid.uuid4().hex
+    lists = plan.core.event_lists
     raw = pipeline | "Read engagement_events" >> ReadEventsFromPostgres(
-        dsn, plan.time_range, plan.summary, plan.read_splits, run=run, limits=plan.core.decode
+        dsn,
+        plan.time_range,
+        plan.summary,
+        plan.read_splits,
+        run=run,
+        limits=plan.core.decode,
+        list_rows=LIST_ROWS if lists else None,
     )
     content = pipeline | "Read content" >> ReadContentOnce(PostgresContentLoader(dsn))
     lookup = functools.partial(PostgresContentLookup, dsn) if plan.content_lookup else None
     core = build_core(raw, content, plan.core, content_lookup=lookup)
     # Reading is only the start of a long run: the enrichment's progress shows how far the graph got.
-    enriched = core.enriched | "Progress" >> beam.ParDo(LogProgressFn(run, "enriched", plan.summary.rows))
+    progress: beam.DoFn = LogProgressFn(run, "enriched", plan.summary.rows)
+    enriched = core.enriched | "Progress" >> beam.ParDo(ForEachInList(progress) if lists else progress)
 
     existing_ids = pipeline | "Ids in BigQuery" >> ReadExistingEventIds(plan.bigquery_read, plan.time_range)
     current = pipeline | "Windows in BigQuery" >> ReadCurrentAggregates(
@@ -396,7 +408,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions, plan: Back
     )
     # A chunk's ids fit in a set on the worker; a whole range in one job (Dataflow) is joined by key instead.
     new_events = enriched | "Skip events in BigQuery" >> KeepNewEvents(
-        existing_ids, ids_fit_in_memory=plan.chunk_rows > 0
+        existing_ids, ids_fit_in_memory=plan.chunk_rows > 0, event_lists=lists
     )
     final = core.aggregates | "Final pane per window" >> KeepFinalPanes()
     aggregates = final | "Compare windows with BigQuery" >> SplitAggregatesByCurrentValue(current)
@@ -411,7 +423,9 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions, plan: Back
     )
     dead_letters = flatten_dead_letters("Dead letters before the sinks", core.dead_letters, unchanged_to_redis)
     write_outputs(
-        CoreOutputs(enriched=new_events, aggregates=aggregates.changed, dead_letters=dead_letters), plan.sinks
+        CoreOutputs(enriched=new_events, aggregates=aggregates.changed, dead_letters=dead_letters),
+        plan.sinks,
+        event_lists=lists,
     )
 
 

@@ -87,10 +87,18 @@ class CoreSettings:
     """True when the source cannot hold two records with one id: the backfill reads PostgreSQL, where ``id``
     is the primary key and the read splits are disjoint id ranges. The batch de-duplication, a GroupByKey
     that holds every event in the runner, is then skipped. A stream (Kafka redelivers) always de-duplicates."""
+    event_lists: bool = False
+    """True when the source emits lists of records (a page of rows each) and every step takes lists
+    (``transforms/lists.py``): the backfill's reader. Bounded sources whose ids are unique only, since
+    de-duplication and event-time windowing need one element per event."""
 
     def __post_init__(self) -> None:
         if self.streaming and self.ids_unique_at_source:
             raise ValueError("a stream can deliver an id twice: ids_unique_at_source is for bounded sources only")
+        if self.event_lists and not self.ids_unique_at_source:
+            raise ValueError("lists of events cannot be de-duplicated: event_lists needs ids_unique_at_source")
+        if self.event_lists and self.windows_from is not None:
+            raise ValueError("lists of events are for bounded runs, which resume nothing: no windows_from")
         # A duplicate arriving after the horizon but while its window is still open would be counted
         # twice in the aggregate, so the horizon must cover a window's whole open life.
         if self.dedup_horizon_seconds < self.windows.open_seconds:

@@ -20,10 +20,11 @@ from apache_beam.transforms.userstate import (
     TimerSpec,
     on_timer,
 )
-from apache_beam.transforms.window import FixedWindows, GlobalWindows, IntervalWindow
-from apache_beam.utils.timestamp import Duration, Timestamp
+from apache_beam.transforms.window import FixedWindows, GlobalWindow, GlobalWindows, IntervalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
 from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming, WindowedValue
 
+from transforms.instants import epoch_micros
 from transforms.model import EVENT_TYPES, EnrichedEvent, WindowAggregate
 from transforms.settings import setting
 from transforms.state_cache import PickledCell, pickled_cell, prepare_worker_state
@@ -140,6 +141,58 @@ class SumWithinBundleFn(beam.DoFn):
         for (key, window), totals in self._partials.items():
             yield WindowedValue((key, totals), window.max_timestamp(), [window])
         self._partials = {}
+
+
+class SumListsPerWindowFn(beam.DoFn):
+    """list[EnrichedEvent] -> ((key, window start in µs), partial totals): one element per window and content
+    of each bundle, in the global window (``transforms/lists.py``).
+
+    Lists of events carry no event times of their own, so the fixed window of each event is computed here,
+    as ``FixedWindows`` assigns it (start = event time rounded down to a multiple of the size, offset 0), and
+    travels in the key. That also spares the backfill ``WindowInto``, Beam's dearest per-element step (7 µs an
+    event, docs/benchmarks.md, backfill session 18). The partials span the bundle, not one list: a list of a
+    thousand events read in id order holds about as many windows and contents, so per list they would add
+    nothing up and only cost the combine a merge each.
+    """
+
+    def __init__(self, window_seconds: int) -> None:
+        self._size_micros = window_seconds * 1_000_000
+        self._partials: dict[tuple[AggregateKey, int], EngagementTotals] = {}
+
+    def start_bundle(self) -> None:
+        self._partials = {}
+
+    def process(self, events: Iterable[EnrichedEvent]) -> None:
+        size = self._size_micros
+        partials = self._partials
+        for event in events:
+            micros = epoch_micros(event.event.event_ts)
+            key = (aggregate_key(event), micros - micros % size)
+            totals = partials.get(key)
+            if totals is None:
+                totals = partials[key] = EngagementTotals()
+            totals.add(event)
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        for keyed in self._partials.items():
+            yield WindowedValue(keyed, MIN_TIMESTAMP, [GlobalWindow()])
+        self._partials = {}
+
+
+class WindowKeyToAggregateFn(beam.DoFn):
+    """((key, window start in µs), totals) -> the window's one row, as batch fires it: a single on-time pane."""
+
+    ONLY_PANE = PaneInfo(True, True, PaneInfoTiming.ON_TIME, 0, 0)
+
+    def __init__(self, window_seconds: int) -> None:
+        self._size_micros = window_seconds * 1_000_000
+        self._on_time = Metrics.counter("aggregate", "panes_on_time")
+
+    def process(self, keyed: tuple[tuple[AggregateKey, int], EngagementTotals]) -> Iterator[WindowAggregate]:
+        (key, start), totals = keyed
+        window = IntervalWindow(Timestamp(micros=start), Timestamp(micros=start + self._size_micros))
+        self._on_time.inc()
+        yield to_window_aggregate(key, totals, window, self.ONLY_PANE, datetime.now(UTC))
 
 
 def aggregate_key(event: EnrichedEvent) -> AggregateKey:
@@ -339,13 +392,26 @@ class AggregateWindows(beam.PTransform):
     Batch fires one pane per window, where the two modes are the same, and skips the stateful step.
     """
 
-    def __init__(self, settings: WindowSettings, streaming: bool = True) -> None:
+    def __init__(self, settings: WindowSettings, streaming: bool = True, event_lists: bool = False) -> None:
+        """``event_lists``: the input holds lists of events (``transforms/lists.py``); bounded runs only."""
         super().__init__()
+        if event_lists and streaming:
+            raise ValueError("lists of events carry no event times to fire panes on: bounded runs only")
         self._settings = settings
         self._streaming = streaming
+        self._event_lists = event_lists
 
     def expand(self, events: beam.PCollection[EnrichedEvent]) -> beam.PCollection[WindowAggregate]:
         settings = self._settings
+        if self._event_lists:
+            # The window travels in the key and the events stay in the global window: one pane per window,
+            # as batch's default trigger fires it (late panes cannot happen: there is no watermark to pass).
+            return (
+                events
+                | "SumPerWindowInList" >> beam.ParDo(SumListsPerWindowFn(settings.window_seconds))
+                | "SumPerContent" >> beam.CombinePerKey(MergeTotalsFn())
+                | "ToRows" >> beam.ParDo(WindowKeyToAggregateFn(settings.window_seconds))
+            )
         keyed = (
             events
             | "FixedWindows"

@@ -23,6 +23,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 from transforms.bigquery_reads import BigQueryReadSettings, Query, RunQueryFn
+from transforms.lists import LIST_ROWS, ForEachInList, items
 from transforms.model import EnrichedEvent, WindowAggregate
 from transforms.postgres_source import TimeRange
 from transforms.rows import Row, window_aggregate_row
@@ -201,22 +202,36 @@ class KeepNewEvents(beam.PTransform):
     job over a long range on Dataflow) the events are joined with the ids by key, which scales with workers.
     """
 
-    def __init__(self, existing_ids: beam.PCollection[int], ids_fit_in_memory: bool = False) -> None:
+    def __init__(
+        self, existing_ids: beam.PCollection[int], ids_fit_in_memory: bool = False, event_lists: bool = False
+    ) -> None:
+        """``event_lists``: the input holds lists of events, and so does the output (``transforms/lists.py``)."""
         super().__init__()
         self._existing_ids = existing_ids
         self._ids_fit_in_memory = ids_fit_in_memory
+        self._event_lists = event_lists
 
     def expand(self, events: beam.PCollection[EnrichedEvent]) -> beam.PCollection[EnrichedEvent]:
         if self._ids_fit_in_memory:
             known = self._existing_ids | "IdSet" >> beam.CombineGlobally(_IdSetFn())
-            return events | "SkipKnownIds" >> beam.ParDo(_SkipKnownIdsFn(), known_ids=beam.pvalue.AsSingleton(known))
+            skip: beam.DoFn = _SkipKnownIdsFn()
+            if self._event_lists:
+                skip = ForEachInList(skip)
+            return events | "SkipKnownIds" >> beam.ParDo(skip, beam.pvalue.AsSingleton(known))
+        if self._event_lists:
+            events = events | "Events of lists" >> beam.FlatMap(items)
         keyed = events | "KeyById" >> beam.Map(lambda event: (event.event.id, event))
         existing = self._existing_ids | "KeyExisting" >> beam.Map(lambda event_id: (event_id, None))
-        return (
+        unwritten = (
             {"events": keyed, "existing": existing}
             | "JoinById" >> beam.CoGroupByKey()
             | "KeepUnwritten" >> beam.ParDo(_KeepUnwrittenFn())
         )
+        if self._event_lists:
+            unwritten = unwritten | "Lists again" >> beam.BatchElements(
+                min_batch_size=LIST_ROWS, max_batch_size=LIST_ROWS
+            )
+        return unwritten
 
 
 class _IdSetFn(beam.CombineFn):

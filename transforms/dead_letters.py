@@ -22,6 +22,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 from pydantic import BaseModel
 
+from transforms.lists import ForEachInList
 from transforms.model import (
     DeadLetter,
     EngagementEvent,
@@ -149,10 +150,20 @@ class GuardedMap(beam.PTransform):
     """
 
     def __init__(
-        self, stage: Stage, step: str, convert: Callable[..., Any], *args: Any, output_type: Any = None
+        self,
+        stage: Stage,
+        step: str,
+        convert: Callable[..., Any],
+        *args: Any,
+        output_type: Any = None,
+        lists: bool = False,
     ) -> None:
+        """``lists``: the input holds lists, and ``converted`` the lists of their items' conversions
+        (``transforms/lists.py``)."""
         super().__init__()
-        self._fn = GuardedMapFn(stage, step, convert, *args)
+        self._fn: beam.DoFn = GuardedMapFn(stage, step, convert, *args)
+        if lists:
+            self._fn = ForEachInList(self._fn)
         self._output_type = output_type
 
     def expand(self, elements: beam.PCollection) -> beam.pvalue.DoOutputsTuple:

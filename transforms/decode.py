@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from transforms.dead_letters import DEAD_LETTER_TAG, PAYLOAD_EXCERPT_BYTES, RejectedInputError, reject
 from transforms.instants import beam_timestamp
+from transforms.lists import ForEachInList
 from transforms.model import (
     EVENT_TYPES,
     EngagementEvent,
@@ -543,11 +544,14 @@ class DecodeRecords(beam.PTransform):
 
     Events a source already built from typed table rows (``event_from_table_row``) pass through, counted."""
 
-    def __init__(self, limits: DecodeLimits = _DEFAULT_LIMITS) -> None:
+    def __init__(self, limits: DecodeLimits = _DEFAULT_LIMITS, event_lists: bool = False) -> None:
+        """``event_lists``: the input holds lists of records, and so does the output (``transforms/lists.py``)."""
         super().__init__()
         self._limits = limits
+        self._event_lists = event_lists
 
     def expand(self, records: beam.PCollection[RawRecord]) -> beam.pvalue.DoOutputsTuple:
-        return records | "ClassifyAndValidate" >> beam.ParDo(DecodeRecordsFn(self._limits)).with_outputs(
-            DEAD_LETTER_TAG, main="events"
-        )
+        decode: beam.DoFn = DecodeRecordsFn(self._limits)
+        if self._event_lists:
+            decode = ForEachInList(decode)
+        return records | "ClassifyAndValidate" >> beam.ParDo(decode).with_outputs(DEAD_LETTER_TAG, main="events")

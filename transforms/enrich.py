@@ -16,6 +16,7 @@ from apache_beam.metrics import Metrics
 from transforms.content import ContentLookup, ContentSnapshot, newest_snapshot
 from transforms.dead_letters import DEAD_LETTER_TAG, RejectCounter
 from transforms.engagement import engagement_pct, engagement_seconds
+from transforms.lists import ForEachInList
 from transforms.model import Content, EngagementEvent, EnrichedEvent, Stage
 
 ContentLookupFactory = Callable[[], ContentLookup]
@@ -110,12 +111,18 @@ class EnrichEvents(beam.PTransform):
         self,
         content: beam.PCollection[ContentSnapshot],
         lookup_factory: ContentLookupFactory | None = None,
+        event_lists: bool = False,
     ) -> None:
+        """``event_lists``: the input holds lists of events, and so does the output (``transforms/lists.py``)."""
         super().__init__()
         self._content = content
         self._lookup_factory = lookup_factory
+        self._event_lists = event_lists
 
     def expand(self, events: beam.PCollection[EngagementEvent]) -> beam.pvalue.DoOutputsTuple:
-        return events | "JoinContent" >> beam.ParDo(
-            EnrichEventsFn(self._lookup_factory), snapshots=beam.pvalue.AsList(self._content)
-        ).with_outputs(DEAD_LETTER_TAG, main="enriched")
+        join: beam.DoFn = EnrichEventsFn(self._lookup_factory)
+        if self._event_lists:
+            join = ForEachInList(join)
+        return events | "JoinContent" >> beam.ParDo(join, beam.pvalue.AsList(self._content)).with_outputs(
+            DEAD_LETTER_TAG, main="enriched"
+        )

@@ -238,7 +238,8 @@ class ReadIdRangeFn(beam.DoFn):
     """Streams one id range through a server-side cursor, so memory stays flat whatever its size.
 
     Emits an ``EngagementEvent`` for each row ``event_from_table_row`` builds, and the row's JSON document as a
-    ``RawRecord`` for the others, for the decode step to judge."""
+    ``RawRecord`` for the others, for the decode step to judge; with ``list_rows``, lists of at most that many
+    of them (``transforms/lists.py``)."""
 
     def __init__(
         self,
@@ -248,8 +249,12 @@ class ReadIdRangeFn(beam.DoFn):
         fetch_size: int = 10_000,
         run: str | None = None,
         limits: DecodeLimits | None = None,
+        list_rows: int | None = None,
     ) -> None:
+        if list_rows is not None and list_rows < 1:
+            raise ValueError(f"list_rows must be positive, not {list_rows}")
         self._dsn = dsn
+        self._list_rows = list_rows
         self._run = run or uuid.uuid4().hex
         self._time_range = time_range
         self._total_rows = total_rows
@@ -269,7 +274,20 @@ class ReadIdRangeFn(beam.DoFn):
     def start_bundle(self) -> None:
         ProgressLog.begin(self._run, "read")
 
-    def process(self, id_range: IdRange) -> Iterator[EngagementEvent | RawRecord]:
+    def process(self, id_range: IdRange) -> Iterator[EngagementEvent | RawRecord | list[EngagementEvent | RawRecord]]:
+        if self._list_rows is None:
+            yield from self._read(id_range)
+            return
+        page: list[EngagementEvent | RawRecord] = []
+        for item in self._read(id_range):
+            page.append(item)
+            if len(page) == self._list_rows:
+                yield page
+                page = []
+        if page:
+            yield page
+
+    def _read(self, id_range: IdRange) -> Iterator[EngagementEvent | RawRecord]:
         pending = 0
         limits = self._limits
         connection = self._connection
@@ -319,10 +337,13 @@ class ReadEventsFromPostgres(beam.PTransform):
         splits: int,
         run: str | None = None,
         limits: DecodeLimits | None = None,
+        list_rows: int | None = None,
     ) -> None:
-        """``run`` names the run in progress logs (``LogProgressFn`` steps of the same run log alongside)."""
+        """``run`` names the run in progress logs (``LogProgressFn`` steps of the same run log alongside);
+        ``list_rows``: emit lists of at most that many rows instead of single ones (``transforms/lists.py``)."""
         super().__init__()
         self._run = run or uuid.uuid4().hex
+        self._list_rows = list_rows
         self._limits = limits
         self._dsn = dsn
         self._time_range = time_range
@@ -337,6 +358,13 @@ class ReadEventsFromPostgres(beam.PTransform):
             | "SpreadSplits" >> beam.Reshuffle()
             | "ReadRange"
             >> beam.ParDo(
-                ReadIdRangeFn(self._dsn, self._time_range, self._summary.rows, run=self._run, limits=self._limits)
+                ReadIdRangeFn(
+                    self._dsn,
+                    self._time_range,
+                    self._summary.rows,
+                    run=self._run,
+                    limits=self._limits,
+                    list_rows=self._list_rows,
+                )
             )
         )

@@ -132,15 +132,25 @@ def test_batch_graph_keeps_no_state_and_sets_no_timers(settings: BigQuerySinkSet
     assert only_offsets.endswith("/Append at offsets")
 
 
-@pytest.fixture
-def group_writer(stack: StackConfig, settings: BigQuerySinkSettings) -> Iterator[AppendGroupFn]:
-    """The batch writer for shard 0, on a fresh stream, appending chunks of 3 rows."""
+def _group_writer(stack: StackConfig, settings: BigQuerySinkSettings, row_lists: bool) -> Iterator[AppendGroupFn]:
     spec = settings.table_spec("enriched_events", "enriched_events")
     stream, probe = create_streams(stack.bq_grpc_endpoint, spec, 2)
-    fn = AppendGroupFn(spec, stack.bq_grpc_endpoint, [stream], probe, batch_size=3)
+    fn = AppendGroupFn(spec, stack.bq_grpc_endpoint, [stream], probe, batch_size=3, row_lists=row_lists)
     fn.setup()
     yield fn
     fn.teardown()
+
+
+@pytest.fixture
+def group_writer(stack: StackConfig, settings: BigQuerySinkSettings) -> Iterator[AppendGroupFn]:
+    """The batch writer for shard 0, on a fresh stream, appending chunks of 3 rows."""
+    yield from _group_writer(stack, settings, row_lists=False)
+
+
+@pytest.fixture
+def list_group_writer(stack: StackConfig, settings: BigQuerySinkSettings) -> Iterator[AppendGroupFn]:
+    """The same writer for a group of lists of rows (the backfill's, transforms/lists.py)."""
+    yield from _group_writer(stack, settings, row_lists=True)
 
 
 class WorkerDiedError(Exception):
@@ -165,6 +175,23 @@ def test_replayed_group_leaves_each_row_once(
     assert copies(bq, settings, ids) == dict.fromkeys(ids[:3], 1)
     assert list(group_writer.process((0, group))) == []
     assert list(group_writer.process((0, group))) == []  # died after the last append: replayed in full
+
+    assert copies(bq, settings, ids) == dict.fromkeys(ids, 1)
+
+
+def test_a_replayed_group_of_row_lists_leaves_each_row_once(
+    bq: bigquery.Client, settings: BigQuerySinkSettings, list_group_writer: AppendGroupFn
+) -> None:
+    """Lists of 2 rows appended in chunks of 3: chunks cut across lists, and a replay repeats them all."""
+    ids = new_ids(9)
+    group = encoded_events(settings, ids)
+    lists = [group[i : i + 2] for i in range(0, len(group), 2)]
+
+    with pytest.raises(WorkerDiedError):
+        list(list_group_writer.process((0, dies_after(lists, 2))))  # 4 rows read: chunk 1 written
+    assert copies(bq, settings, ids) == dict.fromkeys(ids[:3], 1)
+    assert list(list_group_writer.process((0, lists))) == []
+    assert list(list_group_writer.process((0, lists))) == []
 
     assert copies(bq, settings, ids) == dict.fromkeys(ids, 1)
 

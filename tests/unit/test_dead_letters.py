@@ -131,7 +131,7 @@ def test_core_dead_letters_include_enrichment_failures(monkeypatch):
 class _WriteNothing(beam.PTransform):
     """Stands in for the BigQuery write: accepts rows, refuses none."""
 
-    def __init__(self, spec, settings) -> None:
+    def __init__(self, spec, settings, row_lists: bool = False) -> None:
         super().__init__()
 
     def expand(self, rows):

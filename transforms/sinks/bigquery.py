@@ -35,6 +35,7 @@ from apache_beam.utils.timestamp import Timestamp
 from transforms.aggregate import CoalescedPanes
 from transforms.dead_letters import DEAD_LETTER_TAG, GuardedMap, flatten_dead_letters
 from transforms.expansion import java_expansion_service
+from transforms.lists import items
 from transforms.model import DeadLetter, EnrichedEvent, SourceCoordinates, Stage, WindowAggregate
 from transforms.rows import Row, dead_letter_row, enriched_event_row, window_aggregate_row
 from transforms.settings import add_options, option_values, setting
@@ -316,17 +317,24 @@ class BigQuerySinkSettings:
 
 
 class WriteRows(beam.PTransform):
-    """Writes rows.py dicts to one table; returns the dead letters of the rows BigQuery refused."""
+    """Writes rows.py dicts to one table; returns the dead letters of the rows BigQuery refused.
 
-    def __init__(self, spec: TableSpec, settings: BigQuerySinkSettings) -> None:
+    ``row_lists``: the input holds lists of rows (``transforms/lists.py``)."""
+
+    def __init__(self, spec: TableSpec, settings: BigQuerySinkSettings, row_lists: bool = False) -> None:
         super().__init__()
         self._spec = spec
         self._settings = settings
+        self._row_lists = row_lists
 
     def expand(self, rows: beam.PCollection[Row]) -> beam.PCollection[DeadLetter]:
         if self._settings.write_method == LOCAL_STORAGE_WRITE:
-            refused = rows | "Storage Write (local)" >> WriteTableLocally(self._spec, self._local_settings())
+            refused = rows | "Storage Write (local)" >> WriteTableLocally(
+                self._spec, self._local_settings(), row_lists=self._row_lists
+            )
         else:
+            if self._row_lists:
+                rows = rows | "Rows of lists" >> beam.FlatMap(items)
             refused = rows | "Storage Write (Beam)" >> _BeamStorageWrite(self._spec, self._settings)
         table = self._spec.table
         return refused | "Refused rows to dead letters" >> beam.MapTuple(
@@ -397,14 +405,19 @@ def _stamp_processed_at(enriched: EnrichedEvent) -> Row:
 
 
 class WriteEnrichedEvents(beam.PTransform):
-    def __init__(self, settings: BigQuerySinkSettings) -> None:
+    def __init__(self, settings: BigQuerySinkSettings, event_lists: bool = False) -> None:
+        """``event_lists``: the input holds lists of events (``transforms/lists.py``)."""
         super().__init__()
         self._settings = settings
+        self._event_lists = event_lists
 
     def expand(self, events: beam.PCollection[EnrichedEvent]) -> beam.PCollection[DeadLetter]:
         spec = self._settings.table_spec("enriched_events", self._settings.events_table)
-        rows = events | "Event rows" >> GuardedMap(Stage.BIGQUERY, f"{spec.table}.rows", _stamp_processed_at)
-        refused = rows.converted | f"Write {spec.table}" >> WriteRows(spec, self._settings)
+        lists = self._event_lists
+        rows = events | "Event rows" >> GuardedMap(
+            Stage.BIGQUERY, f"{spec.table}.rows", _stamp_processed_at, lists=lists
+        )
+        refused = rows.converted | f"Write {spec.table}" >> WriteRows(spec, self._settings, row_lists=lists)
         return flatten_dead_letters(f"{spec.table} dead letters", rows[DEAD_LETTER_TAG], refused)
 
 

@@ -31,6 +31,7 @@ keep its CPU down; a triggering frequency of 0 appends each bundle's rows when t
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import uuid
@@ -49,6 +50,7 @@ from google.cloud.bigquery_storage_v1 import BigQueryWriteClient
 from google.protobuf import message
 
 from transforms.batching import BatchAcrossBundles, BatchWithinBundleFn
+from transforms.lists import ForEachInList
 from transforms.sinks.bigquery_append import (
     Outcome,
     StorageWriteError,
@@ -155,16 +157,26 @@ class AppendGroupFn(_AppendFn):
     """
 
     def __init__(
-        self, spec: TableSpec, endpoint: str, streams: Sequence[str], probe_stream: str, batch_size: int
+        self,
+        spec: TableSpec,
+        endpoint: str,
+        streams: Sequence[str],
+        probe_stream: str,
+        batch_size: int,
+        row_lists: bool = False,
     ) -> None:
+        """``row_lists``: a group's values are lists of rows, appended in the group's order."""
         super().__init__(spec, endpoint)
         refusal_sentinel(spec)  # fails at build time for a table that could not be probed
         self._streams = tuple(streams)
         self._probe_stream = probe_stream
         self._batch_size = batch_size
+        self._row_lists = row_lists
 
-    def process(self, element: tuple[int, Iterable[bytes]]) -> Iterator[tuple[bytes, str]]:
+    def process(self, element: tuple[int, Iterable[bytes] | Iterable[list[bytes]]]) -> Iterator[tuple[bytes, str]]:
         shard, rows = element
+        if self._row_lists:
+            rows = itertools.chain.from_iterable(rows)
         stream, offset = self._streams[shard], 0
         for chunk in chunked(rows, self._batch_size):
             offset = yield from self._append_chunk(StreamPosition(stream, offset), chunk)
@@ -348,13 +360,19 @@ def create_streams(endpoint: str, spec: TableSpec, count: int) -> list[str]:
 class WriteTableLocally(beam.PTransform):
     """Writes row dicts to ``spec``'s table via the Storage Write API; returns (row JSON, reason) of rejects."""
 
-    def __init__(self, spec: TableSpec, settings: LocalWriteSettings) -> None:
+    def __init__(self, spec: TableSpec, settings: LocalWriteSettings, row_lists: bool = False) -> None:
+        """``row_lists``: the input holds lists of rows (``transforms/lists.py``); bounded runs only."""
         super().__init__()
+        if row_lists and settings.streaming:
+            raise ValueError("lists of rows are for bounded runs: streaming appends batch rows per bundle")
         self._spec = spec
         self._settings = settings
+        self._row_lists = row_lists
 
     def expand(self, rows: beam.PCollection[dict[str, Any]]) -> beam.PCollection[tuple[str, str]]:
         spec, settings = self._spec, self._settings
+        if self._row_lists:
+            return self._expand_lists(rows)
         # Groups (batch) and state (streaming) are per key *and window*: rows in event-time windows (window
         # aggregates) would each start their own offset count on the same stream. One global window keeps one
         # offset sequence per stream, and lets batches span windows. Rows already there (enriched events) skip
@@ -373,14 +391,43 @@ class WriteTableLocally(beam.PTransform):
         )
         return (refused, unencodable) | "Rejected rows" >> beam.Flatten()
 
+    def _expand_lists(self, row_lists: beam.PCollection[list[dict[str, Any]]]) -> beam.PCollection[tuple[str, str]]:
+        """The same writes from lists of rows: each list crosses into a shard's group as one element per shard."""
+        spec, settings = self._spec, self._settings
+        if not row_lists.windowing.is_default():
+            row_lists = row_lists | "Global window" >> beam.WindowInto(GlobalWindows())
+        encoded = row_lists | "Encode rows" >> beam.ParDo(
+            ForEachInList(EncodeRowsFn(spec, settings.num_shards))
+        ).with_outputs(EncodeRowsFn.REJECTED, main="encoded")
+        refused = (
+            encoded.encoded
+            | "Lists per stream" >> beam.FlatMap(lists_per_shard)
+            | "Append per stream" >> _AppendBatch(spec, settings, row_lists=True)
+            | "Refused rows as JSON" >> beam.ParDo(_RowJsonFn(spec))
+        )
+        unencodable = encoded[EncodeRowsFn.REJECTED] | "Unencodable rows as JSON" >> beam.MapTuple(
+            lambda row, reason: (json.dumps(row, sort_keys=True, default=str), reason)
+        )
+        return (refused, unencodable) | "Rejected rows" >> beam.Flatten()
+
+
+def lists_per_shard(encoded: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, list[bytes]]]:
+    """A list of (shard, row) as one (shard, rows) per shard it holds, each in the list's order."""
+    per_shard: dict[int, list[bytes]] = {}
+    for shard, row in encoded:
+        per_shard.setdefault(shard, []).append(row)
+    yield from per_shard.items()
+
 
 class _AppendBatch(beam.PTransform):
-    """Bounded runs: one group per shard, appended in chunks (see ``AppendGroupFn``)."""
+    """Bounded runs: one group per shard, appended in chunks (see ``AppendGroupFn``); its values are rows, or
+    with ``row_lists`` lists of rows."""
 
-    def __init__(self, spec: TableSpec, settings: LocalWriteSettings) -> None:
+    def __init__(self, spec: TableSpec, settings: LocalWriteSettings, row_lists: bool = False) -> None:
         super().__init__()
         self._spec = spec
         self._settings = settings
+        self._row_lists = row_lists
 
     def expand(self, encoded: beam.PCollection[tuple[int, bytes]]) -> beam.PCollection[tuple[bytes, str]]:
         spec, settings = self._spec, self._settings
@@ -389,7 +436,9 @@ class _AppendBatch(beam.PTransform):
             encoded
             | "Group per stream" >> beam.GroupByKey()
             | "Append groups at offsets"
-            >> beam.ParDo(AppendGroupFn(spec, settings.endpoint, streams, probe, settings.batch_size))
+            >> beam.ParDo(
+                AppendGroupFn(spec, settings.endpoint, streams, probe, settings.batch_size, row_lists=self._row_lists)
+            )
         )
 
 

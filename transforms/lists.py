@@ -1,0 +1,80 @@
+"""Lists of elements through per-element steps: the backfill's way past Beam's cost per element.
+
+Each step of a Python pipeline costs the runner a few microseconds per element before the step's own work:
+a windowed value, a call through the DoFn invoker, the receivers of the fused stage, a counter update
+(docs/benchmarks.md, backfill session 18: the SDK's own machinery was a third of a backfill's CPU). The
+backfill reads PostgreSQL a page of rows at a time, so it can hand each step a list of events instead: one
+element per page, and the per-element work of every step runs in a plain Python loop.
+
+``ForEachInList`` runs an ordinary per-element DoFn over each item of a list, so the rules stay written once,
+in the DoFns the streaming job uses one event at a time. Its main output is the list of what the DoFn emitted
+for the items; what the DoFn emits on a tag (dead letters) goes out as single elements, as before.
+
+Only bounded runs use lists: the items of a list lose their own timestamps (the list has the one of the element
+that carried it), so a list must not reach a step that windows by event time (``transforms.aggregate`` keys
+the backfill's windows by hand instead).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.transforms.window import TimestampedValue
+
+LIST_ROWS = 50
+"""Items per list where a pipeline cuts lists itself (the backfill's reader, re-listing after a join). Enough that
+the cost per list vanishes; few enough that a list's objects die young: with 1,000 events per list, every
+collection of the garbage collector's youngest generation found a list's events alive and promoted them, and
+the full collections that followed took a quarter of a backfill's CPU (docs/benchmarks.md, backfill session 19).
+At 50, the collector took 0.6 s of a chunk job's 24 CPU seconds."""
+
+
+class ForEachInList(beam.DoFn):
+    """Applies ``dofn`` to every item of each input list; emits one list of its main outputs per input list
+    (none when that is empty) and its tagged outputs one by one.
+
+    ``dofn`` may use ``setup``, ``start_bundle``, ``finish_bundle`` (without outputs) and ``teardown``, and
+    take side inputs after the element; it may not ask for the element's timestamp, window or pane, which an
+    item of a list does not have. A ``TimestampedValue`` it emits loses its timestamp.
+    """
+
+    def __init__(self, dofn: beam.DoFn) -> None:
+        super().__init__()
+        self._dofn = dofn
+
+    def default_label(self) -> str:
+        return f"ForEachInList({self._dofn.default_label()})"
+
+    def setup(self) -> None:
+        self._dofn.setup()
+
+    def start_bundle(self) -> None:
+        self._dofn.start_bundle()
+
+    def process(self, items: Iterable[Any], *side_inputs) -> Iterator[Any]:  # noqa: ANN002 - Beam type-checks a hint here
+        kept: list[Any] = []
+        process = self._dofn.process
+        for item in items:
+            for output in process(item, *side_inputs) or ():
+                if isinstance(output, beam.pvalue.TaggedOutput):
+                    yield output
+                elif isinstance(output, TimestampedValue):
+                    kept.append(output.value)
+                else:
+                    kept.append(output)
+        if kept:
+            yield kept
+
+    def finish_bundle(self) -> None:
+        if self._dofn.finish_bundle() is not None:
+            raise TypeError(f"{self._dofn.default_label()}.finish_bundle emits: it cannot run over lists")
+
+    def teardown(self) -> None:
+        self._dofn.teardown()
+
+
+def items(lists: Iterable[Any]) -> Iterator[Any]:
+    """The items of a list, one element each: where a list meets a step that takes single elements."""
+    yield from lists
