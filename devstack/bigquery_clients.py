@@ -43,7 +43,7 @@ FieldType = descriptor_pb2.FieldDescriptorProto.Type
 
 
 def rest_client(api_endpoint: str, project: str) -> bigquery.Client:
-    """A ``bigquery.Client`` for the emulator's REST API, e.g. ``rest_client("http://127.0.0.1:59050", "p")``."""
+    """A ``bigquery.Client`` for the emulator's REST API, e.g. ``rest_client("http://127.0.0.1:29050", "p")``."""
     return bigquery.Client(
         project=project,
         credentials=AnonymousCredentials(),
@@ -57,7 +57,7 @@ def insecure_channel(target: str) -> grpc.Channel:
 
 
 def write_client(grpc_target: str) -> BigQueryWriteClient:
-    """A Storage Write API client over plaintext gRPC, e.g. ``write_client("127.0.0.1:59060")``."""
+    """A Storage Write API client over plaintext gRPC, e.g. ``write_client("127.0.0.1:29060")``."""
     return BigQueryWriteClient(transport=BigQueryWriteGrpcTransport(channel=insecure_channel(grpc_target)))
 
 

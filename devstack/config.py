@@ -123,17 +123,22 @@ class StackConfig:
         return f"http://127.0.0.1:{self.http_api_port}"
 
 
+EPHEMERAL_PORTS_START = 32768
+"""Linux's default low end of ``net.ipv4.ip_local_port_range``. Every default port of every instance stays below
+it, where the kernel never hands a port to an outgoing connection (docs/local-stack.md, "Ports")."""
+
+
 def load_config() -> StackConfig:
     return StackConfig(
         stack_dir=Path(os.environ.get("STACK_DIR", REPO_ROOT / instance()[1].directory)).resolve(),
-        pg_port=_port("STACK_PG_PORT", 55432),
-        kafka_port=_port("STACK_KAFKA_PORT", 59092),
-        kafka_controller_port=_port("STACK_KAFKA_CONTROLLER_PORT", 59093),
-        connect_port=_port("STACK_CONNECT_PORT", 58083),
-        redis_port=_port("STACK_REDIS_PORT", 56379),
-        bq_rest_port=_port("STACK_BQ_REST_PORT", 59050),
-        bq_grpc_port=_port("STACK_BQ_GRPC_PORT", 59060),
-        http_api_port=_port("STACK_HTTP_API_PORT", 58080),
+        pg_port=_port("STACK_PG_PORT", 25432),
+        kafka_port=_port("STACK_KAFKA_PORT", 29092),
+        kafka_controller_port=_port("STACK_KAFKA_CONTROLLER_PORT", 29093),
+        connect_port=_port("STACK_CONNECT_PORT", 28083),
+        redis_port=_port("STACK_REDIS_PORT", 26379),
+        bq_rest_port=_port("STACK_BQ_REST_PORT", 29050),
+        bq_grpc_port=_port("STACK_BQ_GRPC_PORT", 29060),
+        http_api_port=_port("STACK_HTTP_API_PORT", 28080),
         http_api_token=os.environ.get("STACK_HTTP_API_TOKEN", "local-dev-token"),
         bq_project=os.environ.get("STACK_BQ_PROJECT", "local-project"),
         bq_dataset=os.environ.get("STACK_BQ_DATASET", "engagement"),

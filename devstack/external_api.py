@@ -24,7 +24,7 @@ Faults and latency apply to ``POST /v1/events`` only: the introspection and admi
 reliable so tests can observe the failures they inject. Those endpoints need no token; the server listens on
 loopback only. State is in memory; with ``--state-dir`` the final stats and ids are written there on shutdown.
 
-Run: ``python -m devstack.external_api --port 58080 [--token T | $STACK_HTTP_API_TOKEN] [--state-dir DIR]``.
+Run: ``python -m devstack.external_api --port 28080 [--token T | $STACK_HTTP_API_TOKEN] [--state-dir DIR]``.
 """
 
 from __future__ import annotations

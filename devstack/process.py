@@ -209,9 +209,10 @@ def port_bindable(port: int, host: str = "127.0.0.1") -> bool:
     """Whether ``port`` can be bound now without ``SO_REUSEADDR``: the strictest of the services, since Kafka's
     listener is refused even by a closed connection's TIME-WAIT on its port.
 
-    A listener is not the only holder: the stack's ports lie inside the kernel's range of ephemeral ports
-    (``net.ipv4.ip_local_port_range``), so an outgoing connection of any process may have taken one as its
-    local end, and holds it until the connection ends and its TIME-WAIT is over.
+    A listener is not the only holder: a closed connection of the service's previous run holds its port for its
+    TIME-WAIT, and a port inside the kernel's range of ephemeral ports (``net.ipv4.ip_local_port_range``; the
+    stack's defaults lie below it, docs/local-stack.md) may be the local end of any process's outgoing
+    connection.
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:
@@ -229,7 +230,7 @@ def ensure_port_free(name: str, port: int, timeout: float = PORT_RELEASE_SECONDS
 
     Without the wait, a service started just after another stack stopped failed at random: Kafka exited with
     "Address already in use" because a closed connection of the other stack's broker had used the port as its
-    local end (docs/local-stack.md, "Ports").
+    local end, when the stack's ports were still inside the ephemeral range (docs/local-stack.md, "Ports").
     """
     if port_open(port):
         raise StackError(
@@ -244,9 +245,9 @@ def ensure_port_free(name: str, port: int, timeout: float = PORT_RELEASE_SECONDS
         if time.monotonic() >= deadline:
             raise StackError(
                 f"cannot start {name}: 127.0.0.1:{port} is still held by another process's connection after "
-                f"{timeout:.0f}s (the kernel gave it to an outgoing connection: the stack's ports are inside "
-                f"net.ipv4.ip_local_port_range); try again, or move the stack with STACK_PORT_OFFSET "
-                f"(docs/local-stack.md)"
+                f"{timeout:.0f}s (is it inside net.ipv4.ip_local_port_range, where the kernel gives ports to "
+                f"outgoing connections?); try again, or move the stack with STACK_PORT_OFFSET "
+                f'(docs/local-stack.md, "Ports")'
             )
         time.sleep(0.5)
 

@@ -24,7 +24,7 @@ class CoreOptions(PipelineOptions):
     def _add_argparse_args(cls, parser) -> None:  # noqa: ANN001 - Beam's argparse wrapper
         parser.add_argument(
             "--postgres_dsn",
-            default="host=127.0.0.1 port=55432 dbname=engagement user=engagement password=engagement",
+            default="host=127.0.0.1 port=25432 dbname=engagement user=engagement password=engagement",
             help=(
                 "libpq connection string of the PostgreSQL database holding the content table (e.g. with "
                 "sslmode=verify-full for Cloud SQL). Without a password when the password comes from "

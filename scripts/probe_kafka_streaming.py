@@ -74,7 +74,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--keys", type=int, default=4, help="Distinct content ids (GroupByKey keys).")
     parser.add_argument(
         "--bootstrap",
-        default=os.environ.get("STACK_KAFKA_BOOTSTRAP", "127.0.0.1:59092"),
+        default=os.environ.get("STACK_KAFKA_BOOTSTRAP", "127.0.0.1:29092"),
         help="Kafka bootstrap servers.",
     )
     parser.add_argument(

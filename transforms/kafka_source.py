@@ -85,7 +85,7 @@ class KafkaReadSettings:
 
     bootstrap_servers: str = setting(
         flag="--bootstrap_servers",
-        option_default="127.0.0.1:59092",
+        option_default="127.0.0.1:29092",
         help="Kafka bootstrap servers, comma-separated host:port pairs.",
     )
     topics: tuple[str, ...]

@@ -10,7 +10,7 @@ from devstack.cpu_usage import cpu_seconds, machine_cpu_seconds, processes, serv
 
 def test_processes_are_attributed_to_their_service():
     assert service_of("postgres", ["postgres: checkpointer"]) == "postgres"
-    assert service_of("redis-server", ["redis-server", "127.0.0.1:56379"]) == "redis"
+    assert service_of("redis-server", ["redis-server", "127.0.0.1:26379"]) == "redis"
     assert service_of("prism", []) == "job: prism"
     assert service_of("java", ["java", "-cp", "x.jar", "kafka.Kafka", "server.properties"]) == "kafka"
     assert service_of("java", ["java", "org.apache.kafka.connect.cli.ConnectDistributed"]) == "debezium connect"

@@ -3,12 +3,16 @@
 Real sockets on 127.0.0.1: the kernel's own bind rules are what is under test.
 """
 
+import contextlib
+import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from devstack.config import EPHEMERAL_PORTS_START, INSTANCE_ENV, INSTANCES, load_config
 from devstack.process import StackError, ensure_port_free, port_bindable
 
 
@@ -72,3 +76,18 @@ def test_the_start_goes_on_once_the_connection_lets_the_port_go(listener):
     waited = time.monotonic() - started
     closer.join()
     assert 1 <= waited < 5
+
+
+@pytest.mark.parametrize("instance", sorted(INSTANCES))
+def test_every_instances_ports_lie_below_the_ephemeral_range(instance: str, monkeypatch: pytest.MonkeyPatch):
+    # Inside it, any outgoing connection on the machine can hold a stack port when the service binds it.
+    for variable in [name for name in os.environ if name.startswith("STACK_")]:
+        monkeypatch.delenv(variable)
+    monkeypatch.setenv(INSTANCE_ENV, instance)
+    config = load_config()
+    ports = {name: value for name, value in vars(config).items() if name.endswith("_port")}
+    assert len(ports) == 8
+    low = EPHEMERAL_PORTS_START
+    with contextlib.suppress(OSError):  # the machine's own range, where it can be read
+        low = min(low, int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]))
+    assert {name: port for name, port in ports.items() if port >= low} == {}

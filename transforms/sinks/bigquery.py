@@ -65,7 +65,7 @@ class BigQuerySinkOptions(PipelineOptions):
             "--bigquery_rest_endpoint",
             default=None,
             help=(
-                "REST URL of the BigQuery emulator (e.g. http://127.0.0.1:59050), where the pipeline reads what "
+                "REST URL of the BigQuery emulator (e.g. http://127.0.0.1:29050), where the pipeline reads what "
                 "the tables hold (the backfill: ids and window values; streaming with --start_offset=resume: "
                 "where the last run stopped). Unset: Google BigQuery with default credentials."
             ),

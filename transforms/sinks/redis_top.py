@@ -72,7 +72,7 @@ class RedisSinkOptions(PipelineOptions):
     def _add_argparse_args(cls, parser) -> None:  # noqa: ANN001 - Beam's argparse wrapper
         parser.add_argument(
             "--redis_url",
-            default="redis://127.0.0.1:56379/0",
+            default="redis://127.0.0.1:26379/0",
             help=(
                 "Redis to write the top-content buckets to, as a redis:// or rediss:// URL. A password in the "
                 "URL is never logged, but travels in the job graph: on Dataflow give it as "
