@@ -370,41 +370,23 @@ class WriteTableLocally(beam.PTransform):
         self._row_lists = row_lists
 
     def expand(self, rows: beam.PCollection[dict[str, Any]]) -> beam.PCollection[tuple[str, str]]:
-        spec, settings = self._spec, self._settings
-        if self._row_lists:
-            return self._expand_lists(rows)
+        spec, settings, lists = self._spec, self._settings, self._row_lists
         # Groups (batch) and state (streaming) are per key *and window*: rows in event-time windows (window
         # aggregates) would each start their own offset count on the same stream. One global window keeps one
         # offset sequence per stream, and lets batches span windows. Rows already there (enriched events) skip
         # the step, which costs a window object per row.
         if not rows.windowing.is_default():
             rows = rows | "Global window" >> beam.WindowInto(GlobalWindows())
-        encoded = rows | "Encode rows" >> beam.ParDo(EncodeRowsFn(spec, settings.num_shards)).with_outputs(
+        encode: beam.DoFn = EncodeRowsFn(spec, settings.num_shards)
+        encoded = rows | "Encode rows" >> beam.ParDo(ForEachInList(encode) if lists else encode).with_outputs(
             EncodeRowsFn.REJECTED, main="encoded"
         )
-        append = _AppendStreaming(spec, settings) if settings.streaming else _AppendBatch(spec, settings)
-        refused = (
-            encoded.encoded | "Append per stream" >> append | "Refused rows as JSON" >> beam.ParDo(_RowJsonFn(spec))
-        )
-        unencodable = encoded[EncodeRowsFn.REJECTED] | "Unencodable rows as JSON" >> beam.MapTuple(
-            lambda row, reason: (json.dumps(row, sort_keys=True, default=str), reason)
-        )
-        return (refused, unencodable) | "Rejected rows" >> beam.Flatten()
-
-    def _expand_lists(self, row_lists: beam.PCollection[list[dict[str, Any]]]) -> beam.PCollection[tuple[str, str]]:
-        """The same writes from lists of rows: each list crosses into a shard's group as one element per shard."""
-        spec, settings = self._spec, self._settings
-        if not row_lists.windowing.is_default():
-            row_lists = row_lists | "Global window" >> beam.WindowInto(GlobalWindows())
-        encoded = row_lists | "Encode rows" >> beam.ParDo(
-            ForEachInList(EncodeRowsFn(spec, settings.num_shards))
-        ).with_outputs(EncodeRowsFn.REJECTED, main="encoded")
-        refused = (
-            encoded.encoded
-            | "Lists per stream" >> beam.FlatMap(lists_per_shard)
-            | "Append per stream" >> _AppendBatch(spec, settings, row_lists=True)
-            | "Refused rows as JSON" >> beam.ParDo(_RowJsonFn(spec))
-        )
+        to_append = encoded.encoded
+        if lists:
+            # Each list crosses into a shard's group as one element per shard it holds rows of.
+            to_append = to_append | "Lists per stream" >> beam.FlatMap(lists_per_shard)
+        append = _AppendStreaming(spec, settings) if settings.streaming else _AppendBatch(spec, settings, lists)
+        refused = to_append | "Append per stream" >> append | "Refused rows as JSON" >> beam.ParDo(_RowJsonFn(spec))
         unencodable = encoded[EncodeRowsFn.REJECTED] | "Unencodable rows as JSON" >> beam.MapTuple(
             lambda row, reason: (json.dumps(row, sort_keys=True, default=str), reason)
         )
