@@ -3,8 +3,8 @@
 Each step of a Python pipeline costs the runner a few microseconds per element before the step's own work:
 a windowed value, a call through the DoFn invoker, the receivers of the fused stage, a counter update
 (docs/benchmarks.md, backfill session 18: the SDK's own machinery was a third of a backfill's CPU). The
-backfill reads PostgreSQL a page of rows at a time, so it can hand each step a list of events instead: one
-element per page, and the per-element work of every step runs in a plain Python loop.
+backfill reads PostgreSQL through a cursor, so it can hand each step a list of events instead: one element per
+``LIST_ROWS`` rows, and the per-element work of every step runs in a plain Python loop.
 
 ``ForEachInList`` runs an ordinary per-element DoFn over each item of a list, so the rules stay written once,
 in the DoFns the streaming job uses one event at a time. Its main output is the list of what the DoFn emitted
@@ -53,7 +53,8 @@ class ForEachInList(beam.DoFn):
     def start_bundle(self) -> None:
         self._dofn.start_bundle()
 
-    def process(self, items: Iterable[Any], *side_inputs) -> Iterator[Any]:  # noqa: ANN002 - Beam type-checks a hint here
+    # No hint on *side_inputs: Beam type-checks such a hint against the side inputs' tuple and refuses Any.
+    def process(self, items: Iterable[Any], *side_inputs) -> Iterator[Any]:  # noqa: ANN002
         kept: list[Any] = []
         process = self._dofn.process
         for item in items:
