@@ -57,7 +57,7 @@ from transforms.backfill_filters import (
 from transforms.bigquery_reads import BigQueryReadSettings, bigquery_client
 from transforms.content import PostgresContentLoader, PostgresContentLookup, ReadContentOnce
 from transforms.dead_letters import flatten_dead_letters
-from transforms.lists import LIST_ROWS, ForEachInList
+from transforms.lists import LIST_ROWS, per_item
 from transforms.postgres import PostgresDsn, fetch_all
 from transforms.postgres_source import (
     LogProgressFn,
@@ -198,7 +198,7 @@ def plan_from_options(options: PipelineOptions) -> BackfillPlan:
             # Each chunk's run would overwrite the one job file the launcher submits.
             raise ValueError("a template launch submits one job: use --chunk_rows=0 (the default on Dataflow)")
         # engagement_events.id is the primary key and the read splits are disjoint id ranges; the reader hands
-        # on pages of rows as lists (transforms/lists.py).
+        # on its rows in lists (transforms/lists.py).
         core = dataclasses.replace(
             CoreSettings.from_options(options, streaming=False), ids_unique_at_source=True, event_lists=True
         )
@@ -399,8 +399,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions, plan: Back
     lookup = functools.partial(PostgresContentLookup, dsn) if plan.content_lookup else None
     core = build_core(raw, content, plan.core, content_lookup=lookup)
     # Reading is only the start of a long run: the enrichment's progress shows how far the graph got.
-    progress: beam.DoFn = LogProgressFn(run, "enriched", plan.summary.rows)
-    enriched = core.enriched | "Progress" >> beam.ParDo(ForEachInList(progress) if lists else progress)
+    progress = per_item(LogProgressFn(run, "enriched", plan.summary.rows), lists)
+    enriched = core.enriched | "Progress" >> beam.ParDo(progress)
 
     existing_ids = pipeline | "Ids in BigQuery" >> ReadExistingEventIds(plan.bigquery_read, plan.time_range)
     current = pipeline | "Windows in BigQuery" >> ReadCurrentAggregates(

@@ -88,7 +88,7 @@ class CoreSettings:
     is the primary key and the read splits are disjoint id ranges. The batch de-duplication, a GroupByKey
     that holds every event in the runner, is then skipped. A stream (Kafka redelivers) always de-duplicates."""
     event_lists: bool = False
-    """True when the source emits lists of records (a page of rows each) and every step takes lists
+    """True when the source emits lists of records (``LIST_ROWS`` rows each) and every step takes lists
     (``transforms/lists.py``): the backfill's reader. Bounded sources whose ids are unique only, since
     de-duplication and event-time windowing need one element per event."""
 

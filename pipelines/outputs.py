@@ -18,7 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.core import CoreOutputs
 from transforms.dead_letters import flatten_dead_letters
-from transforms.lists import ForEachInList, items
+from transforms.lists import items, per_item
 from transforms.model import DeadLetter, EnrichedEvent
 from transforms.resume import IdLoader, SkipDelivered
 from transforms.sinks.bigquery import (
@@ -91,10 +91,8 @@ def write_outputs(core: CoreOutputs, sinks: SinkSettings, event_lists: bool = Fa
     if event_lists and (sinks.bigquery_holds is not None or sinks.http_holds is not None):
         raise ValueError("lists of events are for bounded runs, which resume nothing")
     dead_letters = [core.dead_letters]
-    freshness: beam.DoFn = ObserveFreshnessFn("bigquery")
-    to_bigquery = core.enriched | "Freshness at BigQuery" >> beam.ParDo(
-        ForEachInList(freshness) if event_lists else freshness
-    )
+    freshness = per_item(ObserveFreshnessFn("bigquery"), event_lists)
+    to_bigquery = core.enriched | "Freshness at BigQuery" >> beam.ParDo(freshness)
     if sinks.bigquery_holds is not None:
         to_bigquery = to_bigquery | "Resume BigQuery" >> SkipDelivered("bigquery", sinks.bigquery_holds)
     dead_letters.append(

@@ -23,7 +23,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
 from transforms.bigquery_reads import BigQueryReadSettings, Query, RunQueryFn
-from transforms.lists import LIST_ROWS, ForEachInList, items
+from transforms.lists import LIST_ROWS, items, per_item
 from transforms.model import EnrichedEvent, WindowAggregate
 from transforms.postgres_source import TimeRange
 from transforms.rows import Row, window_aggregate_row
@@ -214,9 +214,7 @@ class KeepNewEvents(beam.PTransform):
     def expand(self, events: beam.PCollection[EnrichedEvent]) -> beam.PCollection[EnrichedEvent]:
         if self._ids_fit_in_memory:
             known = self._existing_ids | "IdSet" >> beam.CombineGlobally(_IdSetFn())
-            skip: beam.DoFn = _SkipKnownIdsFn()
-            if self._event_lists:
-                skip = ForEachInList(skip)
+            skip = per_item(_SkipKnownIdsFn(), self._event_lists)
             return events | "SkipKnownIds" >> beam.ParDo(skip, beam.pvalue.AsSingleton(known))
         if self._event_lists:
             events = events | "Events of lists" >> beam.FlatMap(items)

@@ -22,7 +22,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 from pydantic import BaseModel
 
-from transforms.lists import ForEachInList
+from transforms.lists import per_item
 from transforms.model import (
     DeadLetter,
     EngagementEvent,
@@ -161,9 +161,7 @@ class GuardedMap(beam.PTransform):
         """``lists``: the input holds lists, and ``converted`` the lists of their items' conversions
         (``transforms/lists.py``)."""
         super().__init__()
-        self._fn: beam.DoFn = GuardedMapFn(stage, step, convert, *args)
-        if lists:
-            self._fn = ForEachInList(self._fn)
+        self._fn = per_item(GuardedMapFn(stage, step, convert, *args), lists)
         self._output_type = output_type
 
     def expand(self, elements: beam.PCollection) -> beam.pvalue.DoOutputsTuple:

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from transforms.dead_letters import DEAD_LETTER_TAG, PAYLOAD_EXCERPT_BYTES, RejectedInputError, reject
 from transforms.instants import beam_timestamp
-from transforms.lists import ForEachInList
+from transforms.lists import per_item
 from transforms.model import (
     EVENT_TYPES,
     EngagementEvent,
@@ -551,7 +551,5 @@ class DecodeRecords(beam.PTransform):
         self._event_lists = event_lists
 
     def expand(self, records: beam.PCollection[RawRecord]) -> beam.pvalue.DoOutputsTuple:
-        decode: beam.DoFn = DecodeRecordsFn(self._limits)
-        if self._event_lists:
-            decode = ForEachInList(decode)
+        decode = per_item(DecodeRecordsFn(self._limits), self._event_lists)
         return records | "ClassifyAndValidate" >> beam.ParDo(decode).with_outputs(DEAD_LETTER_TAG, main="events")

@@ -16,7 +16,7 @@ from apache_beam.metrics import Metrics
 from transforms.content import ContentLookup, ContentSnapshot, newest_snapshot
 from transforms.dead_letters import DEAD_LETTER_TAG, RejectCounter
 from transforms.engagement import engagement_pct, engagement_seconds
-from transforms.lists import ForEachInList
+from transforms.lists import per_item
 from transforms.model import Content, EngagementEvent, EnrichedEvent, Stage
 
 ContentLookupFactory = Callable[[], ContentLookup]
@@ -120,9 +120,7 @@ class EnrichEvents(beam.PTransform):
         self._event_lists = event_lists
 
     def expand(self, events: beam.PCollection[EngagementEvent]) -> beam.pvalue.DoOutputsTuple:
-        join: beam.DoFn = EnrichEventsFn(self._lookup_factory)
-        if self._event_lists:
-            join = ForEachInList(join)
+        join = per_item(EnrichEventsFn(self._lookup_factory), self._event_lists)
         return events | "JoinContent" >> beam.ParDo(join, beam.pvalue.AsList(self._content)).with_outputs(
             DEAD_LETTER_TAG, main="enriched"
         )

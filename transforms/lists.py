@@ -76,6 +76,12 @@ class ForEachInList(beam.DoFn):
         self._dofn.teardown()
 
 
+def per_item(dofn: beam.DoFn, lists: bool) -> beam.DoFn:
+    """``dofn`` over lists of its elements when ``lists``, else ``dofn`` itself: one switch for every step that
+    runs either way."""
+    return ForEachInList(dofn) if lists else dofn
+
+
 def items(lists: Iterable[Any]) -> Iterator[Any]:
     """The items of a list, one element each: where a list meets a step that takes single elements."""
     yield from lists

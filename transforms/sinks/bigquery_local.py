@@ -50,7 +50,7 @@ from google.cloud.bigquery_storage_v1 import BigQueryWriteClient
 from google.protobuf import message
 
 from transforms.batching import BatchAcrossBundles, BatchWithinBundleFn
-from transforms.lists import ForEachInList
+from transforms.lists import per_item
 from transforms.sinks.bigquery_append import (
     Outcome,
     StorageWriteError,
@@ -377,10 +377,8 @@ class WriteTableLocally(beam.PTransform):
         # the step, which costs a window object per row.
         if not rows.windowing.is_default():
             rows = rows | "Global window" >> beam.WindowInto(GlobalWindows())
-        encode: beam.DoFn = EncodeRowsFn(spec, settings.num_shards)
-        encoded = rows | "Encode rows" >> beam.ParDo(ForEachInList(encode) if lists else encode).with_outputs(
-            EncodeRowsFn.REJECTED, main="encoded"
-        )
+        encode = per_item(EncodeRowsFn(spec, settings.num_shards), lists)
+        encoded = rows | "Encode rows" >> beam.ParDo(encode).with_outputs(EncodeRowsFn.REJECTED, main="encoded")
         to_append = encoded.encoded
         if lists:
             # Each list crosses into a shard's group as one element per shard it holds rows of.
