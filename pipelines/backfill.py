@@ -423,9 +423,10 @@ def build_pipeline(pipeline: beam.Pipeline, options: PipelineOptions, plan: Back
     )
     dead_letters = flatten_dead_letters("Dead letters before the sinks", core.dead_letters, unchanged_to_redis)
     write_outputs(
-        CoreOutputs(enriched=new_events, aggregates=aggregates.changed, dead_letters=dead_letters),
+        CoreOutputs(
+            enriched=new_events, aggregates=aggregates.changed, dead_letters=dead_letters, enriched_lists=lists
+        ),
         plan.sinks,
-        event_lists=lists,
     )
 
 

@@ -22,9 +22,11 @@ from transforms.resume import KeepResumableWindows
 
 class CoreOutputs(NamedTuple):
     enriched: beam.PCollection[EnrichedEvent]
-    """Or lists of them, when the core was built with ``event_lists``."""
+    """Or lists of them (``enriched_lists``): streaming's, and the backfill's built with ``event_lists``."""
     aggregates: beam.PCollection[WindowAggregate]
     dead_letters: beam.PCollection[DeadLetter]
+    enriched_lists: bool = False
+    """Whether ``enriched`` holds lists of events rather than events."""
 
 
 def build_core(
@@ -36,17 +38,20 @@ def build_core(
     """Applies the shared graph to ``raw``; ``content`` must hold a single (newest) snapshot per pane.
 
     ``raw`` holds records to decode, or events a source built itself from typed rows (the backfill's reader);
-    with ``settings.event_lists``, lists of them, and ``enriched`` then holds lists too."""
+    with ``settings.event_lists``, lists of them. ``enriched`` holds lists of events when the input did, and in
+    streaming, whose de-duplication emits lists."""
     lists = settings.event_lists
     decoded = raw | "Decode" >> DecodeRecords(settings.decode, event_lists=lists)
     unique = decoded.events
     if not settings.ids_unique_at_source:
         unique = unique | "Deduplicate" >> DeduplicateEvents(settings.dedup_horizon_seconds, settings.streaming)
+        # Streaming's de-duplication emits lists of events, one per id block of a bundle.
+        lists = settings.streaming
     enrich = unique | "Enrich" >> EnrichEvents(content, content_lookup, event_lists=lists)
     enriched = enrich.enriched
     to_aggregate = enriched
     if settings.windows_from is not None:
-        to_aggregate = enriched | "Resumable windows" >> KeepResumableWindows(settings.windows_from)
+        to_aggregate = enriched | "Resumable windows" >> KeepResumableWindows(settings.windows_from, lists)
     aggregates = to_aggregate | "Aggregate" >> AggregateWindows(settings.windows, settings.streaming, lists)
     dead_letters = flatten_dead_letters("Core dead letters", decoded[DEAD_LETTER_TAG], enrich[DEAD_LETTER_TAG])
-    return CoreOutputs(enriched=enriched, aggregates=aggregates, dead_letters=dead_letters)
+    return CoreOutputs(enriched=enriched, aggregates=aggregates, dead_letters=dead_letters, enriched_lists=lists)

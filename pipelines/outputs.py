@@ -18,7 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.core import CoreOutputs
 from transforms.dead_letters import flatten_dead_letters
-from transforms.lists import items, per_item
+from transforms.lists import per_item
 from transforms.model import DeadLetter, EnrichedEvent
 from transforms.resume import IdLoader, SkipDelivered
 from transforms.sinks.bigquery import (
@@ -84,31 +84,25 @@ class ObserveFreshnessFn(beam.DoFn):
         yield enriched
 
 
-def write_outputs(core: CoreOutputs, sinks: SinkSettings, event_lists: bool = False) -> beam.PCollection[DeadLetter]:
+def write_outputs(core: CoreOutputs, sinks: SinkSettings) -> beam.PCollection[DeadLetter]:
     """Writes every output; returns the dead letters the dead-letter table itself refused (logged).
 
-    ``event_lists``: ``core.enriched`` holds lists of events (``transforms/lists.py``), as the backfill's does."""
-    if event_lists and (sinks.bigquery_holds is not None or sinks.http_holds is not None):
-        raise ValueError("lists of events are for bounded runs, which resume nothing")
+    ``core.enriched`` may hold lists of events (``core.enriched_lists``, ``transforms/lists.py``)."""
+    lists = core.enriched_lists
     dead_letters = [core.dead_letters]
-    freshness = per_item(ObserveFreshnessFn("bigquery"), event_lists)
-    to_bigquery = core.enriched | "Freshness at BigQuery" >> beam.ParDo(freshness)
+    to_bigquery = core.enriched | "Freshness at BigQuery" >> beam.ParDo(per_item(ObserveFreshnessFn("bigquery"), lists))
     if sinks.bigquery_holds is not None:
-        to_bigquery = to_bigquery | "Resume BigQuery" >> SkipDelivered("bigquery", sinks.bigquery_holds)
+        to_bigquery = to_bigquery | "Resume BigQuery" >> SkipDelivered("bigquery", sinks.bigquery_holds, lists)
     dead_letters.append(
-        to_bigquery | "BigQuery enriched_events" >> WriteEnrichedEvents(sinks.bigquery, event_lists=event_lists)
+        to_bigquery | "BigQuery enriched_events" >> WriteEnrichedEvents(sinks.bigquery, event_lists=lists)
     )
     dead_letters.append(core.aggregates | "BigQuery window_aggregates" >> WriteWindowAggregates(sinks.bigquery))
     dead_letters.append(core.aggregates | "Redis top content" >> WriteTopContentToRedis(sinks.redis))
     if sinks.http is not None:
-        events = core.enriched
-        if event_lists:
-            # The API's batches are cut per shard of event ids, from single events.
-            events = events | "Events of lists for the HTTP API" >> beam.FlatMap(items)
-        to_http = events | "Freshness at the HTTP API" >> beam.ParDo(ObserveFreshnessFn("http"))
+        to_http = core.enriched | "Freshness at the HTTP API" >> beam.ParDo(per_item(ObserveFreshnessFn("http"), lists))
         if sinks.http_holds is not None:
-            to_http = to_http | "Resume HTTP" >> SkipDelivered("http", sinks.http_holds)
-        dead_letters.append(to_http | "External HTTP API" >> WriteToHttpApi(sinks.http))
+            to_http = to_http | "Resume HTTP" >> SkipDelivered("http", sinks.http_holds, lists)
+        dead_letters.append(to_http | "External HTTP API" >> WriteToHttpApi(sinks.http, event_lists=lists))
     return (
         flatten_dead_letters("All dead letters", *dead_letters)
         | "Count dead letters" >> beam.ParDo(CountDeadLettersFn())

@@ -108,39 +108,11 @@ class EngagementTotalsFn(beam.CombineFn):
 
 
 class MergeTotalsFn(EngagementTotalsFn):
-    """Combines partial ``EngagementTotals`` (``SumWithinBundleFn``'s) rather than events."""
+    """Combines partial ``EngagementTotals`` (``SumListsPerWindowFn``'s) rather than events."""
 
     def add_input(self, totals: EngagementTotals, partial: EngagementTotals) -> EngagementTotals:  # type: ignore[override]
         totals.merge(partial)
         return totals
-
-
-class SumWithinBundleFn(beam.DoFn):
-    """(key, event) -> (key, partial totals): one element per key and window of a bundle, not one per event.
-
-    What a runner does when it lifts a combine, done by hand: under a count trigger neither Prism nor the
-    FnApiRunner lifts one, so every event crossed into the aggregation on its own, each a pickled event, a
-    trigger evaluation and an ``add_input`` in the runner's per-element machinery. A partial carries its
-    window's last timestamp: it is in the same window as its events, so lateness and pane timing, which
-    depend on the window alone, are the same as theirs.
-    """
-
-    def start_bundle(self) -> None:
-        self._partials: dict[tuple[AggregateKey, IntervalWindow], EngagementTotals] = {}
-
-    def process(
-        self, keyed: tuple[AggregateKey, EnrichedEvent], window: IntervalWindow = beam.DoFn.WindowParam
-    ) -> None:
-        key, event = keyed
-        totals = self._partials.get((key, window))
-        if totals is None:
-            totals = self._partials[key, window] = EngagementTotals()
-        totals.add(event)
-
-    def finish_bundle(self) -> Iterator[WindowedValue]:
-        for (key, window), totals in self._partials.items():
-            yield WindowedValue((key, totals), window.max_timestamp(), [window])
-        self._partials = {}
 
 
 class SumListsPerWindowFn(beam.DoFn):
@@ -176,6 +148,24 @@ class SumListsPerWindowFn(beam.DoFn):
     def finish_bundle(self) -> Iterator[WindowedValue]:
         for keyed in self._partials.items():
             yield WindowedValue(keyed, MIN_TIMESTAMP, [GlobalWindow()])
+        self._partials = {}
+
+
+class SumListsWithinBundleFn(SumListsPerWindowFn):
+    """list[EnrichedEvent] -> (key, partial totals) at the last instant of its window: one element per window
+    and content of each bundle, for streaming's triggered windows.
+
+    What a runner does when it lifts a combine, done by hand: under a count trigger neither Prism nor the
+    FnApiRunner lifts one, and every event crossed into the aggregation on its own. Each partial is stamped
+    with its window's last timestamp, so ``WindowInto(FixedWindows)`` after it puts it in its events' window,
+    where lateness and pane timing, which depend on the window alone, are the same as theirs. Still in the
+    global window here: windows are assigned after the sums, once per partial.
+    """
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        last = self._size_micros - 1
+        for (key, start), totals in self._partials.items():
+            yield WindowedValue((key, totals), Timestamp(micros=start + last), [GlobalWindow()])
         self._partials = {}
 
 
@@ -393,17 +383,17 @@ class AggregateWindows(beam.PTransform):
     """
 
     def __init__(self, settings: WindowSettings, streaming: bool = True, event_lists: bool = False) -> None:
-        """``event_lists``: the input holds lists of events (``transforms/lists.py``); bounded runs only."""
+        """``event_lists``: the input holds lists of events (``transforms/lists.py``), as it must in streaming."""
         super().__init__()
-        if event_lists and streaming:
-            raise ValueError("lists of events carry no event times to fire panes on: bounded runs only")
+        if streaming and not event_lists:
+            raise ValueError("streaming sums lists of events (its de-duplication's output): event_lists must be set")
         self._settings = settings
         self._streaming = streaming
         self._event_lists = event_lists
 
     def expand(self, events: beam.PCollection[EnrichedEvent]) -> beam.PCollection[WindowAggregate]:
         settings = self._settings
-        if self._event_lists:
+        if self._event_lists and not self._streaming:
             # The window travels in the key and the events stay in the global window: one pane per window,
             # as batch's default trigger fires it (late panes cannot happen: there is no watermark to pass).
             return (
@@ -412,26 +402,27 @@ class AggregateWindows(beam.PTransform):
                 | "SumPerContent" >> beam.CombinePerKey(MergeTotalsFn())
                 | "ToRows" >> beam.ParDo(WindowKeyToAggregateFn(settings.window_seconds))
             )
-        keyed = (
-            events
-            | "FixedWindows"
-            >> beam.WindowInto(
-                FixedWindows(settings.window_seconds),
-                trigger=window_trigger(settings, self._streaming),
-                accumulation_mode=(
-                    trigger.AccumulationMode.DISCARDING if self._streaming else trigger.AccumulationMode.ACCUMULATING
-                ),
-                allowed_lateness=Duration.of(settings.allowed_lateness_seconds),
-            )
-            | "KeyByContent" >> beam.Map(lambda event: (aggregate_key(event), event))
+        windowed = beam.WindowInto(
+            FixedWindows(settings.window_seconds),
+            trigger=window_trigger(settings, self._streaming),
+            accumulation_mode=(
+                trigger.AccumulationMode.DISCARDING if self._streaming else trigger.AccumulationMode.ACCUMULATING
+            ),
+            allowed_lateness=Duration.of(settings.allowed_lateness_seconds),
         )
         if not self._streaming:
             # Batch's default trigger lets the runner lift the combine itself.
-            panes = keyed | "SumPerContent" >> beam.CombinePerKey(EngagementTotalsFn())
+            panes = (
+                events
+                | "FixedWindows" >> windowed
+                | "KeyByContent" >> beam.Map(lambda event: (aggregate_key(event), event))
+                | "SumPerContent" >> beam.CombinePerKey(EngagementTotalsFn())
+            )
             return panes | "ToRows" >> beam.ParDo(ToWindowAggregateFn())
         return (
-            keyed
-            | "SumWithinBundle" >> beam.ParDo(SumWithinBundleFn())
+            events
+            | "SumWithinBundle" >> beam.ParDo(SumListsWithinBundleFn(settings.window_seconds))
+            | "FixedWindows" >> windowed
             | "SumPerContent" >> beam.CombinePerKey(MergeTotalsFn())
             | "PaneDeltas" >> beam.ParDo(pane_delta)
             | "GlobalWindow" >> beam.WindowInto(GlobalWindows())

@@ -36,14 +36,16 @@ from apache_beam.utils.windowed_value import WindowedValue
 class BatchWithinBundleFn(beam.DoFn):
     """(key, value) -> (key, values): lists of at most ``batch_size`` values per key, from one bundle's elements.
 
-    The values left when the bundle ends go out as a last, smaller list per key, stamped with their latest
-    timestamp, in the global window: the input must be in the global window too.
+    With ``value_lists``, each input carries a list of values, (key, values), whose values join the key's list in
+    their order. The values left when the bundle ends go out as a last, smaller list per key, stamped with their
+    latest timestamp, in the global window: the input must be in the global window too.
     """
 
-    def __init__(self, batch_size: int) -> None:
+    def __init__(self, batch_size: int, value_lists: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be positive, not {batch_size}")
         self._batch_size = batch_size
+        self._value_lists = value_lists
         self._pending: dict[Any, list[Any]] = {}
         self._latest: dict[Any, Timestamp] = {}
 
@@ -54,12 +56,15 @@ class BatchWithinBundleFn(beam.DoFn):
         self, element: tuple[Any, Any], timestamp: Timestamp = beam.DoFn.TimestampParam
     ) -> Iterator[tuple[Any, list[Any]]]:
         key, value = element
-        values = self._pending.setdefault(key, [])
-        values.append(value)
         self._latest[key] = max(timestamp, self._latest.get(key, timestamp))
-        if len(values) == self._batch_size:
-            del self._pending[key], self._latest[key]
-            yield key, values
+        for one in value if self._value_lists else (value,):
+            values = self._pending.setdefault(key, [])
+            values.append(one)
+            if len(values) == self._batch_size:
+                del self._pending[key]
+                yield key, values
+        if key not in self._pending:
+            del self._latest[key]
 
     def finish_bundle(self) -> Iterator[WindowedValue]:
         for key, values in self._pending.items():
@@ -101,8 +106,14 @@ class BatchAcrossBundles(beam.PTransform):
     """
 
     def __init__(
-        self, batch_size: int, max_buffering_seconds: float | None, key_type: Any = int, value_type: Any = Any
+        self,
+        batch_size: int,
+        max_buffering_seconds: float | None,
+        key_type: Any = int,
+        value_type: Any = Any,
+        value_lists: bool = False,
     ) -> None:
+        """``value_lists``: each input element carries a list of values, (key, values); see ``BatchWithinBundleFn``."""
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch size must be positive, not {batch_size}")
@@ -113,13 +124,15 @@ class BatchAcrossBundles(beam.PTransform):
         self._max_buffering_seconds = max_buffering_seconds
         self._key_type = key_type
         self._value_type = value_type
+        self._value_lists = value_lists
 
     def expand(self, elements: beam.PCollection[tuple[Any, Any]]) -> beam.PCollection[tuple[Any, list[Any]]]:
         batch_size = self._batch_size
         lists_type = tuple[self._key_type, list[self._value_type]]
         return (
             elements
-            | "Lists within bundle" >> beam.ParDo(BatchWithinBundleFn(batch_size)).with_output_types(lists_type)
+            | "Lists within bundle"
+            >> beam.ParDo(BatchWithinBundleFn(batch_size, self._value_lists)).with_output_types(lists_type)
             | "Pickle lists" >> beam.MapTuple(pickled_list).with_output_types(tuple[self._key_type, bytes])
             # Counted in lists, so a group may exceed batch_size values; it is cut again below.
             | "Group lists"

@@ -43,7 +43,9 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import GlobalWindow, GlobalWindows, TimestampCombiner
 from apache_beam.utils.timestamp import Duration, Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 
+from transforms.instants import beam_timestamp, epoch_micros
 from transforms.model import EngagementEvent
 from transforms.state_cache import prepare_worker_state
 
@@ -111,8 +113,41 @@ class SeenIds:
         return cls(int.from_bytes(data[_DEADLINE_BYTES:], "big"), deadline)
 
 
+class ListsPerIdBlockFn(beam.DoFn):
+    """EngagementEvent -> (id block, events): one list per block of a bundle's events, in arrival order.
+
+    The list is stamped with its earliest event's time. Downstream, that keeps a list that is still on its way
+    holding back the watermark no later than any of its events would have on their own (the windows are
+    computed from each event's ``event_ts``: ``transforms.aggregate``).
+    """
+
+    def start_bundle(self) -> None:
+        self._lists: dict[int, list[EngagementEvent]] = {}
+        self._earliest_micros: dict[int, int] = {}
+
+    # The event time is read from the event (decoding stamps each event with it), not asked of the runner: a
+    # DoFn that takes TimestampParam goes through Beam's slower per-window invoker.
+    def process(self, event: EngagementEvent) -> None:
+        block = id_block(event.id)[0]
+        micros = epoch_micros(event.event_ts)
+        events = self._lists.get(block)
+        if events is None:
+            self._lists[block] = [event]
+            self._earliest_micros[block] = micros
+            return
+        events.append(event)
+        if micros < self._earliest_micros[block]:
+            self._earliest_micros[block] = micros
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        for block, events in self._lists.items():
+            yield WindowedValue((block, events), Timestamp(micros=self._earliest_micros[block]), [GlobalWindow()])
+        self._lists, self._earliest_micros = {}, {}
+
+
 class DeduplicateByIdFn(beam.DoFn):
-    """Input keyed by id block (``id_block``); lets the first copy of each id through."""
+    """Input: lists of events keyed by id block (``ListsPerIdBlockFn``); outputs the list of each id's first
+    copy (nothing when every event was a copy). One state read and write per list, not per event."""
 
     SEEN = ReadModifyWriteStateSpec("seen", BytesCoder())
     # Event time, not processing time: see the module docstring for the watermark hold this avoids.
@@ -128,23 +163,27 @@ class DeduplicateByIdFn(beam.DoFn):
 
     def process(
         self,
-        keyed: tuple[int, EngagementEvent],
-        event_time: Timestamp = beam.DoFn.TimestampParam,
+        keyed: tuple[int, list[EngagementEvent]],
         seen_state: beam.transforms.userstate.ReadModifyWriteRuntimeState = beam.DoFn.StateParam(SEEN),
         expiry: beam.transforms.userstate.RuntimeTimer = beam.DoFn.TimerParam(EXPIRY),
-    ) -> Iterator[EngagementEvent]:
-        event = keyed[1]
-        _, position = id_block(event.id)
-        seen = SeenIds.decode(seen_state.read())
-        if seen.has(position):
-            self._duplicates.inc()
+    ) -> Iterator[list[EngagementEvent]]:
+        before = seen = SeenIds.decode(seen_state.read())
+        unique: list[EngagementEvent] = []
+        for event in keyed[1]:
+            position = id_block(event.id)[1]
+            if seen.has(position):
+                continue
+            # Each id's own event time, not the list's: the list is stamped with its earliest event's.
+            seen = seen.add(position, forget_at(beam_timestamp(event.event_ts), self._horizon))
+            unique.append(event)
+        self._duplicates.inc(len(keyed[1]) - len(unique))
+        if not unique:
             return
-        updated = seen.add(position, forget_at(event_time, self._horizon))
-        seen_state.write(updated.encode())
-        if updated.forget_at_micros != seen.forget_at_micros:
-            expiry.set(Timestamp(micros=updated.forget_at_micros))
-        self._passed.inc()
-        yield event
+        seen_state.write(seen.encode())
+        if seen.forget_at_micros != before.forget_at_micros:
+            expiry.set(Timestamp(micros=seen.forget_at_micros))
+        self._passed.inc(len(unique))
+        yield unique
 
     @on_timer(EXPIRY)
     def expire(
@@ -171,9 +210,13 @@ class KeepOneCopyFn(beam.DoFn):
 class DeduplicateEvents(beam.PTransform):
     """Drops repeated event ids until the watermark is ``horizon_seconds`` past the first copy's event time.
 
-    In batch (``streaming=False``) ids are grouped instead: the input is finite, so a GroupByKey sees every
-    copy of an id at once, and runs far faster than a state read and write per element (on Prism, per-id
-    state round trips made it the backfill's limit: docs/benchmarks.md).
+    In streaming the output holds lists of events, one per id block of each bundle (``ListsPerIdBlockFn``): the
+    steps after this one run per list (``transforms/lists.py``), since per event, Beam's own machinery was most
+    of the job's CPU (docs/benchmarks.md, streaming session 20).
+
+    In batch (``streaming=False``) ids are grouped instead: the input is finite, so a GroupByKey sees every copy
+    of an id at once, and runs far faster than a state read and write per element (on Prism, per-id state round
+    trips made it the backfill's limit: docs/benchmarks.md). The output is then single events.
     """
 
     def __init__(self, horizon_seconds: float, streaming: bool = True) -> None:
@@ -184,12 +227,12 @@ class DeduplicateEvents(beam.PTransform):
         self._streaming = streaming
 
     def expand(self, events: beam.PCollection[EngagementEvent]) -> beam.PCollection[EngagementEvent]:
-        in_global_window = (
-            events
-            # State and groups are per key and window; one global window makes "the same id" mean the same
-            # whatever its event time, so a duplicate with a different event_ts is still caught.
-            | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
-        )
+        # State and groups are per key and window; one global window makes "the same id" mean the same whatever
+        # its event time, so a duplicate with a different event_ts is still caught. A stream read from Kafka is
+        # in it already, and the step would cost a window object per event.
+        in_global_window = events
+        if not events.windowing.is_default():
+            in_global_window = events | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
         if not self._streaming:
             return (
                 in_global_window
@@ -204,7 +247,7 @@ class DeduplicateEvents(beam.PTransform):
             )
         return (
             in_global_window
-            | "KeyByIdBlock"
-            >> beam.Map(lambda event: (id_block(event.id)[0], event)).with_output_types(tuple[int, EngagementEvent])
-            | "FirstCopyWins" >> beam.ParDo(DeduplicateByIdFn(self._horizon_seconds))
+            | "ListsPerIdBlock" >> beam.ParDo(ListsPerIdBlockFn()).with_output_types(tuple[int, list[EngagementEvent]])
+            | "FirstCopyWins"
+            >> beam.ParDo(DeduplicateByIdFn(self._horizon_seconds)).with_output_types(list[EngagementEvent])
         )

@@ -1,18 +1,20 @@
-"""Lists of elements through per-element steps: the backfill's way past Beam's cost per element.
+"""Lists of elements through per-element steps: a way past Beam's cost per element.
 
 Each step of a Python pipeline costs the runner a few microseconds per element before the step's own work:
 a windowed value, a call through the DoFn invoker, the receivers of the fused stage, a counter update
-(docs/benchmarks.md, backfill session 18: the SDK's own machinery was a third of a backfill's CPU). The
-backfill reads PostgreSQL through a cursor, so it can hand each step a list of events instead: one element per
-``LIST_ROWS`` rows, and the per-element work of every step runs in a plain Python loop.
+(docs/benchmarks.md, backfill session 18: the SDK's own machinery was a third of a backfill's CPU, and most of
+the streaming worker's, streaming session 20). Two places make lists of events, and every step after them
+takes lists: the backfill's reader, one list per ``LIST_ROWS`` rows of its cursor, and the streaming job's
+de-duplication, one list per id block of a bundle (``transforms.dedup``).
 
 ``ForEachInList`` runs an ordinary per-element DoFn over each item of a list, so the rules stay written once,
-in the DoFns the streaming job uses one event at a time. Its main output is the list of what the DoFn emitted
-for the items; what the DoFn emits on a tag (dead letters) goes out as single elements, as before.
+in the DoFns that also run one element at a time (decoding, before the streaming job's lists are made). Its main
+output is the list of what the DoFn emitted for the items; what the DoFn emits on a tag (dead letters) goes out
+as single elements, as before.
 
-Only bounded runs use lists: the items of a list lose their own timestamps (the list has the one of the element
-that carried it), so a list must not reach a step that windows by event time (``transforms.aggregate`` keys
-the backfill's windows by hand instead).
+The items of a list lose their own timestamps (the list has one, its earliest item's in streaming), so a list
+must not reach a step that windows by event time: ``transforms.aggregate`` computes each event's window from its
+``event_ts`` instead.
 """
 
 from __future__ import annotations
@@ -85,3 +87,12 @@ def per_item(dofn: beam.DoFn, lists: bool) -> beam.DoFn:
 def items(lists: Iterable[Any]) -> Iterator[Any]:
     """The items of a list, one element each: where a list meets a step that takes single elements."""
     yield from lists
+
+
+def lists_per_key(pairs: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, list[Any]]]:
+    """A list of (key, value) as one (key, values) per key it holds, each in the list's order: how a list
+    crosses into a step keyed by something its items differ in (a sink's shard or stream)."""
+    per_key: dict[Any, list[Any]] = {}
+    for key, value in pairs:
+        per_key.setdefault(key, []).append(value)
+    yield from per_key.items()

@@ -36,6 +36,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.bigquery_reads import BigQueryReadSettings, Query, bigquery_client, run_query
+from transforms.lists import per_item
 from transforms.model import EnrichedEvent
 
 METRICS_NAMESPACE = "resume"
@@ -93,12 +94,15 @@ class ResumePlan:
 class KeepResumableWindows(beam.PTransform):
     """Drops, before aggregation, events of windows that started before ``read_from`` (point 2)."""
 
-    def __init__(self, read_from: datetime) -> None:
+    def __init__(self, read_from: datetime, event_lists: bool = False) -> None:
+        """``event_lists``: the input holds lists of events, and so does the output (``transforms/lists.py``)."""
         super().__init__()
         self._read_from = read_from
+        self._event_lists = event_lists
 
     def expand(self, events: beam.PCollection[EnrichedEvent]) -> beam.PCollection[EnrichedEvent]:
-        return events | "Windows from the resume point" >> beam.ParDo(_KeepFromFn(self._read_from))
+        keep = per_item(_KeepFromFn(self._read_from), self._event_lists)
+        return events | "Windows from the resume point" >> beam.ParDo(keep)
 
 
 class _KeepFromFn(beam.DoFn):
@@ -120,13 +124,16 @@ IdLoader = Callable[[], frozenset[int]]
 class SkipDelivered(beam.PTransform):
     """Drops events a sink already holds (point 3), counting them under ``<sink>_already_delivered``."""
 
-    def __init__(self, sink: str, load_ids: IdLoader) -> None:
+    def __init__(self, sink: str, load_ids: IdLoader, event_lists: bool = False) -> None:
+        """``event_lists``: the input holds lists of events, and so does the output (``transforms/lists.py``)."""
         super().__init__()
         self._sink = sink
         self._load_ids = load_ids
+        self._event_lists = event_lists
 
     def expand(self, events: beam.PCollection[EnrichedEvent]) -> beam.PCollection[EnrichedEvent]:
-        return events | f"Skip events {self._sink} holds" >> beam.ParDo(_SkipDeliveredFn(self._sink, self._load_ids))
+        skip = per_item(_SkipDeliveredFn(self._sink, self._load_ids), self._event_lists)
+        return events | f"Skip events {self._sink} holds" >> beam.ParDo(skip)
 
 
 class _SkipDeliveredFn(beam.DoFn):

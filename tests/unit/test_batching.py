@@ -27,6 +27,18 @@ def test_values_are_listed_per_key_and_the_rest_leaves_when_the_bundle_ends() ->
     assert list(batcher.finish_bundle()) == []
 
 
+def test_lists_of_values_join_their_keys_list_in_order_and_are_cut_at_the_batch_size() -> None:
+    batcher = BatchWithinBundleFn(batch_size=3, value_lists=True)
+    batcher.start_bundle()
+    emitted = []
+    for shard, rows, at in [(0, [b"a", b"b"], 10), (1, [b"x"], 11), (0, [b"c", b"d", b"e", b"f"], 12), (0, [], 14)]:
+        emitted += list(batcher.process((shard, rows), Timestamp(at)))
+    # A list may fill a batch and start the next.
+    assert emitted == [(0, [b"a", b"b", b"c"]), (0, [b"d", b"e", b"f"])]
+    (rest,) = batcher.finish_bundle()
+    assert (rest.value, rest.timestamp) == ((1, [b"x"]), Timestamp(11))
+
+
 def test_a_within_bundle_batch_size_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="must be positive"):
         BatchWithinBundleFn(0)

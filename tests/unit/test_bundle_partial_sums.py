@@ -1,10 +1,11 @@
-"""A bundle's events leave the partial-sum step as one total per key and window, which add up to the same."""
+"""A bundle's lists of events leave streaming's partial-sum step as one total per key and window, stamped so that
+``FixedWindows`` puts each in its events' window, and the totals add up to the events' own."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
 
-from apache_beam.transforms.window import IntervalWindow
+from apache_beam.transforms.window import FixedWindows, GlobalWindow, IntervalWindow, WindowFn
 from apache_beam.utils.timestamp import Timestamp
 
 from tests.unit.helpers import PODCAST, VIDEO, at, plain_event
@@ -12,7 +13,7 @@ from transforms.aggregate import (
     EngagementTotals,
     EngagementTotalsFn,
     MergeTotalsFn,
-    SumWithinBundleFn,
+    SumListsWithinBundleFn,
     aggregate_key,
 )
 from transforms.decode import decode_record
@@ -29,40 +30,41 @@ def enriched(event_id: int, second: float, content: Content = PODCAST, user: int
     return enrich(event, content)
 
 
-def bundle(fn: SumWithinBundleFn, events: list[tuple[EnrichedEvent, IntervalWindow]]) -> list:
+def bundle(fn: SumListsWithinBundleFn, events: list[EnrichedEvent], list_size: int = 2) -> list:
     fn.start_bundle()
-    for event, window in events:
-        assert list(fn.process((aggregate_key(event), event), window) or []) == []
+    for start in range(0, len(events), list_size):
+        assert list(fn.process(events[start : start + list_size]) or []) == []
     return list(fn.finish_bundle())
 
 
-def test_a_bundle_leaves_one_partial_per_key_and_window_stamped_inside_its_window():
-    events = [
-        (enriched(1, 5), FIRST),
-        (enriched(2, 30, user=2), FIRST),
-        (enriched(3, 59, content=VIDEO), FIRST),
-        (enriched(4, 61), SECOND),
-    ]
+def window_of(timestamp: Timestamp) -> IntervalWindow:
+    return FixedWindows(60).assign(WindowFn.AssignContext(timestamp))[0]
 
-    partials = bundle(SumWithinBundleFn(), events)
+
+def test_a_bundle_leaves_one_partial_per_key_and_window_stamped_inside_its_window():
+    events = [enriched(1, 5), enriched(2, 30, user=2), enriched(3, 59, content=VIDEO), enriched(4, 61)]
+
+    partials = bundle(SumListsWithinBundleFn(60), events)
 
     summary = sorted(
-        (value.windows[0].start.micros, value.value[0], value.value[1].event_count, len(value.value[1].users))
+        (window_of(value.timestamp).start.micros, value.value[0], value.value[1].event_count, len(value.value[1].users))
         for value in partials
     )
     assert summary == [
-        (FIRST.start.micros, aggregate_key(events[0][0]), 2, 2),
-        (FIRST.start.micros, aggregate_key(events[2][0]), 1, 1),
-        (SECOND.start.micros, aggregate_key(events[3][0]), 1, 1),
+        (FIRST.start.micros, aggregate_key(events[0]), 2, 2),
+        (FIRST.start.micros, aggregate_key(events[2]), 1, 1),
+        (SECOND.start.micros, aggregate_key(events[3]), 1, 1),
     ]
     for value in partials:
-        assert value.timestamp == value.windows[0].max_timestamp()
+        # Still in the global window: FixedWindows is assigned after the sums, by this timestamp.
+        assert value.windows == [GlobalWindow()]
+        assert value.timestamp == window_of(value.timestamp).max_timestamp()
 
 
 def test_partials_of_several_bundles_merge_to_the_totals_of_the_events_themselves():
     events = [enriched(i, i % 50, content=PODCAST if i % 3 else VIDEO, user=i % 7) for i in range(1, 41)]
-    fn = SumWithinBundleFn()
-    partials = bundle(fn, [(e, FIRST) for e in events[:15]]) + bundle(fn, [(e, FIRST) for e in events[15:]])
+    fn = SumListsWithinBundleFn(60)
+    partials = bundle(fn, events[:15], list_size=4) + bundle(fn, events[15:], list_size=7)
 
     merge = MergeTotalsFn()
     by_key: dict = {}
@@ -82,10 +84,10 @@ def test_partials_of_several_bundles_merge_to_the_totals_of_the_events_themselve
 
 
 def test_nothing_is_carried_from_one_bundle_into_the_next():
-    fn = SumWithinBundleFn()
-    bundle(fn, [(enriched(1, 5), FIRST)])
+    fn = SumListsWithinBundleFn(60)
+    bundle(fn, [enriched(1, 5)])
 
-    second = bundle(fn, [(enriched(2, 6), FIRST)])
+    second = bundle(fn, [enriched(2, 6)])
 
     assert [value.value[1].event_count for value in second] == [1]
     assert isinstance(second[0].value[1], EngagementTotals)

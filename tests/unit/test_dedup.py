@@ -8,12 +8,13 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from tests.unit.helpers import at, plain_event
-from transforms.decode import DecodeRecords
+from transforms.decode import DecodeRecords, decode_record
 from transforms.dedup import (
     BLOCK_IDS,
     DEDUP_LANES,
     EXPIRY_GRID_SECONDS,
     DeduplicateEvents,
+    ListsPerIdBlockFn,
     SeenIds,
     forget_at,
     id_block,
@@ -78,7 +79,7 @@ def unique_ids(stream: test_stream.TestStream) -> tuple[test_pipeline.TestPipeli
     ids = (
         (pipeline | stream | "Decode" >> DecodeRecords()).events
         | "Deduplicate" >> DeduplicateEvents(HORIZON)
-        | "Ids" >> beam.Map(lambda event: event.id)
+        | "Ids" >> beam.FlatMap(lambda events: [event.id for event in events])
     )
     return pipeline, ids
 
@@ -130,3 +131,24 @@ def test_ids_of_one_block_are_remembered_until_its_newest_first_copy_expires():
     # The second id keeps the block, so the late copy of 1 is still dropped; a new id of the block passes.
     assert_that(ids, equal_to([1, same_block(1), same_block(2)]))
     pipeline.run()
+
+
+def test_a_bundle_leaves_one_list_per_id_block_in_arrival_order_stamped_with_its_earliest_event():
+    def event(event_id: int, second: float):
+        return decode_record(plain_event(event_id, second).value).event
+
+    fn = ListsPerIdBlockFn()
+    fn.start_bundle()
+    arrivals = [(same_block(2), 30), (2, 10), (1, 20), (same_block(1), 5)]
+    for event_id, second in arrivals:
+        assert list(fn.process(event(event_id, second)) or []) == []
+    lists = {value.value[0]: value for value in fn.finish_bundle()}
+
+    assert sorted(lists) == sorted({id_block(1)[0], id_block(2)[0]})
+    first_block = lists[id_block(1)[0]]
+    assert [e.id for e in first_block.value[1]] == [same_block(2), 1, same_block(1)]
+    assert first_block.timestamp == Timestamp.of(at(5))
+    assert first_block.windows == [GlobalWindow()]
+    assert lists[id_block(2)[0]].timestamp == Timestamp.of(at(10))
+    fn.start_bundle()
+    assert list(fn.finish_bundle()) == []

@@ -18,9 +18,8 @@ from pipelines.core import CoreSettings, build_core
 from tests.unit.helpers import PODCAST, VIDEO, plain_event, snapshot
 from transforms.aggregate import AggregateWindows, SumListsPerWindowFn, WindowSettings
 from transforms.enrich import enrich
-from transforms.lists import ForEachInList, items
+from transforms.lists import ForEachInList, items, lists_per_key
 from transforms.model import DeadLetter, EngagementEvent, EnrichedEvent, RawRecord, WindowAggregate
-from transforms.sinks.bigquery_local import lists_per_shard
 
 PER_EVENT = CoreSettings(streaming=False, ids_unique_at_source=True)
 IN_LISTS = CoreSettings(streaming=False, ids_unique_at_source=True, event_lists=True)
@@ -98,11 +97,11 @@ def test_lists_of_records_give_what_single_records_give(list_size: int):
     assert len(seen["single/dl"]) == 2
 
 
-def test_lists_need_unique_ids_and_a_bounded_run():
+def test_a_source_lists_only_unique_ids_and_streaming_sums_only_lists():
     with pytest.raises(ValueError, match="ids_unique_at_source"):
         CoreSettings(streaming=False, event_lists=True)
-    with pytest.raises(ValueError, match="bounded runs only"):
-        AggregateWindows(WindowSettings(), streaming=True, event_lists=True)
+    with pytest.raises(ValueError, match="event_lists must be set"):
+        AggregateWindows(WindowSettings(), streaming=True, event_lists=False)
 
 
 def _event_at(event_ts: datetime) -> EngagementEvent:
@@ -158,5 +157,5 @@ def test_for_each_in_list_keeps_main_outputs_in_lists_and_tags_one_by_one():
 
 
 def test_a_list_of_rows_goes_to_each_of_its_shards_in_order():
-    assert list(lists_per_shard([(1, b"a"), (0, b"b"), (1, b"c")])) == [(1, [b"a", b"c"]), (0, [b"b"])]
-    assert list(lists_per_shard([])) == []
+    assert list(lists_per_key([(1, b"a"), (0, b"b"), (1, b"c")])) == [(1, [b"a", b"c"]), (0, [b"b"])]
+    assert list(lists_per_key([])) == []

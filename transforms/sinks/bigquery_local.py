@@ -50,7 +50,7 @@ from google.cloud.bigquery_storage_v1 import BigQueryWriteClient
 from google.protobuf import message
 
 from transforms.batching import BatchAcrossBundles, BatchWithinBundleFn
-from transforms.lists import per_item
+from transforms.lists import lists_per_key, per_item
 from transforms.sinks.bigquery_append import (
     Outcome,
     StorageWriteError,
@@ -361,10 +361,8 @@ class WriteTableLocally(beam.PTransform):
     """Writes row dicts to ``spec``'s table via the Storage Write API; returns (row JSON, reason) of rejects."""
 
     def __init__(self, spec: TableSpec, settings: LocalWriteSettings, row_lists: bool = False) -> None:
-        """``row_lists``: the input holds lists of rows (``transforms/lists.py``); bounded runs only."""
+        """``row_lists``: the input holds lists of rows (``transforms/lists.py``)."""
         super().__init__()
-        if row_lists and settings.streaming:
-            raise ValueError("lists of rows are for bounded runs: streaming appends batch rows per bundle")
         self._spec = spec
         self._settings = settings
         self._row_lists = row_lists
@@ -382,21 +380,13 @@ class WriteTableLocally(beam.PTransform):
         to_append = encoded.encoded
         if lists:
             # Each list crosses into a shard's group as one element per shard it holds rows of.
-            to_append = to_append | "Lists per stream" >> beam.FlatMap(lists_per_shard)
-        append = _AppendStreaming(spec, settings) if settings.streaming else _AppendBatch(spec, settings, lists)
+            to_append = to_append | "Lists per stream" >> beam.FlatMap(lists_per_key)
+        append = _AppendStreaming(spec, settings, lists) if settings.streaming else _AppendBatch(spec, settings, lists)
         refused = to_append | "Append per stream" >> append | "Refused rows as JSON" >> beam.ParDo(_RowJsonFn(spec))
         unencodable = encoded[EncodeRowsFn.REJECTED] | "Unencodable rows as JSON" >> beam.MapTuple(
             lambda row, reason: (json.dumps(row, sort_keys=True, default=str), reason)
         )
         return (refused, unencodable) | "Rejected rows" >> beam.Flatten()
-
-
-def lists_per_shard(encoded: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, list[bytes]]]:
-    """A list of (shard, row) as one (shard, rows) per shard it holds, each in the list's order."""
-    per_shard: dict[int, list[bytes]] = {}
-    for shard, row in encoded:
-        per_shard.setdefault(shard, []).append(row)
-    yield from per_shard.items()
 
 
 class _AppendBatch(beam.PTransform):
@@ -423,12 +413,14 @@ class _AppendBatch(beam.PTransform):
 
 
 class _AppendStreaming(beam.PTransform):
-    """Unbounded runs: batches cut within bundles, appended at offsets kept in state (see ``AppendBatchesFn``)."""
+    """Unbounded runs: batches cut within bundles, appended at offsets kept in state (see ``AppendBatchesFn``);
+    its values are rows, or with ``row_lists`` lists of rows."""
 
-    def __init__(self, spec: TableSpec, settings: LocalWriteSettings) -> None:
+    def __init__(self, spec: TableSpec, settings: LocalWriteSettings, row_lists: bool = False) -> None:
         super().__init__()
         self._spec = spec
         self._settings = settings
+        self._row_lists = row_lists
 
     def expand(self, encoded: beam.PCollection[tuple[int, bytes]]) -> beam.PCollection[tuple[bytes, str]]:
         spec, settings = self._spec, self._settings
@@ -438,11 +430,11 @@ class _AppendStreaming(beam.PTransform):
             # rows: batching across bundles cut its CPU (docs/benchmarks.md). The batches are persisted
             # before the append, so a replay re-sends the same rows at the same offset.
             batches = encoded | "Batch per stream" >> BatchAcrossBundles(
-                settings.batch_size, settings.max_buffering_seconds, value_type=bytes
+                settings.batch_size, settings.max_buffering_seconds, value_type=bytes, value_lists=self._row_lists
             )
         else:
             batches = encoded | "Batch per stream within bundle" >> beam.ParDo(
-                BatchWithinBundleFn(settings.batch_size)
+                BatchWithinBundleFn(settings.batch_size, self._row_lists)
             ).with_output_types(tuple[int, list[bytes]])
         return batches | "Append at offsets" >> beam.ParDo(AppendBatchesFn(spec, settings.endpoint, streams))
 

@@ -48,6 +48,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.batching import BatchAcrossBundles
 from transforms.dead_letters import DEAD_LETTER_TAG, GuardedMap
+from transforms.lists import lists_per_key
 from transforms.model import DeadLetter, EnrichedEvent, Stage
 from transforms.secrets import runs_on_dataflow
 from transforms.settings import add_options, option_values, parse_bool, setting
@@ -396,12 +397,14 @@ def _encode_and_shard(enriched: EnrichedEvent, shards: int) -> tuple[int, tuple[
 class WriteToHttpApi(beam.PTransform):
     """EnrichedEvent -> the external HTTP API, in idempotent batches; returns the undelivered as dead letters."""
 
-    def __init__(self, settings: HttpSinkSettings) -> None:
+    def __init__(self, settings: HttpSinkSettings, event_lists: bool = False) -> None:
+        """``event_lists``: the input holds lists of events (``transforms/lists.py``)."""
         super().__init__()
         self._settings = settings
+        self._event_lists = event_lists
 
     def expand(self, events: beam.PCollection[EnrichedEvent]) -> beam.PCollection[DeadLetter]:
-        settings = self._settings
+        settings, lists = self._settings, self._event_lists
         encoded = (
             events
             # Batches are cut by count and processing time; an event-time window would only split them.
@@ -410,12 +413,23 @@ class WriteToHttpApi(beam.PTransform):
             # event that cannot be encoded (e.g. text no UTF-8 can carry) is a dead letter, not a failed batch.
             | "EncodeAndShard"
             >> GuardedMap(
-                Stage.HTTP, "http.encode", _encode_and_shard, settings.shards, output_type=tuple[int, tuple[int, bytes]]
+                Stage.HTTP,
+                "http.encode",
+                _encode_and_shard,
+                settings.shards,
+                output_type=list[tuple[int, tuple[int, bytes]]] if lists else tuple[int, tuple[int, bytes]],
+                lists=lists,
             )
         )
+        to_batch = encoded.converted
+        if lists:
+            # Each list crosses into a shard's batches as one element per shard it holds events of.
+            to_batch = to_batch | "Lists per shard" >> beam.FlatMap(lists_per_key).with_output_types(
+                tuple[int, list[tuple[int, bytes]]]
+            )
         max_wait = None if settings.bounded_input else settings.max_wait_seconds
-        batches = encoded.converted | "Batch per shard" >> BatchAcrossBundles(
-            settings.batch_size, max_wait, value_type=tuple[int, bytes]
+        batches = to_batch | "Batch per shard" >> BatchAcrossBundles(
+            settings.batch_size, max_wait, value_type=tuple[int, bytes], value_lists=lists
         )
         replayed_dead: list[beam.PCollection[DeadLetter]] = []
         if settings.replay is not None:
