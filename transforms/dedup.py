@@ -45,7 +45,7 @@ from apache_beam.transforms.window import GlobalWindow, GlobalWindows, Timestamp
 from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms.instants import beam_timestamp, epoch_micros
+from transforms.instants import epoch_micros
 from transforms.model import EngagementEvent
 from transforms.state_cache import prepare_worker_state
 
@@ -97,9 +97,33 @@ class SeenIds:
     def has(self, position: int) -> bool:
         return bool(self.bitmap >> position & 1)
 
-    def add(self, position: int, forget: Timestamp) -> SeenIds:
-        later = forget.micros if self.forget_at_micros is None else max(self.forget_at_micros, forget.micros)
-        return SeenIds(self.bitmap | 1 << position, later)
+    def first_copies(
+        self, events: Iterable[EngagementEvent], horizon: Duration
+    ) -> tuple[SeenIds, list[EngagementEvent]]:
+        """The block after ``events`` (of this block), and those of them whose id it had not seen, in order.
+
+        The block is kept for the newest first copy's event time plus the horizon (``forget_at``), each id's
+        own time, not the time its list is stamped with. forget_at grows with the event time, so it is computed
+        once, for the latest.
+        """
+        bitmap = self.bitmap
+        unique: list[EngagementEvent] = []
+        latest_micros = None
+        for event in events:
+            position = id_block(event.id)[1]
+            if bitmap >> position & 1:
+                continue
+            bitmap |= 1 << position
+            unique.append(event)
+            micros = epoch_micros(event.event_ts)
+            if latest_micros is None or micros > latest_micros:
+                latest_micros = micros
+        if latest_micros is None:
+            return self, unique
+        forget = forget_at(Timestamp(micros=latest_micros), horizon).micros
+        if self.forget_at_micros is not None:
+            forget = max(forget, self.forget_at_micros)
+        return SeenIds(bitmap, forget), unique
 
     def encode(self) -> bytes:
         deadline = (self.forget_at_micros or 0).to_bytes(_DEADLINE_BYTES, "big", signed=True)
@@ -167,16 +191,10 @@ class DeduplicateByIdFn(beam.DoFn):
         seen_state: beam.transforms.userstate.ReadModifyWriteRuntimeState = beam.DoFn.StateParam(SEEN),
         expiry: beam.transforms.userstate.RuntimeTimer = beam.DoFn.TimerParam(EXPIRY),
     ) -> Iterator[list[EngagementEvent]]:
-        before = seen = SeenIds.decode(seen_state.read())
-        unique: list[EngagementEvent] = []
-        for event in keyed[1]:
-            position = id_block(event.id)[1]
-            if seen.has(position):
-                continue
-            # Each id's own event time, not the list's: the list is stamped with its earliest event's.
-            seen = seen.add(position, forget_at(beam_timestamp(event.event_ts), self._horizon))
-            unique.append(event)
-        self._duplicates.inc(len(keyed[1]) - len(unique))
+        events = keyed[1]
+        before = SeenIds.decode(seen_state.read())
+        seen, unique = before.first_copies(events, self._horizon)
+        self._duplicates.inc(len(events) - len(unique))
         if not unique:
             return
         seen_state.write(seen.encode())

@@ -55,14 +55,24 @@ def test_the_newest_ids_spread_over_many_keys():
 
 
 def test_a_block_remembers_each_seen_id_and_its_latest_expiry_through_its_encoding():
-    early, late = Timestamp.of(at(10)), Timestamp.of(at(70))
-    seen = SeenIds().add(0, late).add(BLOCK_IDS - 1, early)
-    decoded = SeenIds.decode(seen.encode())
-    assert decoded == seen
+    def event(event_id: int, second: float):
+        return decode_record(plain_event(event_id, second).value).event
+
+    horizon = Duration.of(HORIZON)
+    first, passed = SeenIds().first_copies([event(1, 70), event(same_block(BLOCK_IDS - 1), 10), event(1, 70)], horizon)
+    assert [e.id for e in passed] == [1, same_block(BLOCK_IDS - 1)]  # the second copy of 1 is dropped
+    decoded = SeenIds.decode(first.encode())
+    assert decoded == first
     assert decoded.has(0)
     assert decoded.has(BLOCK_IDS - 1)
     assert not decoded.has(1)
-    assert decoded.forget_at_micros == late.micros
+    # Kept for the newest first copy (70 s), not for the one that came last (10 s).
+    assert decoded.forget_at_micros == forget_at(Timestamp.of(at(70)), horizon).micros
+    # An older event later does not shorten the block's life; copies alone change nothing.
+    second, passed = decoded.first_copies([event(same_block(1), 5)], horizon)
+    assert [e.id for e in passed] == [same_block(1)]
+    assert second.forget_at_micros == decoded.forget_at_micros
+    assert decoded.first_copies([event(1, 500)], horizon) == (decoded, [])
     assert SeenIds.decode(None) == SeenIds()
 
 
