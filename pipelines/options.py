@@ -90,7 +90,7 @@ class CoreSettings:
     event_lists: bool = False
     """True when the source emits lists of records (``LIST_ROWS`` rows each) and every step takes lists
     (``transforms/lists.py``): the backfill's reader. Bounded sources whose ids are unique only, since
-    de-duplication and event-time windowing need one element per event."""
+    de-duplication needs one element per event (streaming makes its own lists after its de-duplication)."""
 
     def __post_init__(self) -> None:
         if self.streaming and self.ids_unique_at_source:

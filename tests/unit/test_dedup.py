@@ -19,6 +19,7 @@ from transforms.dedup import (
     forget_at,
     id_block,
 )
+from transforms.model import EngagementEvent
 
 HORIZON = 600
 
@@ -27,6 +28,12 @@ def test_an_id_is_forgotten_a_horizon_after_its_event_time_rounded_up_to_the_exp
     forget = forget_at(Timestamp.of(at(5)), Duration.of(HORIZON))
     assert Timestamp.of(at(5 + HORIZON)) <= forget < Timestamp.of(at(5 + HORIZON + EXPIRY_GRID_SECONDS))
     assert forget.micros % (EXPIRY_GRID_SECONDS * 1_000_000) == 0
+
+
+def decoded_event(event_id: int, second: float) -> EngagementEvent:
+    event = decode_record(plain_event(event_id, second).value).event
+    assert event is not None
+    return event
 
 
 def same_block(n: int) -> int:
@@ -55,11 +62,10 @@ def test_the_newest_ids_spread_over_many_keys():
 
 
 def test_a_block_remembers_each_seen_id_and_its_latest_expiry_through_its_encoding():
-    def event(event_id: int, second: float):
-        return decode_record(plain_event(event_id, second).value).event
-
     horizon = Duration.of(HORIZON)
-    first, passed = SeenIds().first_copies([event(1, 70), event(same_block(BLOCK_IDS - 1), 10), event(1, 70)], horizon)
+    first, passed = SeenIds().first_copies(
+        [decoded_event(1, 70), decoded_event(same_block(BLOCK_IDS - 1), 10), decoded_event(1, 70)], horizon
+    )
     assert [e.id for e in passed] == [1, same_block(BLOCK_IDS - 1)]  # the second copy of 1 is dropped
     decoded = SeenIds.decode(first.encode())
     assert decoded == first
@@ -69,10 +75,10 @@ def test_a_block_remembers_each_seen_id_and_its_latest_expiry_through_its_encodi
     # Kept for the newest first copy (70 s), not for the one that came last (10 s).
     assert decoded.forget_at_micros == forget_at(Timestamp.of(at(70)), horizon).micros
     # An older event later does not shorten the block's life; copies alone change nothing.
-    second, passed = decoded.first_copies([event(same_block(1), 5)], horizon)
+    second, passed = decoded.first_copies([decoded_event(same_block(1), 5)], horizon)
     assert [e.id for e in passed] == [same_block(1)]
     assert second.forget_at_micros == decoded.forget_at_micros
-    assert decoded.first_copies([event(1, 500)], horizon) == (decoded, [])
+    assert decoded.first_copies([decoded_event(1, 500)], horizon) == (decoded, [])
     assert SeenIds.decode(None) == SeenIds()
 
 
@@ -144,14 +150,11 @@ def test_ids_of_one_block_are_remembered_until_its_newest_first_copy_expires():
 
 
 def test_a_bundle_leaves_one_list_per_id_block_in_arrival_order_stamped_with_its_earliest_event():
-    def event(event_id: int, second: float):
-        return decode_record(plain_event(event_id, second).value).event
-
     fn = ListsPerIdBlockFn()
     fn.start_bundle()
     arrivals = [(same_block(2), 30), (2, 10), (1, 20), (same_block(1), 5)]
     for event_id, second in arrivals:
-        assert list(fn.process(event(event_id, second)) or []) == []
+        assert list(fn.process(decoded_event(event_id, second)) or []) == []
     lists = {value.value[0]: value for value in fn.finish_bundle()}
 
     assert sorted(lists) == sorted({id_block(1)[0], id_block(2)[0]})
