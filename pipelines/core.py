@@ -24,9 +24,12 @@ class CoreOutputs(NamedTuple):
     enriched: beam.PCollection[EnrichedEvent]
     """Or lists of them (``enriched_lists``): streaming's, and the backfill's built with ``event_lists``."""
     aggregates: beam.PCollection[WindowAggregate]
+    """Every pane (Redis's)."""
     dead_letters: beam.PCollection[DeadLetter]
     enriched_lists: bool = False
     """Whether ``enriched`` holds lists of events rather than events."""
+    coalesced_aggregates: beam.PCollection[WindowAggregate] | None = None
+    """Streaming with ``settings.coalesce_panes_seconds``: the panes BigQuery's window_aggregates keeps."""
 
 
 def build_core(
@@ -52,6 +55,14 @@ def build_core(
     to_aggregate = enriched
     if settings.windows_from is not None:
         to_aggregate = enriched | "Resumable windows" >> KeepResumableWindows(settings.windows_from, lists)
-    aggregates = to_aggregate | "Aggregate" >> AggregateWindows(settings.windows, settings.streaming, lists)
+    panes = to_aggregate | "Aggregate" >> AggregateWindows(
+        settings.windows, settings.streaming, lists, coalesce_seconds=settings.coalesce_panes_seconds
+    )
     dead_letters = flatten_dead_letters("Core dead letters", decoded[DEAD_LETTER_TAG], enrich[DEAD_LETTER_TAG])
-    return CoreOutputs(enriched=enriched, aggregates=aggregates, dead_letters=dead_letters, enriched_lists=lists)
+    return CoreOutputs(
+        enriched=enriched,
+        aggregates=panes.every,
+        dead_letters=dead_letters,
+        enriched_lists=lists,
+        coalesced_aggregates=panes.coalesced,
+    )

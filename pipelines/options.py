@@ -91,10 +91,16 @@ class CoreSettings:
     """True when the source emits lists of records (``LIST_ROWS`` rows each) and every step takes lists
     (``transforms/lists.py``): the backfill's reader. Bounded sources whose ids are unique only, since
     de-duplication needs one element per event (streaming makes its own lists after its de-duplication)."""
+    coalesce_panes_seconds: int = 0
+    """Streaming: also output the panes coalesced to one per window and content per this many seconds
+    (``CoreOutputs.coalesced_aggregates``), for BigQuery's window_aggregates; the streaming job sets it from
+    ``--bigquery_pane_interval_seconds``. 0: none."""
 
     def __post_init__(self) -> None:
         if self.streaming and self.ids_unique_at_source:
             raise ValueError("a stream can deliver an id twice: ids_unique_at_source is for bounded sources only")
+        if self.coalesce_panes_seconds < 0:
+            raise ValueError("coalesce_panes_seconds must not be negative")
         if self.event_lists and not self.ids_unique_at_source:
             raise ValueError("lists of events cannot be de-duplicated: event_lists needs ids_unique_at_source")
         if self.event_lists and self.windows_from is not None:

@@ -7,7 +7,6 @@ dead letters (decode, and every sink's undeliverable records) -> BigQuery dead_l
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,12 +41,9 @@ class SinkSettings:
     """For a resumed job: the ids each sink already holds from the overlap (transforms/resume.py)."""
 
     @classmethod
-    def from_options(
-        cls, options: PipelineOptions, window_seconds: int, allowed_lateness_seconds: int = 300
-    ) -> SinkSettings:
-        bigquery = BigQuerySinkSettings.from_options(options)
+    def from_options(cls, options: PipelineOptions, window_seconds: int) -> SinkSettings:
         return cls(
-            bigquery=dataclasses.replace(bigquery, allowed_lateness_seconds=allowed_lateness_seconds),
+            bigquery=BigQuerySinkSettings.from_options(options),
             redis=RedisSinkSettings.from_options(options, window_seconds=window_seconds),
             http=HttpSinkSettings.from_options(options),
         )
@@ -96,7 +92,9 @@ def write_outputs(core: CoreOutputs, sinks: SinkSettings) -> beam.PCollection[De
     dead_letters.append(
         to_bigquery | "BigQuery enriched_events" >> WriteEnrichedEvents(sinks.bigquery, event_lists=lists)
     )
-    dead_letters.append(core.aggregates | "BigQuery window_aggregates" >> WriteWindowAggregates(sinks.bigquery))
+    # The core coalesces the panes where it adds them up (streaming); WriteWindowAggregates writes what it gets.
+    to_window_aggregates = core.aggregates if core.coalesced_aggregates is None else core.coalesced_aggregates
+    dead_letters.append(to_window_aggregates | "BigQuery window_aggregates" >> WriteWindowAggregates(sinks.bigquery))
     dead_letters.append(core.aggregates | "Redis top content" >> WriteTopContentToRedis(sinks.redis))
     if sinks.http is not None:
         to_http = core.enriched | "Freshness at the HTTP API" >> beam.ParDo(per_item(ObserveFreshnessFn("http"), lists))

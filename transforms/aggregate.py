@@ -7,15 +7,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import NamedTuple
 
 import apache_beam as beam
-from apache_beam.coders import VarIntCoder
 from apache_beam.metrics import Metrics
+from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms import trigger
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import (
     ReadModifyWriteRuntimeState,
-    ReadModifyWriteStateSpec,
     RuntimeTimer,
     TimerSpec,
     on_timer,
@@ -327,16 +327,33 @@ class AccumulatePanesFn(beam.DoFn):
     lives in the global window, keyed by (key, window start), and an event-time timer drops it once the
     window can no longer change (end + allowed lateness): Prism 2.73.0 gives a stateful ParDo no allowed
     lateness and would drop per-window state at the window's end, before its late panes.
+
+    With ``coalesce_seconds`` > 0 it also emits, on ``COALESCED``, the panes BigQuery keeps: a window's first
+    pane at once, then at most one per ``coalesce_seconds``, the newest, and what is still waiting when the
+    window can no longer change. Early panes fire every second or so while a window gets data, late data fires
+    a pane per bundle (after a resume, a pane per element); each carries the window's full value, so only the
+    newest of a burst matters. Coalescing here, where the key and the panes already are, spares a shuffle and
+    a stage.
+
+    A pane costs one state read and one write (a single ``_WindowState`` cell) and the expiry timer is set once
+    per key and window: the state and timer messages per pane, not the stages, were what this step cost the
+    worker (docs/benchmarks.md, session 21).
     """
 
-    TOTALS = pickled_cell("totals")
+    COALESCED = "coalesced"
+    WINDOW = pickled_cell("window")
+    """One cell per (key, window), so a pane costs one state read and one write: a ``_WindowState``."""
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
+    FLUSH = TimerSpec("flush", TimeDomain.REAL_TIME)
 
-    def __init__(self, allowed_lateness_seconds: int) -> None:
+    def __init__(self, allowed_lateness_seconds: int, coalesce_seconds: int = 0) -> None:
         self._lateness = Duration.of(allowed_lateness_seconds)
+        self._interval_ms = coalesce_seconds * 1000
         self._panes = {
             name: Metrics.counter("aggregate", f"panes_{name.lower()}") for name in _PANE_TIMING_NAMES.values()
         }
+        self._passed = Metrics.counter("aggregate", "bigquery_panes_written")
+        self._coalesced = Metrics.counter("aggregate", "bigquery_panes_coalesced")
 
     def setup(self) -> None:
         prepare_worker_state()
@@ -344,31 +361,94 @@ class AccumulatePanesFn(beam.DoFn):
     def process(
         self,
         keyed: tuple[tuple[AggregateKey, int], PaneDelta],
-        totals_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(TOTALS),
+        window_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(WINDOW),
         expiry: RuntimeTimer = beam.DoFn.TimerParam(EXPIRY),
-    ) -> Iterator[WindowAggregate]:
+        flush: RuntimeTimer = beam.DoFn.TimerParam(FLUSH),
+    ) -> Iterator[WindowAggregate | TaggedOutput]:
         (key, _), (window, timing, _, delta) = keyed
-        cell = PickledCell(totals_state)
-        totals, index = cell.read() or (EngagementTotals(), 0)
-        totals.merge(delta)
-        cell.write((totals, index + 1))
-        expiry.set(window.end + self._lateness)
+        cell = PickledCell(window_state)
+        state: _WindowState = cell.read() or _WindowState()
+        if state.panes == 0:
+            # Once per key and window: every timer set is a message to the runner.
+            expiry.set(window.end + self._lateness)
+        state.totals.merge(delta)
         # The pane's index is counted here: sinks keep the highest, and Prism's pane indices are not in
         # firing order (docs/local-streaming.md, "Pane labels").
-        pane = PaneInfo(index == 0, False, timing, index, -1)
-        aggregate = to_window_aggregate(key, totals, window, pane, datetime.now(UTC))
+        pane = PaneInfo(state.panes == 0, False, timing, state.panes, -1)
+        state.panes += 1
+        aggregate = to_window_aggregate(key, state.totals, window, pane, datetime.now(UTC))
         # Freshness is about what this pane adds, not about the window's first event.
         aggregate = aggregate.model_copy(update={"oldest_commit_ms": delta.oldest_commit_ms})
         self._panes[aggregate.pane_timing].inc()
+        to_bigquery_now = self._interval_ms > 0 and self._coalesce(aggregate, state, flush)
+        cell.write(state)
         yield aggregate
+        if to_bigquery_now:
+            yield TaggedOutput(self.COALESCED, aggregate)
+
+    def _coalesce(self, aggregate: WindowAggregate, state: _WindowState, flush: RuntimeTimer) -> bool:
+        """Whether ``aggregate`` goes on to BigQuery now; if not, it waits in ``state`` as the newest pane."""
+        now_ms = int(time.time() * 1000)
+        if state.last_sent_ms is None or now_ms - state.last_sent_ms >= self._interval_ms:
+            state.pending, state.last_sent_ms = None, now_ms
+            self._passed.inc()
+            return True
+        if state.pending is not None:
+            self._coalesced.inc()  # the waiting pane is older: this one replaces it
+        else:
+            flush.set(Timestamp(micros=flush_due_ms(state.last_sent_ms, self._interval_ms) * 1000))
+        state.pending = aggregate
+        return False
+
+    @on_timer(FLUSH)
+    def flush(self, window_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(WINDOW)) -> Iterator[TaggedOutput]:
+        cell = PickledCell(window_state)
+        state: _WindowState | None = cell.read()
+        if state is None or state.pending is None:
+            return
+        pending, state.pending, state.last_sent_ms = state.pending, None, int(time.time() * 1000)
+        cell.write(state)
+        self._passed.inc()
+        yield TaggedOutput(self.COALESCED, pending)
 
     @on_timer(EXPIRY)
-    def expire(self, totals_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(TOTALS)) -> None:
-        totals_state.clear()
+    def expire(
+        self, window_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(WINDOW)
+    ) -> Iterator[TaggedOutput]:
+        # The window can no longer change: what is still waiting is its final value.
+        cell = PickledCell(window_state)
+        state: _WindowState | None = cell.read()
+        cell.clear()
+        if state is not None and state.pending is not None:
+            self._passed.inc()
+            yield TaggedOutput(self.COALESCED, state.pending)
+
+
+@dataclass
+class _WindowState:
+    """``AccumulatePanesFn``'s state for one key and window."""
+
+    totals: EngagementTotals = field(default_factory=EngagementTotals)
+    panes: int = 0
+    """Panes emitted so far: the next pane's index."""
+    last_sent_ms: int | None = None
+    """When a pane last went to BigQuery (coalescing only)."""
+    pending: WindowAggregate | None = None
+    """The newest pane not yet sent to BigQuery (coalescing only)."""
+
+
+class WindowPanes(NamedTuple):
+    """``AggregateWindows``' output: every pane (accumulated), and the coalesced ones when asked for."""
+
+    every: beam.PCollection[WindowAggregate]
+    coalesced: beam.PCollection[WindowAggregate] | None = None
+    """Streaming with ``coalesce_seconds`` > 0: per window and content, at most one pane per that many
+    seconds, the newest, and the window's final value (``AccumulatePanesFn``)."""
 
 
 class AggregateWindows(beam.PTransform):
-    """EnrichedEvent -> WindowAggregate: one row per (window, content) per fired pane, accumulated.
+    """EnrichedEvent -> WindowAggregate: one row per (window, content) per fired pane, accumulated
+    (``WindowPanes.every``), and in streaming, if asked, the same panes coalesced for BigQuery.
 
     Early panes fire as data arrives (or ``early_firing_seconds`` after it, when positive), the on-time pane when the
     watermark passes the window's end, and a late pane for each bundle of late data within allowed
@@ -382,21 +462,28 @@ class AggregateWindows(beam.PTransform):
     Batch fires one pane per window, where the two modes are the same, and skips the stateful step.
     """
 
-    def __init__(self, settings: WindowSettings, streaming: bool = True, event_lists: bool = False) -> None:
-        """``event_lists``: the input holds lists of events (``transforms/lists.py``), as it must in streaming."""
+    def __init__(
+        self, settings: WindowSettings, streaming: bool = True, event_lists: bool = False, coalesce_seconds: int = 0
+    ) -> None:
+        """``event_lists``: the input holds lists of events (``transforms/lists.py``), as it must in streaming.
+        ``coalesce_seconds``: streaming only, also output the panes coalesced to one per that many seconds
+        (``WindowPanes.coalesced``); batch fires one pane per window, which needs no coalescing."""
         super().__init__()
         if streaming and not event_lists:
             raise ValueError("streaming sums lists of events (its de-duplication's output): event_lists must be set")
+        if coalesce_seconds < 0:
+            raise ValueError("coalesce_seconds must not be negative")
         self._settings = settings
         self._streaming = streaming
         self._event_lists = event_lists
+        self._coalesce_seconds = coalesce_seconds if streaming else 0
 
-    def expand(self, events: beam.PCollection[EnrichedEvent]) -> beam.PCollection[WindowAggregate]:
+    def expand(self, events: beam.PCollection[EnrichedEvent]) -> WindowPanes:
         settings = self._settings
         if self._event_lists and not self._streaming:
             # The window travels in the key and the events stay in the global window: one pane per window,
             # as batch's default trigger fires it (late panes cannot happen: there is no watermark to pass).
-            return (
+            return WindowPanes(
                 events
                 | "SumPerWindowInList" >> beam.ParDo(SumListsPerWindowFn(settings.window_seconds))
                 | "SumPerContent" >> beam.CombinePerKey(MergeTotalsFn())
@@ -418,20 +505,20 @@ class AggregateWindows(beam.PTransform):
                 | "KeyByContent" >> beam.Map(lambda event: (aggregate_key(event), event))
                 | "SumPerContent" >> beam.CombinePerKey(EngagementTotalsFn())
             )
-            return panes | "ToRows" >> beam.ParDo(ToWindowAggregateFn())
-        return (
+            return WindowPanes(panes | "ToRows" >> beam.ParDo(ToWindowAggregateFn()))
+        accumulate = AccumulatePanesFn(settings.allowed_lateness_seconds, self._coalesce_seconds)
+        panes = (
             events
             | "SumWithinBundle" >> beam.ParDo(SumListsWithinBundleFn(settings.window_seconds))
             | "FixedWindows" >> windowed
             | "SumPerContent" >> beam.CombinePerKey(MergeTotalsFn())
             | "PaneDeltas" >> beam.ParDo(pane_delta)
             | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
-            | "AccumulatePanes" >> beam.ParDo(AccumulatePanesFn(settings.allowed_lateness_seconds))
+            | "AccumulatePanes" >> beam.ParDo(accumulate).with_outputs(AccumulatePanesFn.COALESCED, main="every")
         )
+        coalesced = panes[AccumulatePanesFn.COALESCED] if self._coalesce_seconds else None
+        return WindowPanes(panes.every, coalesced)
 
-
-CoalesceKey = tuple[str | None, bool, int]
-"""(content id, content_missing, window start in µs): a key the runner can encode deterministically."""
 
 FLUSH_GRID_MS = 1000
 """Coalesced panes are flushed on this wall-clock grid (``flush_due_ms``)."""
@@ -446,113 +533,3 @@ def flush_due_ms(last_sent_ms: int, interval_ms: int) -> int:
     """
     due = last_sent_ms + interval_ms
     return -(-due // FLUSH_GRID_MS) * FLUSH_GRID_MS
-
-
-def _window_key(aggregate: WindowAggregate) -> tuple[CoalesceKey, WindowAggregate]:
-    content_id = str(aggregate.content_id) if aggregate.content_id is not None else None
-    start = Timestamp.from_utc_datetime(aggregate.window_start).micros
-    return (content_id, aggregate.content_missing, start), aggregate
-
-
-class CoalescePanesFn(beam.DoFn):
-    """Lets through a window's first pane at once, then at most one pane per ``interval``: the newest.
-
-    Input: panes keyed by (key, window start). Early panes fire every second or so while a window gets data,
-    late data fires a pane per bundle, and after a resume a pane per element; each carries the window's full
-    value, so only the newest of a burst matters. What is still waiting when the window can no longer change
-    (its end plus the allowed lateness) is let through then: the final value is never held back.
-    """
-
-    PENDING = pickled_cell("pending")
-    LAST_SENT_MS = ReadModifyWriteStateSpec("last_sent_ms", VarIntCoder())
-    FLUSH = TimerSpec("flush", TimeDomain.REAL_TIME)
-    EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
-
-    def __init__(self, interval_seconds: int, allowed_lateness_seconds: int) -> None:
-        self._interval_ms = interval_seconds * 1000
-        self._lateness = Duration.of(allowed_lateness_seconds)
-        self._passed = Metrics.counter("aggregate", "bigquery_panes_written")
-        self._coalesced = Metrics.counter("aggregate", "bigquery_panes_coalesced")
-
-    def setup(self) -> None:
-        prepare_worker_state()
-
-    def process(
-        self,
-        keyed: tuple[CoalesceKey, WindowAggregate],
-        pending_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(PENDING),
-        last_sent_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(LAST_SENT_MS),
-        flush: RuntimeTimer = beam.DoFn.TimerParam(FLUSH),
-        expiry: RuntimeTimer = beam.DoFn.TimerParam(EXPIRY),
-    ) -> Iterator[WindowAggregate]:
-        aggregate = keyed[1]
-        pending_cell = PickledCell(pending_state)
-        expiry.set(Timestamp.from_utc_datetime(aggregate.window_end) + self._lateness)
-        now_ms = int(time.time() * 1000)
-        last_sent = last_sent_state.read()
-        if last_sent is None or now_ms - last_sent >= self._interval_ms:
-            pending_cell.clear()
-            last_sent_state.write(now_ms)
-            self._passed.inc()
-            yield aggregate
-            return
-        pending = pending_cell.read()
-        if pending is not None:
-            self._coalesced.inc()
-            if pending.pane_index > aggregate.pane_index:
-                return  # the panes of a key arrive out of order on some runners; the higher index is newer
-        else:
-            flush.set(Timestamp(micros=flush_due_ms(last_sent, self._interval_ms) * 1000))
-        pending_cell.write(aggregate)
-
-    def _take_pending(self, pending_state: ReadModifyWriteRuntimeState) -> WindowAggregate | None:
-        pending_cell = PickledCell(pending_state)
-        pending = pending_cell.read()
-        if pending is not None:
-            pending_cell.clear()
-            self._passed.inc()
-        return pending
-
-    @on_timer(FLUSH)
-    def flush(
-        self,
-        pending_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(PENDING),
-        last_sent_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(LAST_SENT_MS),
-    ) -> Iterator[WindowAggregate]:
-        pending = self._take_pending(pending_state)
-        if pending is not None:
-            last_sent_state.write(int(time.time() * 1000))
-            yield pending
-
-    @on_timer(EXPIRY)
-    def expire(
-        self,
-        pending_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(PENDING),
-        last_sent_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(LAST_SENT_MS),
-    ) -> Iterator[WindowAggregate]:
-        # The window can no longer change: what is still waiting is its final value.
-        pending = self._take_pending(pending_state)
-        last_sent_state.clear()
-        if pending is not None:
-            yield pending
-
-
-class CoalescedPanes(beam.PTransform):
-    """The panes BigQuery keeps: per window and content, at most one per ``interval_seconds``, the newest.
-
-    Every early pane was written before: most of a row per event, though only a window's final value and its
-    corrections are queried. Redis still gets every pane (docs/bigquery.md, "Which panes window_aggregates
-    gets").
-    """
-
-    def __init__(self, interval_seconds: int, allowed_lateness_seconds: int) -> None:
-        super().__init__()
-        self._interval_seconds = interval_seconds
-        self._lateness_seconds = allowed_lateness_seconds
-
-    def expand(self, aggregates: beam.PCollection[WindowAggregate]) -> beam.PCollection[WindowAggregate]:
-        return (
-            aggregates
-            | "KeyByWindow" >> beam.Map(_window_key).with_output_types(tuple[CoalesceKey, WindowAggregate])
-            | "NewestPerInterval" >> beam.ParDo(CoalescePanesFn(self._interval_seconds, self._lateness_seconds))
-        )

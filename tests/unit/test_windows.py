@@ -1,5 +1,6 @@
 """SPEC §5 windows on the DirectRunner with TestStream: early, on-time and late panes, lateness, duplicates."""
 
+import dataclasses
 from decimal import Decimal
 
 import apache_beam as beam
@@ -220,41 +221,43 @@ def test_settings_reject_a_dedup_horizon_shorter_than_a_window_is_open():
         CoreSettings(windows=WindowSettings(window_seconds=60, allowed_lateness_seconds=600), dedup_horizon_seconds=300)
 
 
-def window_aggregate(timing: str, index: int, count: int):
-    from datetime import UTC, datetime
-
-    from transforms.model import WindowAggregate
-
-    start = datetime.fromtimestamp(at(0), UTC)
-    return WindowAggregate(
-        window_start=start, window_end=datetime.fromtimestamp(at(60), UTC), content_id=None, content_missing=True,
-        title=None, slug=None, content_type=None, event_count=count, play_count=count, pause_count=0,
-        finish_count=0, click_count=0, engagement_seconds_sum=Decimal("0.000"), distinct_users=0,
-        pane_timing=timing, pane_index=index, emitted_at=start,
-    )  # fmt: skip
-
-
-def test_bigquery_gets_one_row_per_burst_of_panes_and_the_final_value():
+def test_bigquery_gets_one_row_per_burst_of_panes_and_the_final_value_while_redis_gets_every_pane():
     from apache_beam.utils.timestamp import Timestamp
 
-    from transforms.aggregate import CoalescedPanes
-
-    panes = [window_aggregate("EARLY", 0, 1), window_aggregate("EARLY", 1, 2), window_aggregate("ON_TIME", 2, 3)]
-    # After a resume, late data fires a pane per element, each with the window's whole value so far.
-    panes += [window_aggregate("LATE", index, index + 1) for index in range(3, 40)]
-    stream = test_stream.TestStream().add_elements([beam.window.TimestampedValue(p, Timestamp(at(59))) for p in panes])
-    pipeline = streaming_pipeline()
-    rows = (
-        pipeline
-        # Past the window's end plus lateness, but not to infinity, where the assertion's own grouping would
-        # count anything the timer emits as late.
-        | stream.advance_watermark_to(Timestamp(at(60 + 121))).advance_watermark_to_infinity()
-        | CoalescedPanes(interval_seconds=3600, allowed_lateness_seconds=120)
-        | beam.Map(lambda a: (a.pane_timing, a.event_count))
+    late_events = range(3, 12)
+    stream = (
+        test_stream.TestStream()
+        .advance_watermark_to(at(0))
+        .add_elements([plain_event(1, 5)])
+        .advance_processing_time(1.5)
+        .add_elements([plain_event(2, 10)])
+        .advance_watermark_to(at(60))
     )
+    # After a resume, late data fires a pane per element, each with the window's whole value so far.
+    for event_id in late_events:
+        stream = stream.add_elements([plain_event(event_id, 20 + event_id)])
+    # Past the window's end plus lateness, but not to infinity, where the assertion's own grouping would count
+    # anything the expiry timer emits as late.
+    stream = stream.advance_watermark_to(Timestamp(at(60 + 121))).advance_watermark_to_infinity()
+    pipeline = streaming_pipeline()
+    content = pipeline | "Content" >> beam.Create([snapshot(PODCAST, VIDEO)])
+    settings = dataclasses.replace(SETTINGS, coalesce_panes_seconds=3600)
+    outputs = build_core(pipeline | stream, content, settings)
+    every = outputs.aggregates | "Every pane" >> beam.Map(lambda a: (a.pane_timing, a.event_count))
+    coalesced = outputs.coalesced_aggregates | "Coalesced" >> beam.Map(lambda a: (a.pane_timing, a.event_count))
+    final_count = 2 + len(late_events)
+    late_panes = [("LATE", count) for count in range(3, final_count + 1)]
+    assert_that(every, equal_to([("EARLY", 1), ("ON_TIME", 2), *late_panes]), label="Redis's panes")
     # The first pane at once; the newest of the burst when the window can no longer change.
-    assert_that(rows, equal_to([("EARLY", 1), ("LATE", 40)]))
+    assert_that(coalesced, equal_to([("EARLY", 1), ("LATE", final_count)]), label="BigQuery's panes")
     pipeline.run()
+
+
+def test_without_a_coalescing_interval_the_core_outputs_no_coalesced_panes():
+    pipeline = streaming_pipeline()
+    content = pipeline | "Content" >> beam.Create([snapshot(PODCAST)])
+    stream = test_stream.TestStream().add_elements([plain_event(1, 5)]).advance_watermark_to_infinity()
+    assert build_core(pipeline | stream, content, SETTINGS).coalesced_aggregates is None
 
 
 def test_coalesced_panes_flush_on_a_whole_second_at_least_an_interval_after_the_last():

@@ -32,7 +32,6 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
 from apache_beam.utils.timestamp import Timestamp
 
-from transforms.aggregate import CoalescedPanes
 from transforms.dead_letters import DEAD_LETTER_TAG, GuardedMap, flatten_dead_letters
 from transforms.expansion import java_expansion_service
 from transforms.lists import items
@@ -285,8 +284,6 @@ class BigQuerySinkSettings:
         ),
     )
     streaming: bool = False
-    allowed_lateness_seconds: int = 300
-    """The windows' allowed lateness: how long the late-pane coalescing keeps a window's state."""
     ddl_path: Path = TABLES_DDL
 
     def __post_init__(self) -> None:
@@ -422,6 +419,8 @@ class WriteEnrichedEvents(beam.PTransform):
 
 
 class WriteWindowAggregates(beam.PTransform):
+    """Writes the panes it is given: in streaming, the core's coalesced ones (``CoreOutputs.coalesced_aggregates``)."""
+
     def __init__(self, settings: BigQuerySinkSettings) -> None:
         super().__init__()
         self._settings = settings
@@ -429,10 +428,6 @@ class WriteWindowAggregates(beam.PTransform):
     def expand(self, aggregates: beam.PCollection[WindowAggregate]) -> beam.PCollection[DeadLetter]:
         settings = self._settings
         spec = settings.table_spec("window_aggregates", settings.aggregates_table)
-        if settings.streaming and settings.pane_interval_seconds > 0:
-            aggregates = aggregates | "Coalesce panes" >> CoalescedPanes(
-                settings.pane_interval_seconds, settings.allowed_lateness_seconds
-            )
         rows = aggregates | "Aggregate rows" >> GuardedMap(Stage.BIGQUERY, f"{spec.table}.rows", window_aggregate_row)
         refused = rows.converted | f"Write {spec.table}" >> WriteRows(spec, settings)
         return flatten_dead_letters(f"{spec.table} dead letters", rows[DEAD_LETTER_TAG], refused)
