@@ -5,6 +5,7 @@ Real sockets on 127.0.0.1: the kernel's own bind rules are what is under test.
 
 import contextlib
 import os
+import random
 import socket
 import threading
 import time
@@ -26,10 +27,24 @@ def listener():
 
 
 def connect_from_own_port(server: socket.socket) -> tuple[socket.socket, socket.socket, int]:
-    """A connection to ``server`` whose client end holds a port of its own, as an outgoing connection does."""
-    client = socket.create_connection(server.getsockname())
-    accepted, _ = server.accept()
-    return client, accepted, client.getsockname()[1]
+    """A connection to ``server`` whose client end holds a port of its own, as an outgoing connection does.
+
+    The port lies below the kernel's ephemeral range, as the stack's do: a port inside it may also be the local
+    end of any other process's outgoing connection (to another address), which would hold it after the test's
+    connection closed. Once, in a full run with the suite's services busy, the port was still held 10 s after
+    both ends had closed."""
+    rng = random.Random()
+    for _ in range(100):
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            client.bind(("127.0.0.1", rng.randrange(20_000, EPHEMERAL_PORTS_START)))
+        except OSError:
+            client.close()
+            continue
+        client.connect(server.getsockname())
+        accepted, _ = server.accept()
+        return client, accepted, client.getsockname()[1]
+    raise AssertionError("no free port below the ephemeral range")
 
 
 def test_a_free_port_is_taken_at_once():
