@@ -90,9 +90,8 @@ def plan_from_options(
     if resume is not None:
         core = resumed_settings(core, resume, now)
     sinks = SinkSettings.from_options(options, window_seconds=core.windows.window_seconds)
-    if core.streaming:
-        # BigQuery's panes are coalesced where they are added up, in the core (AccumulatePanesFn).
-        core = dataclasses.replace(core, coalesce_panes_seconds=sinks.bigquery.pane_interval_seconds)
+    # BigQuery's panes are coalesced where they are added up (AccumulatePanesFn); a bounded core ignores this.
+    core = dataclasses.replace(core, coalesce_panes_seconds=sinks.bigquery.pane_interval_seconds)
     if resume is not None:
         http, http_holds = sinks.http, None
         if http is not None and http.intents is not None:

@@ -400,16 +400,23 @@ class AccumulatePanesFn(beam.DoFn):
         state.pending = aggregate
         return False
 
+    def _take_pending(self, state: _WindowState | None) -> list[TaggedOutput]:
+        """The pane waiting in ``state`` for BigQuery, taken out of it (none if nothing waits)."""
+        if state is None or state.pending is None:
+            return []
+        pending, state.pending = state.pending, None
+        self._passed.inc()
+        return [TaggedOutput(self.COALESCED, pending)]
+
     @on_timer(FLUSH)
     def flush(self, window_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(WINDOW)) -> Iterator[TaggedOutput]:
         cell = PickledCell(window_state)
         state: _WindowState | None = cell.read()
-        if state is None or state.pending is None:
-            return
-        pending, state.pending, state.last_sent_ms = state.pending, None, int(time.time() * 1000)
-        cell.write(state)
-        self._passed.inc()
-        yield TaggedOutput(self.COALESCED, pending)
+        sent = self._take_pending(state)
+        if state is not None and sent:
+            state.last_sent_ms = int(time.time() * 1000)
+            cell.write(state)
+        yield from sent
 
     @on_timer(EXPIRY)
     def expire(
@@ -419,9 +426,7 @@ class AccumulatePanesFn(beam.DoFn):
         cell = PickledCell(window_state)
         state: _WindowState | None = cell.read()
         cell.clear()
-        if state is not None and state.pending is not None:
-            self._passed.inc()
-            yield TaggedOutput(self.COALESCED, state.pending)
+        yield from self._take_pending(state)
 
 
 @dataclass

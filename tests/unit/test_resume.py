@@ -117,7 +117,8 @@ def test_a_resume_reads_from_before_the_last_runs_windows_and_widens_lateness_fo
     extra = 2 * 600  # twice the re-read's age at launch
     assert plan.core.windows.allowed_lateness_seconds == 300 + extra
     assert plan.core.dedup_horizon_seconds == 600 + extra
-    # BigQuery's coalesced panes are kept as long as the windows' totals (AccumulatePanesFn).
+    # The core coalesces BigQuery's panes (--bigquery_pane_interval_seconds), in the state of the windows' totals,
+    # so they too are kept for the widened lateness.
     assert plan.core.coalesce_panes_seconds == 10
     assert plan.sinks.bigquery_holds is not None
     # What was asked for is still what the options say: the plan carries the decision.
