@@ -341,7 +341,7 @@ class AppendBatchesFn(_AppendFn):
 class LocalWriteSettings:
     endpoint: str
     num_shards: int = 4
-    batch_size: int = 500
+    batch_size: int = 5000
     streaming: bool = False
     max_buffering_seconds: float = 0.0
     """Streaming: how long a stream's rows may wait for more (across bundles); 0 batches within each bundle."""
