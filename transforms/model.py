@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any, Literal
 from uuid import UUID
 
+import orjson
 from pydantic import ConfigDict, StrictInt, field_validator
 
 from transforms.compact_pickle import CompactPickleModel
@@ -29,8 +30,28 @@ def canonical_json(value: Any) -> str:
     Debezium sends JSONB as a string, PostgreSQL drivers return a dict and applications send an object;
     sorting keys and dropping whitespace makes streaming and backfill write byte-identical rows.
     """
+    if not holds_float(value):
+        # The bytes the standard library writes below, a tenth of its cost, for values without floats: orjson
+        # writes exponents its own way (1e16, not 1e+16). What it refuses (integers beyond 64 bits, lone
+        # surrogates, nesting past 255 levels) the standard library writes or refuses as it always did.
+        try:
+            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+        except orjson.JSONEncodeError:
+            pass
     # allow_nan=False: NaN and Infinity are not JSON, and neither JSONB nor BigQuery JSON holds them.
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def holds_float(value: Any) -> bool:
+    """Whether a JSON value holds a float anywhere."""
+    kind = type(value)
+    if kind is float:
+        return True
+    if kind is dict:
+        return any(map(holds_float, value.values()))
+    if kind is list:
+        return any(map(holds_float, value))
+    return False
 
 
 class EngagementEvent(CompactPickleModel):

@@ -10,16 +10,18 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from typing import Any
+from unittest.mock import patch
 from uuid import UUID
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.fixtures.debezium import envelope, flattened, with_schema
 from transforms.dead_letters import reject
-from transforms.decode import Decoded, DecodeError, decode_record
+from transforms.decode import Decoded, DecodeError, _load_json, _load_json_fast, decode_record
 from transforms.enrich import enrich
-from transforms.model import Content, EngagementEvent, RawRecord, SourceCoordinates, Stage
+from transforms.model import Content, EngagementEvent, RawRecord, SourceCoordinates, Stage, canonical_json, holds_float
 from transforms.rows import dead_letter_row, enriched_event_row
 from transforms.sinks.bigquery import TABLES_DDL, parse_table_columns
 from transforms.sinks.bigquery_proto import encode_row, proto_message_class
@@ -132,6 +134,67 @@ def test_arbitrary_bytes_decode_to_exactly_one_outcome(value):
 def test_arbitrary_json_records_decode_to_exactly_one_outcome(document):
     value = as_bytes(document)
     check_downstream(classify(value), value)
+
+
+def _same_outcome(first: Decoded | DecodeError, second: Decoded | DecodeError) -> bool:
+    if isinstance(first, DecodeError) or isinstance(second, DecodeError):
+        return type(first) is type(second) and str(first) == str(second)
+    return first == second
+
+
+@PROPERTIES
+@given(json_values)
+def test_the_fast_json_reader_reads_what_the_standard_library_reads(value):
+    text = as_bytes(value).decode()
+    try:
+        fast, exact = _load_json_fast(text, 500, "the value")
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            _load_json(text, 500, "the value")
+        return
+    if exact or not holds_float(fast):
+        # repr: the same types and the same float digits, -0.0 included
+        assert repr(fast) == repr(_load_json(text, 500, "the value"))
+
+
+def _standard_library_canonical(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+@PROPERTIES
+@given(json_values)
+def test_canonical_json_writes_what_the_standard_library_writes(value):
+    try:
+        expected = _standard_library_canonical(value)
+    except (ValueError, TypeError, RecursionError) as error:
+        with pytest.raises(type(error)):
+            canonical_json(value)
+        return
+    assert canonical_json(value) == expected
+
+
+def _exact_reading_only(text: str, max_depth: int, what: str) -> tuple[object, bool]:
+    return _load_json(text, max_depth, what), True
+
+
+@PROPERTIES
+@given(records)
+def test_records_decode_the_same_with_or_without_the_fast_json_reader(document):
+    value = as_bytes(document)
+    with_fast_reader = classify(value)
+    with patch("transforms.decode._load_json_fast", _exact_reading_only):
+        standard_library_only = classify(value)
+    assert _same_outcome(with_fast_reader, standard_library_only)
+
+
+def test_integers_beyond_64_bits_keep_their_digits_and_their_reasons():
+    plain = {"id": 1, "event_ts": 0, "raw_payload": {"n": 10**30, "m": -(2**63) - 1}}
+    decoded = decode_record(json.dumps(plain).encode())
+    assert decoded.event.raw_payload == '{"m":-9223372036854775809,"n":1000000000000000000000000000000}'
+    cdc = {"op": "c", "after": {"id": 2**64, "event_ts": "2026-11-22T10:00:00Z"}}
+    outcome = classify(json.dumps(cdc).encode())
+    assert isinstance(outcome, DecodeError)
+    assert "18446744073709551616 is outside the BIGSERIAL range" in str(outcome)
 
 
 @settings(max_examples=40, deadline=None)

@@ -1,6 +1,7 @@
 """KafkaReadSettings: what the streaming job's Kafka options accept, and what they refuse with a clear error."""
 
 import logging
+import pickle
 
 import apache_beam as beam
 import pytest
@@ -14,6 +15,7 @@ from transforms.kafka_source import (
     SkipBeforeStartOffsetsFn,
     before_start_offset,
     parse_start_offsets,
+    to_raw_record,
 )
 from transforms.model import RawRecord, SourceCoordinates
 
@@ -101,3 +103,17 @@ def test_skipped_records_are_dropped_counted_and_logged_with_their_offsets(caplo
     skipped = result.metrics().query(MetricsFilter().with_name("skipped_before_start_offset"))["counters"]
     assert sum(counter.committed for counter in skipped) == 2
     assert f"skipped 2 record(s) of {CDC} partition 0 at offsets 7..8 (processing starts at offset 9)" in caplog.text
+
+
+@pytest.mark.parametrize(("key", "value"), [(b"k", b'{"id": 1}'), (None, None)])
+def test_kafka_records_become_the_raw_records_validation_would_build(key, value):
+    row = beam.Row(key=key, value=value, topic="cdc.public.engagement_events", partition=3, offset=2**40)
+    validated = RawRecord(
+        value=value,
+        key=key,
+        source=SourceCoordinates(kind="kafka", topic="cdc.public.engagement_events", partition=3, offset=2**40),
+    )
+    record = to_raw_record(row)
+    assert record == validated
+    assert record.source.describe() == "kafka:cdc.public.engagement_events/3@1099511627776"
+    assert pickle.loads(pickle.dumps(record)) == validated  # noqa: S301 - our own pickle

@@ -38,6 +38,7 @@ from transforms.sinks.http_intents import UnreplayableIntentError, batch_of_inte
 from transforms.sinks.http_token import Secret, TokenSource, redact
 from transforms.sinks.http_wire import (
     KEY_PREFIX,
+    TIMESTAMP_FORMAT,
     Batch,
     display_url,
     encode_event,
@@ -144,6 +145,35 @@ def test_encoded_event_is_compact_utf8_json_and_deterministic():
     assert json.loads(encoded) == event_document(enriched())
     assert b" " not in encoded.replace("Déjà vu".encode(), b"")
     assert "Déjà".encode() in encoded  # UTF-8, not \u escapes
+
+
+# Text a title, a device or a payload may carry: quotes, backslashes, every control character, DEL, the line and
+# paragraph separators JavaScript treats as line ends, and characters outside the Basic Multilingual Plane.
+AWKWARD_TEXTS = ['"quoted" \\ back', "".join(map(chr, range(32))) + "\x7f", "\u2028\u2029", "emoji 🎧 ∑ é", ""]
+
+
+@pytest.mark.parametrize("text", AWKWARD_TEXTS)
+def test_encoded_event_is_the_bytes_the_standard_library_writes(text):
+    event = enriched().event.model_copy(update={"device": text, "raw_payload": json.dumps(text), "id": 2**63 - 1})
+    document = enriched(event=event, title=text, slug=None, engagement_pct=None)
+    standard = json.dumps(event_document(document), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    assert encode_event(document) == standard.encode("utf-8")
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2026, 11, 22, 10, 0, 30, 250000, tzinfo=UTC),
+        datetime(2026, 11, 22, 10, 0, 30, tzinfo=UTC),  # no fraction: still six digits
+        datetime(2026, 3, 29, 3, 30, tzinfo=timezone(timedelta(hours=2))),
+        datetime(999, 1, 1, tzinfo=UTC),  # a year below 1000, which isoformat and strftime write differently
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    ],
+)
+def test_event_times_are_written_as_the_format_says(moment):
+    event = enriched().event.model_copy(update={"event_ts": moment})
+    written = event_document(enriched(event=event))["event_ts"]
+    assert written == moment.astimezone(UTC).strftime(TIMESTAMP_FORMAT)
 
 
 # --- batches and keys ---

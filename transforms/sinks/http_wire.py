@@ -16,6 +16,8 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import orjson
+
 from transforms.model import EnrichedEvent
 
 KEY_PREFIX = "engagement-events-v1-"
@@ -41,9 +43,16 @@ def _decimal(value: Decimal | None) -> str | None:
     return format(value, "f") if value is not None else None
 
 
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
 def _timestamp(value: datetime) -> str:
-    # Always six fractional digits and "Z", so equal instants are equal strings.
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Always six fractional digits and "Z", so equal instants are equal strings (``TIMESTAMP_FORMAT``)."""
+    utc = value if value.tzinfo is UTC else value.astimezone(UTC)
+    if utc.year < 1000:  # isoformat pads the year to four digits; strftime, the format's definition, does not
+        return utc.strftime(TIMESTAMP_FORMAT)
+    # A quarter of strftime's cost, on every event the API gets.
+    return utc.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def event_document(enriched: EnrichedEvent) -> dict[str, Any]:
@@ -72,8 +81,18 @@ def event_document(enriched: EnrichedEvent) -> dict[str, Any]:
 
 
 def encode_event(enriched: EnrichedEvent) -> bytes:
-    text = json.dumps(event_document(enriched), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return text.encode("utf-8")
+    """Compact UTF-8 JSON, as ``json.dumps(..., ensure_ascii=False, separators=(",", ":"))`` writes it.
+
+    orjson (a dependency of Beam's GCP extra) writes the same bytes for these documents, whose values are strings,
+    64-bit integers, booleans and nulls, 17 times faster: the encoder was the largest of the per-event steps at
+    3,000 events/s (docs/benchmarks.md, streaming session 21). What orjson refuses (text that is not valid
+    Unicode, integers past 64 bits) goes through the standard library, which writes it or fails as it always
+    did, with its own reason in the dead letter."""
+    document = event_document(enriched)
+    try:
+        return orjson.dumps(document)
+    except orjson.JSONEncodeError:
+        return json.dumps(document, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
 def shard_of_event(event_id: int, shards: int) -> int:
