@@ -155,11 +155,14 @@ def _reject_constant(name: str) -> Any:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # built once: json.loads(**kw) builds one per call
 
 
-def _load_json(text: str, max_depth: int, what: str) -> Any:
-    """``json.loads`` that raises only DecodeError: depth is checked first, and NaN/Infinity are refused
-    (JSONB and BigQuery JSON cannot hold them). Exact: every number is read as the standard library reads it."""
+def _check_depth(text: str, max_depth: int, what: str) -> None:
     if json_depth_exceeds(text, max_depth):
         raise DecodeError(f"too deeply nested: {what} nests arrays/objects more than {max_depth} levels deep")
+
+
+def _parse_exact(text: str) -> Any:
+    """``json.loads`` that raises only DecodeError and refuses NaN/Infinity (JSONB and BigQuery JSON cannot hold
+    them). For text whose depth is checked already (``_check_depth``)."""
     try:
         return _DECODER.decode(text)
     except DecodeError:
@@ -170,21 +173,27 @@ def _load_json(text: str, max_depth: int, what: str) -> Any:
         raise DecodeError(f"not JSON: {exc}") from exc
 
 
+def _load_json(text: str, max_depth: int, what: str) -> Any:
+    """``text`` read exactly as the standard library reads every number, depth checked first: the reading that
+    ``_load_json_fast`` matches, and the reference its tests compare with."""
+    _check_depth(text, max_depth, what)
+    return _parse_exact(text)
+
+
 def _load_json_fast(text: str, max_depth: int, what: str) -> tuple[Any, bool]:
-    """(value, exact): ``text`` read by orjson, at a third of the standard library's cost, or by ``_load_json``
-    where orjson refuses it; ``exact`` tells which.
+    """(value, exact): ``text`` read by orjson, at a third of the standard library's cost, or by ``_parse_exact``
+    where orjson refuses it; ``exact`` tells which. Depth is checked first either way.
 
     What orjson reads equals the standard library's reading (tests/unit/test_bad_input_properties.py compares
     them) except for one thing: an integer beyond 64 bits becomes a float. orjson refuses the rest that differs
     (NaN, Infinity, numbers beyond a double, lone surrogate escapes), and the standard library then reads it or
     refuses it with its own reason. So whoever takes an inexact value must not keep a float from it, and must
     treat a refusal of what it read as a reason to read the text again exactly (``decode_record``)."""
-    if json_depth_exceeds(text, max_depth):
-        raise DecodeError(f"too deeply nested: {what} nests arrays/objects more than {max_depth} levels deep")
+    _check_depth(text, max_depth, what)
     try:
         return orjson.loads(text), False
     except orjson.JSONDecodeError:
-        return _load_json(text, max_depth, what), True
+        return _parse_exact(text), True
 
 
 class _InexactReadingError(DecodeError):
@@ -225,12 +234,12 @@ def decode_record(value: bytes | None, limits: DecodeLimits = _DEFAULT_LIMITS) -
             # An integer orjson read as a float, or a record refused anyway: either way the reason (and, in the
             # first case, the outcome) is the one the standard library's reading gives.
             pass
-        document = _load_json(text, limits.max_depth, "the record")
+        document = _parse_exact(text)  # its depth was checked by _load_json_fast
     return _decode_document(document, limits, exact=True)
 
 
 def _decode_document(document: Any, limits: DecodeLimits, exact: bool) -> Decoded:
-    """``exact``: ``document`` was read by the standard library (``_load_json``), not by orjson."""
+    """``exact``: ``document`` was read by the standard library (``_parse_exact``), not by orjson."""
     if not isinstance(document, dict):
         raise DecodeError(f"unknown shape: a JSON {type(document).__name__}, not an object")
 
@@ -415,7 +424,7 @@ def _canonical_json_text(text: str, max_depth: int) -> str:
     try:
         value, exact = _load_json_fast(text, max_depth, "raw_payload")
         if not exact and holds_float(value):
-            value = _load_json(text, max_depth, "raw_payload")  # each number exactly as the standard library reads it
+            value = _parse_exact(text)  # each number exactly as the standard library reads it
         return _canonical(value)
     except DecodeError as exc:
         raise DecodeError(f"raw_payload is not valid JSON: {str(exc).removeprefix('not JSON: ')}") from exc
