@@ -3,8 +3,9 @@ publishing them to Kafka, at increasing rates.
 
 The streaming job shares the machine's cores with these services, so their cost at a rate bounds what is left
 for the job at that rate. Per step it prints the events PostgreSQL committed per second, the change records
-reaching the CDC topic per second, the whole machine's busy share, and the CPU cores of each service. Run with
-the stack up (``scripts/stack up``) and nothing else running.
+reaching the CDC topic per second, the whole machine's busy share, and the CPU cores of each service. It runs on
+the benchmarks' own stack (not the one ``scripts/stack up`` starts), starting the services it measures if they are
+not running; run it with nothing else busy on the machine.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, TopicPartition
 
 from devstack.benchmark_streaming import generator_argv, parse_rates, sequence_value
+from devstack.cli import ensure_up
 from devstack.config import StackConfig, load_config, use_instance
 from devstack.cpu_usage import cpu_seconds_by_service, machine_cpu_seconds
 from devstack.process import stop_job
@@ -27,6 +29,9 @@ from devstack.run_local import start_logged
 GENERATOR_LOG = "benchmark-stack-load-generator.log"
 
 CDC_TOPIC = "cdc.public.engagement_events"
+
+STACK_SERVICES = ("postgres", "kafka", "connect")
+"""What the generator's rows pass through on their way to the CDC topic."""
 
 
 class TopicEnd:
@@ -117,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     # The benchmarks' own stack: their load, rows and requests never reach the one scripts/run-local shows.
     use_instance("bench")
     cfg = load_config()
+    print("benchmark-stack-load: starting PostgreSQL, Kafka and Debezium (idempotent)", file=sys.stderr, flush=True)
+    ensure_up(cfg, list(STACK_SERVICES))
     topic = TopicEnd(cfg.kafka_bootstrap, CDC_TOPIC)
     steps = []
     try:
