@@ -77,6 +77,12 @@ def worker_config(cfg: StackConfig, artifacts: jvm.JvmArtifacts) -> dict[str, ob
         "plugin.path": artifacts.plugin_path,
         # Debezium's plugin ships ServiceLoader manifests, so scanning every jar's classes is not needed.
         "plugin.discovery": "service_load",
+        # Connect's producer sends one request at a time (max.in.flight 1), each batch at most 16 KB per partition
+        # after 5 ms. Batches of up to 256 KB after 20 ms took Kafka and Connect from 0.24-0.28 to 0.21-0.22 of a
+        # core at 3,000 changes/s alone, and from 0.38-0.39 to 0.25-0.36 beside the job (docs/benchmarks.md,
+        # session 24); 20 ms is small beside the 100 ms poll interval below.
+        "producer.linger.ms": 20,
+        "producer.batch.size": 262144,
     }
 
 
