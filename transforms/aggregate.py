@@ -24,7 +24,7 @@ from apache_beam.transforms.window import FixedWindows, GlobalWindow, GlobalWind
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
 from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming, WindowedValue
 
-from transforms.instants import epoch_micros
+from transforms.instants import epoch_micros, utc_datetime
 from transforms.model import EVENT_TYPES, EnrichedEvent, WindowAggregate
 from transforms.settings import setting
 from transforms.state_cache import PickledCell, pickled_cell, prepare_worker_state
@@ -195,8 +195,8 @@ def to_window_aggregate(
 ) -> WindowAggregate:
     content_id, content_missing = key
     return WindowAggregate(
-        window_start=window.start.to_utc_datetime(has_tz=True),
-        window_end=window.end.to_utc_datetime(has_tz=True),
+        window_start=utc_datetime(window.start.micros),
+        window_end=utc_datetime(window.end.micros),
         content_id=content_id,
         content_missing=content_missing,
         title=totals.title,

@@ -154,3 +154,30 @@ def test_the_fast_beam_timestamp_is_beams_own(moment):
     from transforms.instants import beam_timestamp
 
     assert beam_timestamp(moment) == Timestamp.from_utc_datetime(moment.astimezone(UTC))
+
+
+@pytest.mark.parametrize("micros", [1_796_553_000_123_456, 0, -315_619_200_000_000])
+def test_window_bounds_are_beams_instants_in_the_standard_librarys_utc(micros):
+    from apache_beam.utils.timestamp import Timestamp
+
+    from transforms.instants import utc_datetime
+
+    bound = utc_datetime(micros)
+    assert bound == Timestamp(micros=micros).to_utc_datetime(has_tz=True)
+    assert bound.tzinfo is UTC
+
+
+def test_a_window_aggregate_pickles_its_bounds_as_integers():
+    from apache_beam.transforms.window import IntervalWindow
+    from apache_beam.utils.timestamp import Timestamp
+    from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming
+
+    from transforms.aggregate import EngagementTotals, to_window_aggregate
+
+    window = IntervalWindow(Timestamp(micros=1_796_553_000_000_000), Timestamp(micros=1_796_553_060_000_000))
+    pane = PaneInfo(True, False, PaneInfoTiming.EARLY, 0, 0)
+    emitted = datetime(2026, 12, 4, tzinfo=UTC)
+    row = to_window_aggregate((str(uuid4()), False), EngagementTotals(), window, pane, emitted)
+    # pytz's UTC (Beam's to_utc_datetime) would leave the bounds as whole datetimes in the pickle.
+    assert b"pytz" not in pickle.dumps(row)
+    assert pickle.loads(pickle.dumps(row)) == row  # noqa: S301 - the test's own bytes
