@@ -159,7 +159,7 @@ class TableAppender:
     ) -> None:
         self._client = client
         self._spec = spec
-        self._schema = writer_schema(message_class)
+        self._raw_schema = types.ProtoSchema.pb(writer_schema(message_class))
         self._retry_seconds = retry_seconds
         self._backoff = backoff
 
@@ -173,15 +173,14 @@ class TableAppender:
         return self._client.create_write_stream(parent=parent, write_stream=stream).name
 
     def _append_once(self, position: StreamPosition, rows: Sequence[bytes]) -> types.AppendRowsResponse:
-        offset = {} if position.offset is None else {"offset": position.offset}
-        request = types.AppendRowsRequest(
-            write_stream=position.stream,
-            **offset,
-            proto_rows=types.AppendRowsRequest.ProtoData(
-                writer_schema=self._schema,
-                rows=types.ProtoRows(serialized_rows=list(rows)),
-            ),
-        )
+        # Built as the raw protobuf and wrapped: proto-plus's constructor converts each of the rows one by one,
+        # 9 ms for 5,000 rows against 0.2 ms (docs/benchmarks.md, session 24).
+        raw = types.AppendRowsRequest.pb()(write_stream=position.stream)
+        if position.offset is not None:
+            raw.offset.value = position.offset
+        raw.proto_rows.writer_schema.CopyFrom(self._raw_schema)
+        raw.proto_rows.rows.serialized_rows.extend(rows)
+        request = types.AppendRowsRequest.wrap(raw)
         # One self-contained request per call. append_rows() blocks until the first response, so a
         # request iterator must already hold its first request when the call is made: a one-element list
         # does, a queue filled afterwards would deadlock.
