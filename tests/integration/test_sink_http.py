@@ -35,7 +35,8 @@ from transforms.bigquery_reads import BigQueryReadSettings, run_query
 from transforms.model import DeadLetter, EngagementEvent, EnrichedEvent, Stage
 from transforms.sinks.bigquery import BigQuerySinkSettings
 from transforms.sinks.http_api import HttpSinkSettings, WriteToHttpApi
-from transforms.sinks.http_delivery import RetryPolicy
+from transforms.sinks.http_client import ApiClient
+from transforms.sinks.http_delivery import RetryPolicy, Verdict
 from transforms.sinks.http_intents import (
     INTENTS_TABLE,
     IntentLogSettings,
@@ -282,6 +283,26 @@ def test_a_wrong_token_dead_letters_without_showing_any_token(
     assert api.receipts(ids_of(events)) == dict.fromkeys(ids_of(events), 0)
     assert_token_hidden(wrong, run.dead_letters, caplog)
     assert_token_hidden(api.token, run.dead_letters, caplog)
+
+
+def test_the_bearer_token_is_sent_even_when_netrc_has_the_apis_host(
+    api: Api, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # requests puts a ~/.netrc entry's Basic credentials in place of a session's default Authorization header.
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login someone password something-else\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    events = new_events(3)
+    batch = Batch.of((enriched.event.id, encode_event(enriched)) for enriched in events)
+    client = ApiClient(api.settings())
+    try:
+        attempt = client.send(batch)
+    finally:
+        client.close()
+
+    assert (attempt.verdict, attempt.status) == (Verdict.DELIVERED, 200), attempt.detail
+    assert api.receipts(ids_of(events)) == dict.fromkeys(ids_of(events), 1)
 
 
 def test_rate_limiting_honours_retry_after(api: Api) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import requests
 from apache_beam.metrics import Metrics
 from requests.adapters import HTTPAdapter
+from requests.auth import AuthBase
 
 from transforms.model import DeadLetter, SourceCoordinates, Stage
 from transforms.sinks.http_delivery import (
@@ -41,6 +42,22 @@ def _excerpt(raw: bytes, token: Secret) -> str:
     return redact(text, token)[:REASON_EXCERPT_CHARS]
 
 
+class BearerAuth(AuthBase):
+    """The bearer token as the session's auth rather than a default header. Without an auth of its own, requests
+    looks up ``~/.netrc`` on every request (a file lookup per POST), and an entry there for the API's host would
+    replace the token with Basic credentials."""
+
+    def __init__(self, token: Secret) -> None:
+        self._header = f"Bearer {token.reveal()}"
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = self._header
+        return request
+
+    def __repr__(self) -> str:
+        return "BearerAuth(<redacted>)"
+
+
 class ApiClient:
     """A pooled session to the API with the bearer token; ``send`` makes exactly one attempt."""
 
@@ -53,9 +70,8 @@ class ApiClient:
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=settings.max_in_flight, max_retries=0)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
-        self._session.headers.update(
-            {"Authorization": f"Bearer {self._token.reveal()}", "Content-Type": "application/json"}
-        )
+        self._session.auth = BearerAuth(self._token)
+        self._session.headers["Content-Type"] = "application/json"
         self.endpoint_shown = display_url(settings.endpoint)
         """The endpoint as logs and dead letters may show it: no user info, no query string."""
 
