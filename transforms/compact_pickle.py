@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import types
 import typing
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from enum import Enum
 from typing import Any, ClassVar, Self
@@ -24,7 +24,7 @@ from uuid import UUID
 
 from pydantic import BaseModel
 
-from transforms.instants import EPOCH, epoch_micros
+from transforms.instants import epoch_micros, utc_datetime
 
 _RAW, _UUID, _DATETIME, _DECIMAL, _MODEL, _ENUM = range(6)
 
@@ -56,7 +56,7 @@ def _utc_micros(value: datetime) -> int | datetime:
 
 
 def _from_utc_micros(value: int | datetime) -> datetime:
-    return EPOCH + timedelta(microseconds=value) if type(value) is int else value
+    return utc_datetime(value) if type(value) is int else value
 
 
 class CompactPickleModel(BaseModel):

@@ -9,7 +9,7 @@ import json
 import zlib
 from base64 import b64encode
 from collections.abc import Callable, Iterable, Iterator
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -17,7 +17,7 @@ from apache_beam.utils.timestamp import Timestamp
 from google.cloud.bigquery_storage_v1 import types
 from google.protobuf import descriptor_pb2, descriptor_pool, message, message_factory
 
-from transforms.instants import EPOCH, epoch_micros
+from transforms.instants import EPOCH, epoch_micros, utc_datetime
 from transforms.sinks.bigquery_tables import Column, TableSpec
 
 _FieldType = descriptor_pb2.FieldDescriptorProto.Type
@@ -152,7 +152,7 @@ def encode_row(message_class: type[message.Message], spec: TableSpec, row: dict[
 
 def _json_value(column: Column, value: Any) -> Any:
     if column.type == "TIMESTAMP":
-        return (EPOCH + timedelta(microseconds=value)).isoformat()
+        return utc_datetime(value).isoformat()
     if column.type == "BYTES":
         return b64encode(value).decode("ascii")
     return value
