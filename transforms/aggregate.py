@@ -47,7 +47,8 @@ class EngagementTotals:
     event_count: int = 0
     type_counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EVENT_TYPES, 0))
     engagement_seconds_sum: Decimal = Decimal("0.000")
-    users: set[str] = field(default_factory=set)
+    users: set[bytes] = field(default_factory=set)
+    """Distinct user ids as their 16 bytes: half the pickle of their text, which every pane writes to state."""
     title: str | None = None
     slug: str | None = None
     content_type: str | None = None
@@ -62,7 +63,7 @@ class EngagementTotals:
         if event.engagement_seconds is not None:
             self.engagement_seconds_sum += event.engagement_seconds
         if event.event.user_id is not None:
-            self.users.add(str(event.event.user_id))
+            self.users.add(event.event.user_id.bytes)
         if event.title is not None:
             self.title, self.slug, self.content_type = event.title, event.slug, event.content_type
 
