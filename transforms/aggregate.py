@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -235,6 +236,10 @@ class ToWindowAggregateFn(beam.DoFn):
         yield aggregate
 
 
+STATE_SHARDS = 16
+"""Default number of state keys per window in ``AccumulatePanes`` (``--aggregate_state_shards``)."""
+
+
 @dataclass(frozen=True)
 class WindowSettings:
     """How windows are cut and fired; validated once, shared by streaming and backfill."""
@@ -263,6 +268,18 @@ class WindowSettings:
     )
     """Whole seconds, as Beam's portable trigger protocol round-trips only those; 0 fires an early pane as soon
     as data reaches the aggregation (``window_trigger``); unused in batch."""
+    state_shards: int = setting(
+        STATE_SHARDS,
+        flag="--aggregate_state_shards",
+        type=int,
+        help=(
+            "Streaming: state keys per window in the step that adds panes up, each holding the totals of the "
+            "contents that hash to it. Fewer keys make fewer state requests per bundle; more spread a window "
+            "over more workers and rewrite less state per pane. Raise it with the number of contents that get "
+            "events every second (thousands: 64 or more)."
+        ),
+    )
+    """Streaming only: ``AccumulatePanesFn`` keeps one state cell per (shard, window), not per (content, window)."""
 
     def __post_init__(self) -> None:
         if self.window_seconds <= 0:
@@ -271,6 +288,8 @@ class WindowSettings:
             raise ValueError("allowed_lateness_seconds must not be negative")
         if self.early_firing_seconds < 0:
             raise ValueError("early_firing_seconds must not be negative")
+        if self.state_shards < 1:
+            raise ValueError("aggregate_state_shards must be at least 1")
 
     @property
     def open_seconds(self) -> int:
@@ -320,14 +339,80 @@ def pane_delta(
     yield (key, window.start.micros), (window, pane.timing, pane.index, delta)
 
 
+def state_shard(key: AggregateKey, shards: int) -> int:
+    """The state shard of a content: stable across workers and runs (crc32, not ``hash``)."""
+    content_id, content_missing = key
+    return zlib.crc32(f"{content_id}/{content_missing}".encode()) % shards
+
+
+ShardPanes = tuple[IntervalWindow, list[tuple[AggregateKey, int, EngagementTotals]]]
+"""(window, [(key, pane timing, what the pane adds), ...]): a bundle's panes of one window and state shard."""
+
+
+class PanesPerShardFn(beam.DoFn):
+    """((key, window start), pane delta) -> ((shard, window start), the bundle's panes of that shard and window).
+
+    One element per shard and window of each bundle, so ``AccumulatePanesFn`` reads and writes one state cell for
+    all of them: a state request costs the Python worker more than the pane it carries (docs/benchmarks.md,
+    session 25). Emitted in the global window, stamped with the earliest of the panes' timestamps."""
+
+    def __init__(self, shards: int) -> None:
+        self._shards = shards
+
+    def start_bundle(self) -> None:
+        self._groups: dict[tuple[int, int], tuple[Timestamp, IntervalWindow, list]] = {}
+
+    def process(
+        self, keyed: tuple[tuple[AggregateKey, int], PaneDelta], timestamp: Timestamp = beam.DoFn.TimestampParam
+    ) -> None:
+        (key, start), (window, timing, _, delta) = keyed
+        group_key = (state_shard(key, self._shards), start)
+        group = self._groups.get(group_key)
+        if group is None:
+            self._groups[group_key] = (timestamp, window, [(key, timing, delta)])
+            return
+        earliest, _, panes = group
+        panes.append((key, timing, delta))
+        if timestamp < earliest:
+            self._groups[group_key] = (timestamp, window, panes)
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        for group_key, (earliest, window, panes) in self._groups.items():
+            yield WindowedValue((group_key, (window, panes)), earliest, [GlobalWindow()])
+        self._groups = {}
+
+
+@dataclass
+class _WindowState:
+    """``AccumulatePanesFn``'s state for one key and window."""
+
+    totals: EngagementTotals = field(default_factory=EngagementTotals)
+    panes: int = 0
+    """Panes emitted so far: the next pane's index."""
+    last_sent_ms: int | None = None
+    """When a pane last went to BigQuery (coalescing only)."""
+    pending: WindowAggregate | None = None
+    """The newest pane not yet sent to BigQuery (coalescing only)."""
+
+
+@dataclass
+class _ShardState:
+    """``AccumulatePanesFn``'s state for one shard of contents in one window."""
+
+    contents: dict[AggregateKey, _WindowState] = field(default_factory=dict)
+    flush_at_ms: int | None = None
+    """When the flush timer is set to fire (coalescing only): the earliest due of the panes waiting."""
+
+
 class AccumulatePanesFn(beam.DoFn):
     """Adds each discarding pane's delta to its window's running totals and emits the totals so far.
 
     Keyed state (the totals and the number of panes emitted) is committed atomically with the outputs, so
-    every delta is added exactly once. The state
-    lives in the global window, keyed by (key, window start), and an event-time timer drops it once the
-    window can no longer change (end + allowed lateness): Prism 2.73.0 gives a stateful ParDo no allowed
-    lateness and would drop per-window state at the window's end, before its late panes.
+    every delta is added exactly once. The state lives in the global window, keyed by (shard of the content,
+    window start): one cell per shard holds the totals of its contents (``PanesPerShardFn`` groups a bundle's
+    panes by shard). An event-time timer drops it once the window can no longer change (end + allowed lateness):
+    Prism 2.73.0 gives a stateful ParDo no allowed lateness and would drop per-window state at the window's end,
+    before its late panes.
 
     With ``coalesce_seconds`` > 0 it also emits, on ``COALESCED``, the panes BigQuery keeps: a window's first
     pane at once, then at most one per ``coalesce_seconds``, the newest, and what is still waiting when the
@@ -336,14 +421,14 @@ class AccumulatePanesFn(beam.DoFn):
     newest of a burst matters. Coalescing here, where the key and the panes already are, spares a shuffle and
     a stage.
 
-    A pane costs one state read and one write (a single ``_WindowState`` cell) and the expiry timer is set once
-    per key and window: the state and timer messages per pane, not the stages, were what this step cost the
-    worker (docs/benchmarks.md, session 21).
+    A bundle costs one state read and one write per shard and window it touches, and the expiry timer is set
+    once per shard and window: state requests, not the panes, were what this step cost the worker
+    (docs/benchmarks.md, sessions 21 and 25).
     """
 
     COALESCED = "coalesced"
-    WINDOW = pickled_cell("window")
-    """One cell per (key, window), so a pane costs one state read and one write: a ``_WindowState``."""
+    WINDOW = pickled_cell("shard")
+    """One cell per (shard, window): a ``_ShardState``."""
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
     FLUSH = TimerSpec("flush", TimeDomain.REAL_TIME)
 
@@ -361,33 +446,39 @@ class AccumulatePanesFn(beam.DoFn):
 
     def process(
         self,
-        keyed: tuple[tuple[AggregateKey, int], PaneDelta],
+        keyed: tuple[tuple[int, int], ShardPanes],
         window_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(WINDOW),
         expiry: RuntimeTimer = beam.DoFn.TimerParam(EXPIRY),
         flush: RuntimeTimer = beam.DoFn.TimerParam(FLUSH),
     ) -> Iterator[WindowAggregate | TaggedOutput]:
-        (key, _), (window, timing, _, delta) = keyed
+        _, (window, panes) = keyed
         cell = PickledCell(window_state)
-        state: _WindowState = cell.read() or _WindowState()
-        if state.panes == 0:
-            # Once per key and window: every timer set is a message to the runner.
+        shard: _ShardState = cell.read() or _ShardState()
+        if not shard.contents:
+            # Once per shard and window: every timer set is a message to the runner.
             expiry.set(window.end + self._lateness)
-        state.totals.merge(delta)
-        # The pane's index is counted here: sinks keep the highest, and Prism's pane indices are not in
-        # firing order (docs/local-streaming.md, "Pane labels").
-        pane = PaneInfo(state.panes == 0, False, timing, state.panes, -1)
-        state.panes += 1
-        aggregate = to_window_aggregate(key, state.totals, window, pane, datetime.now(UTC))
-        # Freshness is about what this pane adds, not about the window's first event.
-        aggregate = aggregate.model_copy(update={"oldest_commit_ms": delta.oldest_commit_ms})
-        self._panes[aggregate.pane_timing].inc()
-        to_bigquery_now = self._interval_ms > 0 and self._coalesce(aggregate, state, flush)
-        cell.write(state)
-        yield aggregate
-        if to_bigquery_now:
-            yield TaggedOutput(self.COALESCED, aggregate)
+        emitted_at = datetime.now(UTC)
+        for key, timing, delta in panes:
+            state = shard.contents.get(key)
+            if state is None:
+                state = shard.contents[key] = _WindowState()
+            state.totals.merge(delta)
+            # The pane's index is counted here: sinks keep the highest, and Prism's pane indices are not in
+            # firing order (docs/local-streaming.md, "Pane labels").
+            pane = PaneInfo(state.panes == 0, False, timing, state.panes, -1)
+            state.panes += 1
+            aggregate = to_window_aggregate(key, state.totals, window, pane, emitted_at)
+            # Freshness is about what this pane adds, not about the window's first event.
+            aggregate = aggregate.model_copy(update={"oldest_commit_ms": delta.oldest_commit_ms})
+            self._panes[aggregate.pane_timing].inc()
+            to_bigquery_now = self._interval_ms > 0 and self._coalesce(aggregate, state)
+            yield aggregate
+            if to_bigquery_now:
+                yield TaggedOutput(self.COALESCED, aggregate)
+        self._arm_flush(shard, flush)
+        cell.write(shard)
 
-    def _coalesce(self, aggregate: WindowAggregate, state: _WindowState, flush: RuntimeTimer) -> bool:
+    def _coalesce(self, aggregate: WindowAggregate, state: _WindowState) -> bool:
         """Whether ``aggregate`` goes on to BigQuery now; if not, it waits in ``state`` as the newest pane."""
         now_ms = int(time.time() * 1000)
         if state.last_sent_ms is None or now_ms - state.last_sent_ms >= self._interval_ms:
@@ -396,28 +487,50 @@ class AccumulatePanesFn(beam.DoFn):
             return True
         if state.pending is not None:
             self._coalesced.inc()  # the waiting pane is older: this one replaces it
-        else:
-            flush.set(Timestamp(micros=flush_due_ms(state.last_sent_ms, self._interval_ms) * 1000))
         state.pending = aggregate
         return False
 
-    def _take_pending(self, state: _WindowState | None) -> list[TaggedOutput]:
+    def _arm_flush(self, shard: _ShardState, flush: RuntimeTimer) -> None:
+        """Sets the flush timer to the earliest due of the panes waiting, unless it is already set that early."""
+        dues = [
+            flush_due_ms(state.last_sent_ms, self._interval_ms)
+            for state in shard.contents.values()
+            if state.pending is not None and state.last_sent_ms is not None
+        ]
+        if not dues:
+            return
+        due = min(dues)
+        if shard.flush_at_ms is None or due < shard.flush_at_ms:
+            flush.set(Timestamp(micros=due * 1000))
+            shard.flush_at_ms = due
+
+    def _take_pending(self, state: _WindowState) -> list[TaggedOutput]:
         """The pane waiting in ``state`` for BigQuery, taken out of it (none if nothing waits)."""
-        if state is None or state.pending is None:
+        if state.pending is None:
             return []
         pending, state.pending = state.pending, None
         self._passed.inc()
         return [TaggedOutput(self.COALESCED, pending)]
 
     @on_timer(FLUSH)
-    def flush(self, window_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(WINDOW)) -> Iterator[TaggedOutput]:
+    def flush(
+        self,
+        window_state: ReadModifyWriteRuntimeState = beam.DoFn.StateParam(WINDOW),
+        flush: RuntimeTimer = beam.DoFn.TimerParam(FLUSH),
+    ) -> Iterator[TaggedOutput]:
         cell = PickledCell(window_state)
-        state: _WindowState | None = cell.read()
-        sent = self._take_pending(state)
-        if state is not None and sent:
-            state.last_sent_ms = int(time.time() * 1000)
-            cell.write(state)
-        yield from sent
+        shard: _ShardState | None = cell.read()
+        if shard is None:
+            return
+        now_ms = int(time.time() * 1000)
+        shard.flush_at_ms = None
+        for state in shard.contents.values():
+            due = state.pending is not None and state.last_sent_ms is not None
+            if due and flush_due_ms(state.last_sent_ms, self._interval_ms) <= now_ms:
+                yield from self._take_pending(state)
+                state.last_sent_ms = now_ms
+        self._arm_flush(shard, flush)
+        cell.write(shard)
 
     @on_timer(EXPIRY)
     def expire(
@@ -425,22 +538,11 @@ class AccumulatePanesFn(beam.DoFn):
     ) -> Iterator[TaggedOutput]:
         # The window can no longer change: what is still waiting is its final value.
         cell = PickledCell(window_state)
-        state: _WindowState | None = cell.read()
+        shard: _ShardState | None = cell.read()
         cell.clear()
-        yield from self._take_pending(state)
-
-
-@dataclass
-class _WindowState:
-    """``AccumulatePanesFn``'s state for one key and window."""
-
-    totals: EngagementTotals = field(default_factory=EngagementTotals)
-    panes: int = 0
-    """Panes emitted so far: the next pane's index."""
-    last_sent_ms: int | None = None
-    """When a pane last went to BigQuery (coalescing only)."""
-    pending: WindowAggregate | None = None
-    """The newest pane not yet sent to BigQuery (coalescing only)."""
+        if shard is not None:
+            for state in shard.contents.values():
+                yield from self._take_pending(state)
 
 
 class WindowPanes(NamedTuple):
@@ -483,6 +585,7 @@ class AggregateWindows(beam.PTransform):
         self._streaming = streaming
         self._event_lists = event_lists
         self._coalesce_seconds = coalesce_seconds if streaming else 0
+        self._state_shards = settings.state_shards
 
     def expand(self, events: beam.PCollection[EnrichedEvent]) -> WindowPanes:
         settings = self._settings
@@ -520,6 +623,7 @@ class AggregateWindows(beam.PTransform):
             | "SumPerContent" >> beam.CombinePerKey(MergeTotalsFn())
             | "PaneDeltas" >> beam.ParDo(pane_delta)
             | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
+            | "PanesPerShard" >> beam.ParDo(PanesPerShardFn(self._state_shards))
             | "AccumulatePanes" >> beam.ParDo(accumulate).with_outputs(AccumulatePanesFn.COALESCED, main="every")
         )
         coalesced = panes[AccumulatePanesFn.COALESCED] if self._coalesce_seconds else None

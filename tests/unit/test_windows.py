@@ -268,3 +268,50 @@ def test_coalesced_panes_flush_on_a_whole_second_at_least_an_interval_after_the_
     for last_sent, flush_at in zip(sent, due, strict=True):
         assert flush_at % FLUSH_GRID_MS == 0
         assert last_sent + 10_000 <= flush_at < last_sent + 10_000 + FLUSH_GRID_MS
+
+
+@pytest.mark.parametrize("shards", [1, 16])
+def test_contents_that_share_a_state_shard_keep_their_own_totals_and_pane_indexes(shards):
+    # With one shard every content of a window lives in one state cell; the rows must not tell.
+    settings = dataclasses.replace(SETTINGS, windows=dataclasses.replace(SETTINGS.windows, state_shards=shards))
+    stream = (
+        test_stream.TestStream()
+        .advance_watermark_to(at(0))
+        .add_elements([plain_event(1, 5), plain_event(2, 6, content=VIDEO, user=2)])
+        .advance_processing_time(1.5)
+        .add_elements([plain_event(3, 10, duration_ms=2500), plain_event(4, 12, content=VIDEO, user=3)])
+        .advance_watermark_to(at(60))
+        .advance_watermark_to_infinity()
+    )
+    pipeline = streaming_pipeline()
+    content = pipeline | "Content" >> beam.Create([snapshot(PODCAST, VIDEO)])
+    outputs = build_core(pipeline | stream, content, settings)
+    panes = outputs.aggregates | "AsTuples" >> beam.Map(
+        lambda a: (a.slug, a.pane_timing, a.pane_index, a.event_count, a.engagement_seconds_sum, a.distinct_users)
+    )
+    assert_that(
+        panes,
+        equal_to(
+            [
+                ("deep-dive-42", "EARLY", 0, 1, Decimal("1.000"), 1),
+                ("deep-dive-42", "ON_TIME", 1, 2, Decimal("3.500"), 1),
+                ("launch-video", "EARLY", 0, 1, Decimal("1.000"), 1),
+                ("launch-video", "ON_TIME", 1, 2, Decimal("2.000"), 2),
+            ]
+        ),
+    )
+    pipeline.run()
+
+
+def test_a_state_shard_count_below_one_is_refused():
+    with pytest.raises(ValueError, match="aggregate_state_shards"):
+        WindowSettings(state_shards=0)
+
+
+def test_a_contents_state_shard_is_the_same_in_every_process():
+    # Workers must agree on it: str hash() is salted per process, crc32 is not.
+    from transforms.aggregate import state_shard
+
+    assert state_shard(("6f1c2a3e-1d2b-4c5d-8e9f-0a1b2c3d4e5f", False), 16) == 14  # crc32 of "<id>/False"
+    assert state_shard((None, True), 16) == 7
+    assert {state_shard((f"content-{n}", False), 16) for n in range(200)} == set(range(16))
