@@ -360,26 +360,21 @@ class PanesPerShardFn(beam.DoFn):
         self._shards = shards
 
     def start_bundle(self) -> None:
-        self._groups: dict[tuple[int, int], tuple[Timestamp, IntervalWindow, list]] = {}
+        self._groups: dict[tuple[int, int], tuple[IntervalWindow, list]] = {}
+        self._earliest: dict[tuple[int, int], Timestamp] = {}
 
     def process(
         self, keyed: tuple[tuple[AggregateKey, int], PaneDelta], timestamp: Timestamp = beam.DoFn.TimestampParam
     ) -> None:
         (key, start), (window, timing, _, delta) = keyed
         group_key = (state_shard(key, self._shards), start)
-        group = self._groups.get(group_key)
-        if group is None:
-            self._groups[group_key] = (timestamp, window, [(key, timing, delta)])
-            return
-        earliest, _, panes = group
-        panes.append((key, timing, delta))
-        if timestamp < earliest:
-            self._groups[group_key] = (timestamp, window, panes)
+        self._groups.setdefault(group_key, (window, []))[1].append((key, timing, delta))
+        self._earliest[group_key] = min(timestamp, self._earliest.get(group_key, timestamp))
 
     def finish_bundle(self) -> Iterator[WindowedValue]:
-        for group_key, (earliest, window, panes) in self._groups.items():
-            yield WindowedValue((group_key, (window, panes)), earliest, [GlobalWindow()])
-        self._groups = {}
+        for group_key, shard_panes in self._groups.items():
+            yield WindowedValue((group_key, shard_panes), self._earliest[group_key], [GlobalWindow()])
+        self._groups, self._earliest = {}, {}
 
 
 @dataclass
@@ -490,13 +485,15 @@ class AccumulatePanesFn(beam.DoFn):
         state.pending = aggregate
         return False
 
+    def _flush_due_ms(self, state: _WindowState) -> int | None:
+        """When the pane waiting in ``state`` is let through to BigQuery; None if none waits."""
+        if state.pending is None or state.last_sent_ms is None:
+            return None
+        return flush_due_ms(state.last_sent_ms, self._interval_ms)
+
     def _arm_flush(self, shard: _ShardState, flush: RuntimeTimer) -> None:
         """Sets the flush timer to the earliest due of the panes waiting, unless it is already set that early."""
-        dues = [
-            flush_due_ms(state.last_sent_ms, self._interval_ms)
-            for state in shard.contents.values()
-            if state.pending is not None and state.last_sent_ms is not None
-        ]
+        dues = [due for state in shard.contents.values() if (due := self._flush_due_ms(state)) is not None]
         if not dues:
             return
         due = min(dues)
@@ -525,8 +522,8 @@ class AccumulatePanesFn(beam.DoFn):
         now_ms = int(time.time() * 1000)
         shard.flush_at_ms = None
         for state in shard.contents.values():
-            due = state.pending is not None and state.last_sent_ms is not None
-            if due and flush_due_ms(state.last_sent_ms, self._interval_ms) <= now_ms:
+            due = self._flush_due_ms(state)
+            if due is not None and due <= now_ms:
                 yield from self._take_pending(state)
                 state.last_sent_ms = now_ms
         self._arm_flush(shard, flush)
